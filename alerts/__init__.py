@@ -1,0 +1,1 @@
+"""Alerts: the model (contract ``alert.schema.json``), the durable store, exports."""

@@ -1,0 +1,66 @@
+"""Settings, from the environment (``CLAIMWATCH_*``) or a ``.env`` file outside the repo.
+
+No secret has a default here: an unset broker or Redis URL means "start the
+embedded services on loopback".
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RULES = REPO_ROOT / "configs" / "rules.yaml"
+
+
+class Settings(BaseSettings):
+    """Every setting of claimwatch; the environment variable is ``CLAIMWATCH_`` + the upper-case name."""
+
+    model_config = SettingsConfigDict(env_prefix="CLAIMWATCH_", env_file=None, extra="ignore")
+
+    kafka_url: str | None = Field(None, description="e.g. kafka://kafka:9092; unset = embedded Tansu broker")
+    redis_url: str | None = Field(None, description="e.g. redis://:password@redis:6379/0; unset = embedded Redis")
+    store_url: str | None = Field(None, description="sqlite:///path/alerts.db or postgresql://…; unset = SQLite in data_dir")
+    data_dir: Path = Field(Path(".claimwatch"), description="where the default alert store and worker state live")
+    rules_path: Path = Field(DEFAULT_RULES, description="rule configuration (YAML)")
+
+    topic_settlements: str = "settlements"
+    topic_replay: str = "settlements-replay"
+    topic_alerts: str = "alerts"
+    topic_dlq: str = "settlements-dlq"
+    topic_partitions: int = Field(4, ge=1, le=1024)
+
+    app_id: str = "claimwatch"
+    batch_max: int = Field(5000, ge=1, le=100_000, description="max events per processed batch")
+    batch_within_s: float = Field(0.1, gt=0, le=10)
+    consumer_max_fetch_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    rebalance_timeout_s: float = Field(6.0, gt=0)
+    session_timeout_s: float = Field(20.0, gt=0)
+    worker_web_port: int = Field(0, ge=0, le=65535, description="0 = pick a free loopback port")
+    max_event_bytes: int = Field(256 * 1024, ge=1024, description="larger messages go to the dead-letter topic")
+    future_tolerance_s: int = Field(86_400, ge=0, description="event_time further in the future than this is invalid")
+    lang: str = Field("zh", pattern="^(zh|en)$")
+
+    @field_validator("kafka_url", "redis_url", "store_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, v):
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @property
+    def store_url_resolved(self) -> str:
+        return self.store_url or f"sqlite:///{(self.data_dir / 'alerts.db').resolve()}"
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """The broker URL in the host:port form aiokafka wants."""
+        if not self.kafka_url:
+            raise RuntimeError("no broker configured (CLAIMWATCH_KAFKA_URL) and no embedded broker started")
+        return ",".join(u.split("://", 1)[-1] for u in self.kafka_url.split(","))
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

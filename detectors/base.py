@@ -1,0 +1,103 @@
+"""One contract for every detector.
+
+river's ``learn_one`` / ``score_one`` is the model, adapted to a stream that is
+processed a fetched batch at a time with one Redis round trip per batch:
+
+* ``queue(pipe, events, ns)`` adds the detector's Redis work for the whole batch to
+  a shared pipeline (typically one ``EVALSHA`` of a Lua script) and returns how many
+  replies it will read. Learning (updating the windows) and scoring happen
+  together, atomically, inside Redis, in event time.
+* ``collect(events, replies, ns)`` turns its replies into :class:`~alerts.model.Alert`s.
+
+Parameters are constructor arguments, validated there with messages that name
+the field and the value; units are in the names (``window_s``). Redis keys are
+derived from the parameters and the subject: ``cw:{run}:{rule}:{window_s}:{card}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import orjson
+
+from alerts.model import Alert
+from stream.events import Settlement
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """Where a run's state lives: ``cw:{run_id}`` (``live`` for the live stream)."""
+
+    run_id: str
+
+    @property
+    def prefix(self) -> str:
+        return f"cw:{self.run_id}"
+
+
+def check_positive(owner: str, name: str, value: Any, *, integer: bool = False) -> None:
+    """Raise ``ValueError`` naming the parameter unless ``value`` is a positive number.
+
+    >>> check_positive("card_hopping", "window_s", -5)
+    Traceback (most recent call last):
+    ...
+    ValueError: card_hopping: window_s must be a positive number, got -5
+    """
+    kind = "integer" if integer else "number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or value <= 0:
+        raise ValueError(f"{owner}: {name} must be a positive {kind}, got {value!r}")
+
+
+def config_version(cfg: Any) -> str:
+    """Stable short hash of a rule's configuration (its ``rule_version``).
+
+    >>> config_version({"b": 1, "a": [2, 3]}) == config_version({"a": [2, 3], "b": 1})
+    True
+    """
+    return hashlib.sha256(orjson.dumps(cfg, option=orjson.OPT_SORT_KEYS)).hexdigest()[:12]
+
+
+class Detector(ABC):
+    """Base class of every rule and model (see the module docstring)."""
+
+    rule: ClassVar[str]
+    subject_type: ClassVar[str] = "card"
+    #: Lua sources this detector runs; the processor loads them (``SCRIPT LOAD``) before use
+    scripts: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, *, lateness_s: int = 3600, lang: str = "zh", version: str = "") -> None:
+        if isinstance(lateness_s, bool) or not isinstance(lateness_s, int) or lateness_s < 0:
+            raise ValueError(f"{self.rule}: lateness_s must be a non-negative integer, got {lateness_s!r}")
+        if lang not in ("zh", "en"):
+            raise ValueError(f"{self.rule}: lang must be 'zh' or 'en', got {lang!r}")
+        self.lateness_s = lateness_s
+        self.lang = lang
+        self.version = version
+
+    @staticmethod
+    def sha(script: str) -> str:
+        """The ``EVALSHA`` digest of a Lua source."""
+        return hashlib.sha1(script.encode()).hexdigest()
+
+    def key(self, ns: Namespace, *parts: Any) -> str:
+        return ":".join([ns.prefix, self.rule, *map(str, parts)])
+
+    @abstractmethod
+    def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
+        """Queue this batch's Redis work on ``pipe``; return the number of replies to read."""
+
+    @abstractmethod
+    def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:
+        """Turn this detector's replies into alerts (one per rule, subject and episode)."""
+
+    def params(self) -> dict[str, Any]:
+        """The constructor parameters (for docs and ``rule_version``)."""
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args})"

@@ -1,0 +1,187 @@
+"""Replay a settlements file through the broker to the workers, isolated from live state.
+
+Events go to the replay topic with the run id in a header; workers keep that
+run's windows under ``cw:{run}:`` and tag its alerts with ``run_id``. After the
+last event the replay writes an end-of-run marker to every partition; a worker
+records a marker only after everything before it on that partition was
+processed and its alerts stored, so "all markers seen" means "run complete".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
+
+from claimwatch.settings import Settings
+from stream.app import eof_key, progress_key
+from stream.events import InvalidEvent, parse_event
+from stream.topics import CONTROL_EOF, H_CONTROL, H_REASON, H_RUN_ID, H_SOURCE_TOPIC, ensure_topics
+
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ReplayError(RuntimeError):
+    pass
+
+
+def check_run_id(run_id: str) -> str:
+    """Run ids name Redis keys and files: letters, digits, ``_ . -``, at most 64.
+
+    >>> check_run_id("case-2026-11")
+    'case-2026-11'
+    >>> check_run_id("../x")
+    Traceback (most recent call last):
+    ...
+    replay.runner.ReplayError: invalid run id '../x': use 1-64 letters, digits, '_', '.', '-' (not 'live')
+    """
+    if not RUN_ID_RE.match(run_id) or run_id == "live":
+        raise ReplayError(f"invalid run id {run_id!r}: use 1-64 letters, digits, '_', '.', '-' (not 'live')")
+    return run_id
+
+
+def open_lines(path: Path) -> Iterator[bytes]:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        for line in fh:
+            yield line
+
+
+@dataclass
+class ReplayStats:
+    run_id: str
+    lines: int = 0
+    blank: int = 0
+    invalid: int = 0
+    published: int = 0
+    processed: int = 0
+    alerts: int = 0
+    seconds: float = 0.0
+    invalid_examples: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+ProgressFn = Callable[[str, int, int | None], None]
+
+
+async def publish_file(settings: Settings, path: Path, run_id: str, stats: ReplayStats,
+                       progress: ProgressFn | None = None) -> None:
+    topic = settings.topic_replay
+    await ensure_topics(settings.bootstrap_servers, [topic, settings.topic_alerts, settings.topic_dlq,
+                                                     settings.topic_settlements], settings.topic_partitions)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=20,
+                                max_batch_size=1024 * 1024, max_request_size=16 * 1024 * 1024,
+                                acks="all", enable_idempotence=False)
+    await producer.start()
+    try:
+        parts = sorted(await producer.partitions_for(topic))
+        partitioner = DefaultPartitioner()
+        batches: dict[int, object] = {}
+        pending: list = []
+        headers = [(H_RUN_ID, run_id.encode())]
+        now = time.time()
+
+        async def flush(p: int) -> None:
+            b = batches.pop(p, None)
+            if b is not None and b.record_count():
+                pending.append(await producer.send_batch(b, topic, partition=p))
+
+        for raw in open_lines(path):
+            stats.lines += 1
+            line = raw.strip()
+            if not line:
+                stats.blank += 1
+                continue
+            try:
+                ev = parse_event(line, max_bytes=settings.max_event_bytes,
+                                 future_tolerance_s=settings.future_tolerance_s, now=now)
+            except InvalidEvent as exc:
+                stats.invalid += 1
+                if len(stats.invalid_examples) < 5:
+                    stats.invalid_examples.append(f"line {stats.lines}: {exc}")
+                await producer.send(settings.topic_dlq, value=line, headers=[
+                    (H_REASON, f"line {stats.lines}: {exc}".encode()[:4000]), (H_RUN_ID, run_id.encode()),
+                    (H_SOURCE_TOPIC, str(path.name).encode())])
+                continue
+            key = ev.card_id.encode()
+            p = partitioner(key, parts, parts)
+            b = batches.get(p)
+            if b is None:
+                b = batches[p] = producer.create_batch()
+            if b.append(key=key, value=line, timestamp=None, headers=headers) is None:
+                await flush(p)
+                b = batches[p] = producer.create_batch()
+                b.append(key=key, value=line, timestamp=None, headers=headers)
+            stats.published += 1
+            if progress and stats.lines % 5000 == 0:
+                progress("publish", stats.lines, None)
+            if len(pending) > 64:
+                await asyncio.gather(*pending)
+                pending.clear()
+        for p in list(batches):
+            await flush(p)
+        await asyncio.gather(*pending)
+        eof_headers = [(H_RUN_ID, run_id.encode()), (H_CONTROL, CONTROL_EOF)]
+        for p in parts:
+            await producer.send_and_wait(topic, value=b"", key=None, partition=p, headers=eof_headers)
+        if progress:
+            progress("publish", stats.lines, stats.lines)
+    finally:
+        await producer.stop()
+
+
+async def wait_done(settings: Settings, run_id: str, stats: ReplayStats, *, idle_timeout_s: float = 120.0,
+                    progress: ProgressFn | None = None, alive: Callable[[], bool] | None = None) -> None:
+    r = aioredis.from_url(settings.redis_url)
+    try:
+        want = settings.topic_partitions
+        last, last_change = -1, time.monotonic()
+        while True:
+            done = await r.scard(eof_key(run_id))
+            prog = await r.hgetall(progress_key(run_id))
+            processed = int(prog.get(b"processed", 0))
+            stats.processed = processed
+            if progress:
+                progress("process", processed, stats.published)
+            if done >= want:
+                return
+            if processed != last or done:
+                if processed != last:
+                    last, last_change = processed, time.monotonic()
+            if time.monotonic() - last_change > idle_timeout_s:
+                raise ReplayError(f"workers made no progress for {idle_timeout_s:.0f} s "
+                                  f"({processed}/{stats.published} processed, {done}/{want} partitions done): "
+                                  "are workers running against this broker and Redis?")
+            if alive is not None and not alive():
+                raise ReplayError("the worker process(es) of this replay exited")
+            await asyncio.sleep(0.1)
+    finally:
+        await r.aclose()
+
+
+async def drop_run_state(redis_url: str, run_id: str) -> int:
+    """Delete every Redis key of a run (``cw:{run}:*``)."""
+    r = aioredis.from_url(redis_url)
+    n = 0
+    try:
+        batch = []
+        async for k in r.scan_iter(match=f"cw:{run_id}:*", count=1000):
+            batch.append(k)
+            if len(batch) >= 1000:
+                n += await r.unlink(*batch)
+                batch.clear()
+        if batch:
+            n += await r.unlink(*batch)
+    finally:
+        await r.aclose()
+    return n

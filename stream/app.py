@@ -1,0 +1,164 @@
+"""The Faust worker: consume settlements (live and replay), detect, publish alerts, dead-letter bad input.
+
+``claimwatch worker`` runs :func:`run_worker`. Per fetched batch (``take_events``):
+parse → one Redis round trip for all detectors → dead letters and alerts produced
+→ alerts upserted in the store → replay progress recorded. The batch's offsets
+are acknowledged only after all of that succeeded, so a crash redelivers the
+batch, and idempotent state (event ids as window members, deterministic alert
+ids, upserts) makes the redelivery harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import faust
+import redis.asyncio as aioredis
+
+from alerts.model import to_json
+from alerts.store import AlertStore
+from claimwatch.settings import Settings
+from detectors.config import ConfigError, RuleSet, load_rules
+from stream.pipeline import BatchResult, Message, Processor, headers_dict
+from stream.topics import H_REASON, H_RUN_ID, H_SOURCE_OFFSET, H_SOURCE_PARTITION, H_SOURCE_TOPIC
+
+log = logging.getLogger("claimwatch.worker")
+
+PROGRESS_TTL_S = 7 * 86400
+
+
+def progress_key(run_id: str) -> str:
+    return f"cw:{run_id}:progress"
+
+
+def eof_key(run_id: str) -> str:
+    return f"cw:{run_id}:eof"
+
+
+def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.App:
+    data_dir = Path(settings.data_dir).resolve()
+    app = faust.App(
+        settings.app_id,
+        broker=settings.kafka_url,
+        value_serializer="raw",
+        key_serializer="raw",
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=1,
+        consumer_max_fetch_size=settings.consumer_max_fetch_bytes,
+        consumer_auto_offset_reset="earliest",
+        broker_rebalance_timeout=settings.rebalance_timeout_s,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 4),
+        stream_buffer_maxsize=max(4096, settings.batch_max * 2),
+        web_port=web_port,
+        web_bind="127.0.0.1",
+        web_host="127.0.0.1",
+        datadir=str(data_dir / "faust"),
+        producer_linger_ms=5,
+    )
+    settlements = app.topic(settings.topic_settlements, settings.topic_replay,
+                            value_serializer="raw", key_serializer="raw")
+    alerts_topic = app.topic(settings.topic_alerts, value_serializer="raw", key_serializer="raw")
+    dlq_topic = app.topic(settings.topic_dlq, value_serializer="raw", key_serializer="raw")
+    redis = aioredis.from_url(settings.redis_url, socket_keepalive=True, health_check_interval=30)
+    store = AlertStore(settings.store_url_resolved)
+    state: dict[str, Any] = {"rules": rules, "mtime": _mtime(settings.rules_path), "batches": 0}
+    processor = Processor(rules, redis, max_event_bytes=settings.max_event_bytes,
+                          future_tolerance_s=settings.future_tolerance_s)
+    app.claimwatch = {"processor": processor, "store": store, "redis": redis, "state": state}  # type: ignore[attr-defined]
+
+    async def publish(res: BatchResult) -> None:
+        for dl in res.dead_letters:
+            m = dl.message
+            await dlq_topic.send(key=m.key, value=m.value if m.value is not None else b"", headers={
+                H_REASON: dl.reason.encode("utf-8", "replace")[:4000], H_RUN_ID: dl.run_id.encode(),
+                H_SOURCE_TOPIC: m.topic.encode(), H_SOURCE_PARTITION: str(m.partition).encode(),
+                H_SOURCE_OFFSET: str(m.offset).encode()})
+            log.warning("dead-lettered %s[%d]@%d: %s", m.topic, m.partition, m.offset, dl.reason[:200])
+        for a in res.alerts:
+            await alerts_topic.send(key=a.subject_id.encode(), value=to_json(a))
+        if res.alerts:
+            await asyncio.to_thread(store.upsert, res.alerts)
+        if res.dead_letters or res.alerts:
+            await app.producer.flush()
+        runs = set(res.processed) | set(res.invalid) | {r for r, _, _ in res.eofs}
+        if runs:
+            async with redis.pipeline(transaction=False) as pipe:
+                for run in runs:
+                    pk = progress_key(run)
+                    if res.processed.get(run):
+                        pipe.hincrby(pk, "processed", res.processed[run])
+                    if res.invalid.get(run):
+                        pipe.hincrby(pk, "invalid", res.invalid[run])
+                    n_alerts = sum(1 for a in res.alerts if a.run_id == run)
+                    if n_alerts:
+                        pipe.hincrby(pk, "alert_updates", n_alerts)
+                    pipe.expire(pk, PROGRESS_TTL_S)
+                for run, topic, part in res.eofs:
+                    pipe.sadd(eof_key(run), f"{topic}:{part}")
+                    pipe.expire(eof_key(run), PROGRESS_TTL_S)
+                await pipe.execute()
+
+    @app.agent(settlements, name="settle")
+    async def settle(stream):
+        async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
+            msgs = [Message(e.value, headers_dict(e.headers), e.message.topic, e.message.partition,
+                            e.message.offset, e.key) for e in events]
+            backoff = 0.5
+            while True:
+                try:
+                    res = await processor.process(msgs)
+                    await publish(res)
+                    break
+                except (ConnectionError, OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+                    # Redis or broker away: keep the batch (offsets not acked) and retry with backoff.
+                    log.error("batch failed (%s); retrying in %.1f s", exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)
+                except Exception:  # a bug: crash-only, the batch is not acked and is redelivered after restart
+                    log.critical("unexpected error processing a batch; exiting so it is redelivered",
+                                 exc_info=True)
+                    logging.shutdown()
+                    os._exit(70)
+            state["batches"] += 1
+
+    @app.timer(interval=5.0)
+    async def reload_rules() -> None:
+        mt = _mtime(settings.rules_path)
+        if mt == state["mtime"]:
+            return
+        state["mtime"] = mt
+        try:
+            new = load_rules(settings.rules_path, lang=settings.lang)
+        except ConfigError as exc:
+            log.error("rule configuration refused, keeping version %s: %s", processor.rules.version, exc)
+            return
+        processor.rules = new
+        state["rules"] = new
+        log.warning("rule configuration reloaded: version %s", new.version)
+
+    @app.page("/healthz")
+    async def healthz(web, request):
+        return web.json({"status": "ok", "pid": os.getpid()})
+
+    return app
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return Path(p).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def run_worker(settings: Settings, *, web_port: int, loglevel: str = "warn") -> None:
+    """Run one worker until SIGINT/SIGTERM."""
+    rules = load_rules(settings.rules_path, lang=settings.lang)
+    app = create_app(settings, rules, web_port=web_port)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()
