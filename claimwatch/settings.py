@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     rebalance_timeout_s: float = Field(6.0, gt=0)
     session_timeout_s: float = Field(20.0, gt=0)
     worker_web_port: int = Field(0, ge=0, le=65535, description="0 = pick a free loopback port")
+    web_bind: str = Field("127.0.0.1", description="address the worker's web server (/healthz, /metrics) binds")
     max_event_bytes: int = Field(256 * 1024, ge=1024, description="larger messages go to the dead-letter topic")
     future_tolerance_s: int = Field(86_400, ge=0, description="event_time further in the future than this is invalid")
     lang: str = Field("zh", pattern="^(zh|en)$")

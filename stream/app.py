@@ -56,7 +56,7 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
         broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 4),
         stream_buffer_maxsize=max(4096, settings.batch_max * 2),
         web_port=web_port,
-        web_bind="127.0.0.1",
+        web_bind=settings.web_bind,
         web_host="127.0.0.1",
         datadir=str(data_dir / "faust"),
         producer_linger_ms=5,

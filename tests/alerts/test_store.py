@@ -1,0 +1,58 @@
+"""The alert store: upsert merges, filters are bound parameters, exports follow the contract."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from alerts.model import Alert, to_dict
+from alerts.store import AlertStore
+from tests.conftest import CONTRACT
+
+SCHEMA = json.loads((CONTRACT / "alert.schema.json").read_text())
+
+
+def mk(aid="A-1", run="r1", rule="card_hopping", subject="C1", ev=("E1",), end="2026-11-24T18:00:00+08:00", **kw):
+    return Alert(alert_id=aid, rule=rule, severity="high", subject_type="card", subject_id=subject,
+                 window_start="2026-11-24T09:00:00+08:00", window_end=end, evidence_event_ids=list(ev), run_id=run,
+                 **kw)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = AlertStore(f"sqlite:///{tmp_path / 'a.db'}")
+    yield s
+    s.close()
+
+
+def test_upsert_merges_evidence_and_keeps_one_row(store):
+    store.upsert([mk(ev=("E1", "E2"), detected_at="2026-11-24T10:00:00+00:00")])
+    store.upsert([mk(ev=("E2", "E3"), end="2026-11-24T19:00:00+08:00", detected_at="2026-11-24T11:00:00+00:00")])
+    [a] = store.query(run_id="r1")
+    assert a.evidence_event_ids == ["E1", "E2", "E3"]
+    assert a.window_end == "2026-11-24T19:00:00+08:00"
+    assert a.detected_at == "2026-11-24T10:00:00+00:00"  # first detection kept
+
+
+def test_filters(store):
+    store.upsert([mk("A-1", rule="card_hopping"), mk("A-2", rule="shared_card"), mk("A-3", run="r2")])
+    assert [a.alert_id for a in store.query(rule="shared_card")] == ["A-2"]
+    assert {a.alert_id for a in store.query(run_id="r1")} == {"A-1", "A-2"}
+    assert store.count() == 3
+
+
+@pytest.mark.parametrize("evil", ["' OR '1'='1", "r1'; DROP TABLE alerts; --", "\" OR 1=1 --", "%", "r1\x00"])
+def test_filters_are_bound_parameters(store, evil):
+    store.upsert([mk("A-1")])
+    for field in ("run_id", "rule", "severity", "subject_id", "since", "until"):
+        got = store.query(**{field: evil})
+        assert all(getattr(a, field, None) == evil for a in got) or field in ("since", "until")
+    assert store.count() == 1  # table intact
+
+
+def test_exported_alerts_follow_the_contract(store):
+    store.upsert([mk(summary="卡 C1 …", score=1.2, rule_version="abc")])
+    for a in store.query():
+        jsonschema.validate(to_dict(a), SCHEMA)

@@ -1,0 +1,152 @@
+"""card_hopping against the real Redis: thresholds, event time, idempotence, episodes, expiry."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from detectors.card_hopping import CardHopping
+from detectors.config import load_rules_text
+from tests.helpers import T0, dumps, make_event
+
+RULES = """
+lateness_s: 3600
+rules:
+  card_hopping:
+    windows:
+      - {window_s: 86400, min_institutions: 12}
+      - {window_s: 604800, min_institutions: 25}
+"""
+
+
+@pytest.fixture
+def rules():
+    return load_rules_text(RULES)
+
+
+def run_id() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+def hop(card, n, start=T0, step_s=1800, prefix="P"):
+    return [dumps(make_event(card, f"{prefix}{k:03d}", start + k * step_s)) for k in range(n)]
+
+
+def alerts_of(results):
+    out = {}
+    for r in results:
+        for a in r.alerts:
+            out[a.alert_id] = a
+    return list(out.values())
+
+
+def test_fires_once_at_twelve_distinct_institutions_in_a_day(process, rules):
+    rid = run_id()
+    evs = hop("HOP", 14)
+    res = process(rules, [evs[:11]], rid)
+    assert alerts_of(res) == []
+    res = process(rules, [evs], rid)  # 3 new institutions (12..14), the first 11 events redelivered
+    alerts = alerts_of(res)
+    assert len(alerts) == 1
+    a = alerts[0]
+    assert (a.rule, a.subject_type, a.subject_id, a.window_s) == ("card_hopping", "card", "HOP", 86400)
+    assert a.metrics["distinct_institutions"] == 14
+    assert len(a.evidence_event_ids) == 14
+    assert "14 家" in a.summary and "24 小时" in a.summary
+    assert a.run_id == rid and a.rule_version == rules.versions["card_hopping"]
+
+
+def test_ordinary_card_many_visits_few_institutions_never_fires(process, rules):
+    rid = run_id()
+    evs = [dumps(make_event("ORD", f"P{k % 3:03d}", T0 + k * 600)) for k in range(40)]
+    assert alerts_of(process(rules, [evs], rid)) == []
+
+
+def test_windows_are_event_time_not_arrival_time(process, rules):
+    rid = run_id()
+    # 7 institutions on day 1 and 7 others 30 h later: never 12 within 24 h of event time,
+    # although all 14 arrive in one batch within milliseconds.
+    evs = hop("SPLIT", 7) + hop("SPLIT", 7, start=T0 + 30 * 3600, prefix="Q")
+    assert alerts_of(process(rules, [evs], rid)) == []
+
+
+def test_redelivered_event_ids_never_count_twice(process, rules, redis_sync):
+    rid = run_id()
+    evs = hop("DUP", 6)
+    res = process(rules, [evs * 3, evs], rid)  # the same 6 events delivered four times
+    assert alerts_of(res) == []
+    key = f"cw:{rid}:card_hopping:86400:DUP"
+    assert redis_sync.zcard(key) == 6
+
+
+def test_redelivery_while_firing_upserts_the_same_alert(process, rules):
+    rid = run_id()
+    evs = hop("RE", 13)
+    first = alerts_of(process(rules, [evs], rid))
+    again = alerts_of(process(rules, [evs], rid))
+    assert len(first) == len(again) == 1
+    assert first[0].alert_id == again[0].alert_id
+    assert first[0].evidence_event_ids == again[0].evidence_event_ids
+    assert (first[0].window_start, first[0].window_end) == (again[0].window_start, again[0].window_end)
+
+
+def test_one_alert_per_episode_and_a_new_one_after_a_quiet_gap(process, rules):
+    rid = run_id()
+    day1 = hop("EP", 15)
+    day5 = hop("EP", 13, start=T0 + 4 * 86400, prefix="R")
+    alerts = [a for a in alerts_of(process(rules, [day1, day5], rid)) if a.window_s == 86400]
+    assert len(alerts) == 2
+    assert alerts[0].alert_id != alerts[1].alert_id
+
+
+def test_week_window_fires_without_any_day_over_threshold(process, rules):
+    rid = run_id()
+    evs = []
+    for d in range(5):  # 6 new institutions a day for 5 days: 30 in a week, never 12 in a day
+        evs += [dumps(make_event("WEEK", f"W{d}{k}", T0 + d * 86400 + k * 3600)) for k in range(6)]
+    alerts = alerts_of(process(rules, [evs], rid))
+    assert [a.window_s for a in alerts] == [604800]
+    assert alerts[0].metrics["distinct_institutions"] == 30
+    assert len(alerts[0].evidence_event_ids) == 30
+    assert "7 天" in alerts[0].summary
+
+
+def test_severity_grows_with_distance_past_threshold(process, rules):
+    rid = run_id()
+    a12 = alerts_of(process(rules, [hop("S12", 12)], rid))[0]
+    a24 = alerts_of(process(rules, [hop("S24", 24, step_s=1200)], rid))[0]
+    order = ["low", "medium", "high", "critical"]
+    assert order.index(a24.severity) > order.index(a12.severity)
+    assert a24.score > a12.score
+
+
+def test_every_key_expires(process, rules, redis_sync):
+    rid = run_id()
+    process(rules, [hop("TTL", 13)], rid)
+    keys = list(redis_sync.scan_iter(match=f"cw:{rid}:*"))
+    assert keys, "no state written"
+    for k in keys:
+        ttl = redis_sync.ttl(k)
+        assert 0 < ttl <= 604800 + 3600, (k, ttl)
+
+
+def test_runs_are_isolated(process, rules):
+    a, b = run_id(), run_id()
+    process(rules, [hop("ISO", 8)], a)
+    assert alerts_of(process(rules, [hop("ISO", 8, prefix="X")], b)) == []  # 8 + 8 only in different runs
+
+
+@pytest.mark.parametrize("windows, message", [
+    ([], "card_hopping: windows must be a non-empty list, got []"),
+    ([{"window_s": 0, "min_institutions": 12}], "card_hopping: windows[0].window_s must be a positive integer, got 0"),
+    ([{"window_s": 86400}], "card_hopping: windows[0].min_institutions is required"),
+    ([{"window_s": 86400, "min_institutions": 1}], "card_hopping: windows[0].min_institutions must be >= 2, got 1"),
+    ([{"window_s": 86400, "min_institutions": 12, "typo": 1}], "card_hopping: windows[0] has unknown field(s) ['typo']"),
+    ([{"window_s": 86400, "min_institutions": 12}, {"window_s": 86400, "min_institutions": 3}],
+     "card_hopping: windows must have distinct window_s, got [86400, 86400]"),
+])
+def test_parameters_validated_at_construction(windows, message):
+    with pytest.raises(ValueError) as exc:
+        CardHopping(windows=windows)
+    assert str(exc.value) == message

@@ -1,0 +1,82 @@
+"""Test helpers: build settlements, run the CLI, consume topics (a sink that collects)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+import pytest
+
+TZ = timezone(timedelta(hours=8))
+T0 = datetime(2026, 11, 2, 8, 0, tzinfo=TZ).timestamp()
+_seq = itertools.count(1)
+
+
+def make_event(card: str = "C1", inst: str = "P001", t: float = T0, **over: Any) -> dict:
+    """A valid settlement (pharmacy purchase) with overridable fields."""
+    ev = {
+        "event_id": over.pop("event_id", f"T{next(_seq):08d}"),
+        "event_time": datetime.fromtimestamp(t, TZ).isoformat(),
+        "card_id": card, "institution_id": inst, "institution_type": "pharmacy", "district": "310101",
+        "visit_type": "pharmacy", "physician_id": None,
+        "items": [{"code": "XB01ACA002", "name": "硫酸氢氯吡格雷片", "category": "drug", "quantity": 1,
+                   "amount": 96.0, "days_supply": 28}],
+        "total_amount": 96.0, "fund_paid": 67.2, "self_paid": 28.8,
+    }
+    ev.update(over)
+    return ev
+
+
+def dumps(ev: dict) -> bytes:
+    return orjson.dumps(ev)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd=None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "claimwatch", *args], env=env, cwd=cwd, capture_output=True,
+                          timeout=timeout)
+
+
+async def produce(bootstrap: str, topic: str, values: list[bytes], keys: list[bytes | None] | None = None,
+                  headers: list[tuple[str, bytes]] | None = None) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    await p.start()
+    try:
+        for i, v in enumerate(values):
+            await p.send(topic, v, key=keys[i] if keys else None, headers=headers)
+        await p.flush()
+    finally:
+        await p.stop()
+
+
+async def consume_until(bootstrap: str, topic: str, pred, timeout_s: float = 60.0) -> list:
+    """Read ``topic`` from the beginning until ``pred(records)`` is true; return the records."""
+    from aiokafka import AIOKafkaConsumer
+
+    c = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                         enable_auto_commit=False, group_id=None)
+    await c.start()
+    out: list = []
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            batch = await c.getmany(timeout_ms=500)
+            for recs in batch.values():
+                out.extend(recs)
+            if pred(out):
+                return out
+        return out
+    finally:
+        await c.stop()
+
+
+@pytest.fixture
+def event_factory():
+    return make_event

@@ -1,0 +1,51 @@
+"""End to end through the real broker, a real worker process and the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import orjson
+
+from alerts.store import AlertStore
+from tests.helpers import T0, consume_until, make_event, produce
+
+
+def test_live_settlements_become_alerts_on_the_topic_and_in_the_store(settings, worker):
+    card = "LIVE" + uuid.uuid4().hex[:8]
+    evs = [orjson.dumps(make_event(card, f"P{k:03d}", T0 + k * 1200)) for k in range(13)]
+    bad = b'{"event_id": "broken-' + card.encode() + b'", "card_id": 5}'
+    asyncio.run(produce(settings.bootstrap_servers, settings.topic_settlements, evs + [bad, evs[0]],
+                        keys=[card.encode()] * 15))
+
+    def mine(recs):
+        return [r for r in recs if orjson.loads(r.value)["subject_id"] == card]
+
+    recs = asyncio.run(consume_until(settings.bootstrap_servers, settings.topic_alerts, lambda rs: mine(rs), 60))
+    got = mine(recs)
+    assert got, "no alert on the alerts topic:\n" + worker.log_tail()
+    a = orjson.loads(got[-1].value)
+    assert a["rule"] == "card_hopping" and a["run_id"] == "live" and a["subject_type"] == "card"
+    assert a["metrics"]["distinct_institutions"] >= 12
+    assert got[-1].key == card.encode()
+
+    dl = asyncio.run(consume_until(settings.bootstrap_servers, settings.topic_dlq,
+                                   lambda rs: any(r.value == bad for r in rs), 30))
+    [rec] = [r for r in dl if r.value == bad]  # original bytes, exactly once
+    headers = dict(rec.headers)
+    assert b"Expected `str`, got `int` - at `$.card_id`" in headers["cw-reason"]
+    assert headers["cw-source-topic"] == settings.topic_settlements.encode()
+
+    store = AlertStore(settings.store_url_resolved)
+    stored = store.query(run_id="live", subject_id=card)
+    store.close()
+    assert len(stored) == 1
+    assert set(stored[0].evidence_event_ids) == {json.loads(e)["event_id"] for e in evs}
+
+
+def test_worker_health_endpoint(worker):
+    import urllib.request
+
+    body = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{worker.web_port}/healthz", timeout=5).read())
+    assert body["status"] == "ok"
