@@ -1131,7 +1131,8 @@ class _Gen:
         for W in range((self.D0 + 3) // 7, (self.D1 + 3) // 7 + 1):
             rng = _rng(seed, "multi", W)
             for i in city.multi_specialist:
-                if rng.random() >= 0.3:
+                # at most one busy week in each 4-week block: 3-4 specialists, never 15 visits a month
+                if (W + _mix(_key(seed, "multiw", i)) % 4) % 4 != 0 or rng.random() >= 0.6:
                     continue
                 c = self.cards[i]
                 plan = city.chronic.get(i)
@@ -1172,10 +1173,12 @@ class _Gen:
         for D in days:
             rng = _rng(seed, "bg", D)
             k = int(n * 0.026 * dow[(D + 3) % 7] + rng.random())
+            today: set[int] = set()
             for _ in range(k):
                 c = self._weighted_card(rng, lambda a: 0.7 if a < 18 else 0.55 if a < 60 else 1.3 if a < 75 else 1.6)
-                if not free(c.index, D):
+                if c.index in today or not free(c.index, D):
                     continue
+                today.add(c.index)
                 kind = _wchoice(rng, ("community", "hospital", "emergency", "pharmacy"), (28, 34, 5, 33))
                 if kind == "community":
                     inst = city.pick_institution(rng, c.home_district, "community")
@@ -1199,6 +1202,8 @@ class _Gen:
                     add(c.index, D, _tod(rng, _C_PHARMACY), inst, 900, self._otc_visit, None)
         # --- schedule each card's day as one trip ---------------------------------------
         for (ci, D), lst in sorted(intents.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            if len(lst) > 4:      # persona visits first, then background ones: at most 4 a day
+                lst = lst[:4]
             lst.sort(key=lambda x: x[0])
             card = self.cards[ci]
             t_prev = None
