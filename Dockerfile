@@ -16,7 +16,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # Project metadata first, then the sources the wheel is built from.
-COPY pyproject.toml ./
+COPY pyproject.toml README.md ./
 COPY claimwatch/ claimwatch/
 COPY stream/ stream/
 COPY detectors/ detectors/

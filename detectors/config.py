@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import inspect
+
 import yaml
 
 from detectors import REGISTRY
 from detectors.base import Detector, config_version
+from detectors.drugs import DrugList
 
 
 class ConfigError(ValueError):
@@ -41,12 +44,19 @@ def load_rules_text(text: str, *, source: str = "<rules>", lang: str = "zh") -> 
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{source}: top level must be a mapping with 'rules', got {type(doc).__name__}")
-    unknown = set(doc) - {"lateness_s", "rules", "version"}
+    unknown = set(doc) - {"lateness_s", "rules", "version", "resale_prone_drugs"}
     if unknown:
         raise ConfigError(f"{source}: unknown top-level field(s) {sorted(unknown)}")
     lateness = doc.get("lateness_s", 3600)
     if isinstance(lateness, bool) or not isinstance(lateness, int) or lateness < 0:
         raise ConfigError(f"{source}: lateness_s must be a non-negative integer, got {lateness!r}")
+    rp = doc.get("resale_prone_drugs") or {}
+    if not isinstance(rp, dict) or set(rp) - {"code_prefixes", "name_keywords"}:
+        raise ConfigError(f"{source}: resale_prone_drugs must be a mapping with code_prefixes and name_keywords")
+    try:
+        resale = DrugList(rp.get("code_prefixes") or (), rp.get("name_keywords") or ())
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     rules = doc.get("rules")
     if not isinstance(rules, dict) or not rules:
         raise ConfigError(f"{source}: 'rules' must be a non-empty mapping of rule id to settings")
@@ -64,12 +74,17 @@ def load_rules_text(text: str, *, source: str = "<rules>", lang: str = "zh") -> 
         enabled = params.pop("enabled", True)
         if not isinstance(enabled, bool):
             raise ConfigError(f"{where}.enabled must be true or false, got {enabled!r}")
-        version = config_version({"rule": rule, "lateness_s": lateness, **cfg})
+        cls = REGISTRY[rule]
+        takes_drugs = "resale_prone" in inspect.signature(cls.__init__).parameters
+        version = config_version({"rule": rule, "lateness_s": lateness, **cfg,
+                                  **({"resale_prone_drugs": resale.as_config()} if takes_drugs else {})})
         versions[rule] = version
         if not enabled:
             continue
+        if takes_drugs:
+            params["resale_prone"] = resale
         try:
-            detectors.append(REGISTRY[rule](**params, lateness_s=lateness, lang=lang, version=version))
+            detectors.append(cls(**params, lateness_s=lateness, lang=lang, version=version))
         except TypeError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         except ValueError as exc:
