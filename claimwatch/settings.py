@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     store_url: str | None = Field(None, description="sqlite:///path/alerts.db or postgresql://…; unset = SQLite in data_dir")
     data_dir: Path = Field(Path(".claimwatch"), description="where the default alert store and worker state live")
     rules_path: Path = Field(DEFAULT_RULES, description="rule configuration (YAML)")
+    exemptions_path: Path = Field(REPO_ROOT / "configs" / "exemptions.yaml",
+                                  description="exemptions registry file (YAML); Redis entries join it")
 
     topic_settlements: str = "settlements"
     topic_replay: str = "settlements-replay"

@@ -82,6 +82,18 @@ def _rng(*parts: int | str) -> random.Random:
     return random.Random(_key(*parts))
 
 
+_E13 = 10**13
+
+
+def _scramble13(x: int) -> int:
+    """A bijection of [0, 10**13): unique counters in, unique random-looking serials out."""
+    for a, b, r in ((7_777_777_777_77, 1_234_567_890_123, 10**6), (3_141_592_653_59, 2_718_281_828_459, 10**5),
+                    (1_618_033_988_77, 5_772_156_649_015, 10**7), (2_236_067_977_49, 1_414_213_562_373, 10**4)):
+        x = (x * a + b) % _E13
+        x = (x % r) * (_E13 // r) + x // r
+    return x
+
+
 # ----------------------------------------------------------------------------- districts
 
 @dataclass(frozen=True)
@@ -613,18 +625,18 @@ class City:
 
 
 def _n_institutions(cards: int) -> int:
-    return max(72, cards // 3000)
+    return max(80, cards // 3000)
 
 
 def build_city(cards: int, seed: int, *, personas: bool = True) -> City:
     """Build the city for ``cards`` insured cards (deterministic for ``seed``).
 
-    About one institution per 3,000 insured, never fewer than 72 (each district has at
+    About one institution per 3,000 insured, never fewer than 80 (each district has at
     least one hospital, one community centre and two pharmacies), so a card can hop.
 
     >>> c = build_city(20_000, seed=1)
     >>> len(c.institutions), len(c.cards), c.cards[0].card_id[:4]
-    (72, 20000, '3101')
+    (80, 20000, '3101')
     >>> sorted({i.type for i in c.institutions})
     ['community', 'hospital', 'pharmacy']
     """
@@ -636,24 +648,27 @@ def build_city(cards: int, seed: int, *, personas: bool = True) -> City:
     plan: dict[str, list[str]] = {d.code: ["hospital", "community", "pharmacy", "pharmacy"] for d in DISTRICTS}
     extra = n_inst - 4 * len(DISTRICTS)
     dcum = _cum([d.population_m for d in DISTRICTS])
-    for _ in range(extra):
+    for k in range(extra):
         d = DISTRICTS[bisect.bisect_right(dcum, rng.random() * dcum[-1])].code
-        plan[d].append(_wchoice(rng, ("hospital", "community", "pharmacy"), (22, 18, 60)))
+        # the first extras are level-1 hospitals (一级医院), so every grade exists in a small city
+        plan[d].append("hospital1" if k < 4 else _wchoice(rng, ("hospital", "community", "pharmacy"), (22, 18, 60)))
     scale = min(1.5, max(0.34, cards / n_inst / 3000))
     institutions: list[Institution] = []
     physicians: list[Physician] = []
     l3_counter = 0
     for dist in DISTRICTS:
-        types = sorted(plan[dist.code], key=("hospital", "community", "pharmacy").index)
+        types = sorted(plan[dist.code], key=("hospital", "hospital1", "community", "pharmacy").index)
         seq = 0
         n_h = n_c = n_p = 0
         for t in types:
             seq += 1
             lat = dist.lat + rng.uniform(-dist.spread_deg, dist.spread_deg)
             lon = dist.lon + rng.uniform(-dist.spread_deg, dist.spread_deg) * 1.15
-            if t == "hospital":
+            if t in ("hospital", "hospital1"):
                 n_h += 1
-                if n_h == 1:
+                if t == "hospital1":
+                    t, level = "hospital", 1
+                elif n_h == 1:
                     level = 3 if (dist.code in _CENTRAL or dist.population_m > 1.5) else 2
                 else:
                     level = _wchoice(rng, (3, 2, 1), (20, 40, 40))
@@ -945,8 +960,7 @@ class _Gen:
     # -- items --------------------------------------------------------------------------
     def trace_code(self, drug: Drug) -> str:
         self.trace_n += 1
-        serial = ((self.trace_base + self.trace_n) * 7_777_777_777_77 + self.trace_off) % 10**13
-        return f"{drug.trace_prefix}{serial:013d}"
+        return f"{drug.trace_prefix}{_scramble13((self.trace_base + self.trace_n + self.trace_off) % _E13):013d}"
 
     def drug_line(self, code: str, qty: int, trace_p: float = 0.88) -> dict:
         d = DRUGS[code]
@@ -1444,7 +1458,8 @@ class _Gen:
             insts = self.route(card.home_district, n)
             times = self.timeline(d, insts, rng.uniform(7.5, 9.5) * 3600, rng.uniform(8, 14) * 3600)
             f = self.new_fraud("card_hopping", "card", card.card_id, [card.card_id],
-                               f"{n} institutions in one day buying {DRUGS[drug].name}", kind="24h")
+                               f"{n} institutions in one day buying {DRUGS[drug].name}", kind="24h",
+                               also_rules=["overdispensing"])
             for t, inst in zip(times, insts):
                 code = drug if rng.random() < 0.75 else self.resale_drug()
                 f.events.append(self.drug_visit(t, card, inst, code, rng.randint(2, 5) if inst.type == "pharmacy" else rng.randint(1, 3)))
@@ -1458,7 +1473,7 @@ class _Gen:
         insts = self.route(card.home_district, total)
         f = self.new_fraud("card_hopping", "card", card.card_id, [card.card_id],
                            f"{total} institutions in {k} days (at most {max(per)} a day)", kind="7d",
-                           also_rules=["visit_frequency"])
+                           also_rules=["visit_frequency", "overdispensing"])
         pos = 0
         for j, m in enumerate(per):
             day_insts = insts[pos:pos + m]
@@ -1567,7 +1582,7 @@ class _Gen:
         drug = self.resale_drug()
         k = min(self.days, rng.randint(2, 3))
         f = self.new_fraud("card_ring", "ring", f"RING-{pharm.institution_id}-{drug}", [m.card_id for m in members],
-                           "", institution_id=pharm.institution_id, drug=drug)
+                           "", institution_id=pharm.institution_id, drug=drug, also_rules=["overdispensing"])
         for d in sorted(rng.sample(range(self.days), k)):
             present = members if g <= 9 else rng.sample(members, max(8, g - rng.randint(0, 2)))
             t0 = self.t_slot(d, rng.randint(9 * 3600, 16 * 3600))
@@ -1592,8 +1607,8 @@ class _Gen:
             fraud_ev = {id(e) for f in self.frauds for e in f.events}
             for t, _, ev in self.out:
                 p = ev.get("physician_id")
-                if p and p[0] == "D" and id(ev) not in fraud_ev:
-                    counts.setdefault(p, [0] * self.days)[min(self.days - 1, t // 86400)] += 1
+                if p and p[0] == "D" and id(ev) not in fraud_ev and 0 <= t < self.T:
+                    counts.setdefault(p, [0] * self.days)[t // 86400] += 1
             self._phys_counts = counts
         busy = {p.physician_id for p in city.physicians if p.busy}
         by_id = {p.physician_id: p for p in city.physicians}
@@ -1612,13 +1627,15 @@ class _Gen:
         factor = rng.uniform(3.5, 6.0)
         f = self.new_fraud("prescriber_volume", "physician", pid, [], "", institution_id=inst.institution_id,
                            baseline_per_day=round(mean, 2))
+        k = 0
         for d in spike:
-            extra = max(4, int(round(mean * (factor - 1))))
+            extra = max(4, int(round(mean * factor)) - counts[pid][d])
             for _ in range(extra):
+                k += 1
                 card = self.fcard(lambda c: 30 <= c.age <= 85)
                 f.member_ids.append(card.card_id)
                 t = self.t_slot(d, rng.randint(8 * 3600, 17 * 3600))
-                code = self.resale_drug() if rng.random() < 0.85 else rng.choice((AMLODIPINE, METFORMIN))
+                code = self.resale_drug() if k % 5 else rng.choice((AMLODIPINE, METFORMIN))     # 80 % resale-prone
                 dx, _ = _DRUG_DX.get(code, ("I10", ""))
                 items = [self.registration(inst, "R0003" if inst.level == 3 else "R0001"),
                          self.drug_line(code, rng.randint(2, 4), 0.95)]
@@ -1977,6 +1994,7 @@ def generate_day_fast(n_events: int, seed: int, *, day: date | None = None,
     dept_cache: dict[tuple[int, tuple[str, ...]], tuple[str, list[str], list[float]]] = {}
     share_cache: dict[tuple, float] = {}
     trace_off = _key(seed, "fasttrace", day.toordinal()) % 10**13
+    scramble = _scramble13
     trace_n = 0
     seq = 0
     ages_ok = REFERENCE_YEAR - 14
@@ -2012,7 +2030,7 @@ def generate_day_fast(n_events: int, seed: int, *, day: date | None = None,
                     tc = []
                     for _ in range(q):
                         trace_n += 1
-                        tc.append(f"{drug.trace_prefix}{(trace_n * 7_777_777_777_77 + trace_off) % 10**13:013d}")
+                        tc.append(f"{drug.trace_prefix}{scramble((trace_n + trace_off) % _E13):013d}")
                     items[0]["trace_codes"] = tc
                 dept = phys = None
                 dxl = None
@@ -2042,7 +2060,7 @@ def generate_day_fast(n_events: int, seed: int, *, day: date | None = None,
                         tc = []
                         for _ in range(q):
                             trace_n += 1
-                            tc.append(f"{drug.trace_prefix}{(trace_n * 7_777_777_777_77 + trace_off) % 10**13:013d}")
+                            tc.append(f"{drug.trace_prefix}{scramble((trace_n + trace_off) % _E13):013d}")
                         line["trace_codes"] = tc
                     items.append(line)
                 dxl = [dx.code]

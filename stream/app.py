@@ -20,8 +20,10 @@ from typing import Any
 import faust
 import redis.asyncio as aioredis
 
+from alerts.exemptions import ExemptionError, ExemptionRegistry, load_redis
 from alerts.model import to_json
 from alerts.store import AlertStore
+from stream import metrics as M
 from claimwatch.settings import Settings
 from detectors.config import ConfigError, RuleSet, load_rules
 from stream.pipeline import BatchResult, Message, Processor, headers_dict
@@ -71,6 +73,28 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
     processor = Processor(rules, redis, max_event_bytes=settings.max_event_bytes,
                           future_tolerance_s=settings.future_tolerance_s)
     app.claimwatch = {"processor": processor, "store": store, "redis": redis, "state": state}  # type: ignore[attr-defined]
+    M.rules_version.labels(rules.version).set(1)
+    exemptions_path = Path(settings.exemptions_path)
+
+    async def refresh_exemptions() -> None:
+        try:
+            reg = ExemptionRegistry.load_file(exemptions_path)
+        except ExemptionError as exc:
+            log.error("exemptions file refused, keeping the previous registry: %s", exc)
+            return
+        try:
+            reg = reg.merge(await load_redis(redis))
+        except Exception as exc:  # Redis away: keep the file entries, retry next time
+            log.error("could not read exemptions from Redis: %s", exc)
+        processor.exemptions = reg
+
+    @app.task
+    async def _init() -> None:
+        await refresh_exemptions()
+
+    @app.timer(interval=30.0)
+    async def _exemptions_timer() -> None:
+        await refresh_exemptions()
 
     async def publish(res: BatchResult) -> None:
         for dl in res.dead_letters:
@@ -80,12 +104,22 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
                 H_SOURCE_TOPIC: m.topic.encode(), H_SOURCE_PARTITION: str(m.partition).encode(),
                 H_SOURCE_OFFSET: str(m.offset).encode()})
             log.warning("dead-lettered %s[%d]@%d: %s", m.topic, m.partition, m.offset, dl.reason[:200])
-        for a in res.alerts:
+            M.settlements_invalid.labels(M.reason_kind(dl.reason)).inc()
+        now = time.time()
+        for a in res.published_alerts:
             await alerts_topic.send(key=a.subject_id.encode(), value=to_json(a))
+            M.alerts_emitted.labels(a.rule, a.severity).inc()
+            if a.run_id == "live":
+                M.event_to_alert.observe(max(0.0, now - _ts(a.window_end)))
+        for a in res.alerts:
+            if a.suppressed:
+                M.alerts_suppressed.labels(a.rule).inc()
         if res.alerts:
             await asyncio.to_thread(store.upsert, res.alerts)
         if res.dead_letters or res.alerts:
             await app.producer.flush()
+        for (run, fld), counts in res.data_quality.items():
+            M.data_quality.labels(fld).inc(sum(counts.values()))
         runs = set(res.processed) | set(res.invalid) | {r for r, _, _ in res.eofs}
         if runs:
             async with redis.pipeline(transaction=False) as pipe:
@@ -98,7 +132,13 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
                     n_alerts = sum(1 for a in res.alerts if a.run_id == run)
                     if n_alerts:
                         pipe.hincrby(pk, "alert_updates", n_alerts)
+                    if res.late.get(run):
+                        pipe.hincrby(pk, "late", res.late[run])
                     pipe.expire(pk, PROGRESS_TTL_S)
+                for (run, fld), counts in res.data_quality.items():
+                    for inst, n in counts.items():
+                        pipe.hincrby(f"cw:{run}:dq", f"{fld}\t{inst}", n)
+                    pipe.expire(f"cw:{run}:dq", PROGRESS_TTL_S)
                 for run, topic, part in res.eofs:
                     pipe.sadd(eof_key(run), f"{topic}:{part}")
                     pipe.expire(eof_key(run), PROGRESS_TTL_S)
@@ -107,6 +147,7 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
     @app.agent(settlements, name="settle")
     async def settle(stream):
         async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
+            t0 = time.perf_counter()
             msgs = [Message(e.value, headers_dict(e.headers), e.message.topic, e.message.partition,
                             e.message.offset, e.key) for e in events]
             backoff = 0.5
@@ -117,6 +158,7 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
                     break
                 except (ConnectionError, OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
                     # Redis or broker away: keep the batch (offsets not acked) and retry with backoff.
+                    M.redis_errors.inc()
                     log.error("batch failed (%s); retrying in %.1f s", exc, backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 30.0)
@@ -126,6 +168,7 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
                     logging.shutdown()
                     os._exit(70)
             state["batches"] += 1
+            _observe_batch(app, events, msgs, res, t0)
 
     @app.timer(interval=5.0)
     async def reload_rules() -> None:
@@ -140,13 +183,78 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
             return
         processor.rules = new
         state["rules"] = new
+        M.rules_version.clear()
+        M.rules_version.labels(new.version).set(1)
         log.warning("rule configuration reloaded: version %s", new.version)
 
     @app.page("/healthz")
     async def healthz(web, request):
         return web.json({"status": "ok", "pid": os.getpid()})
 
+    @app.page("/readyz")
+    async def readyz(web, request):
+        checks: dict[str, Any] = {}
+        try:
+            checks["redis"] = bool(await asyncio.wait_for(redis.ping(), 2.0))
+        except Exception as exc:
+            checks["redis"] = False
+            checks["redis_error"] = str(exc)[:200]
+        try:
+            tps = sorted(app.consumer.assignment())[:1]
+            checks["broker"] = bool(tps) and (await asyncio.wait_for(app.consumer.highwaters(*tps), 3.0)) is not None
+        except Exception as exc:
+            checks["broker"] = False
+            checks["broker_error"] = str(exc)[:200]
+        assigned = len(app.consumer.assignment()) if app.consumer else 0
+        checks["partitions_assigned"] = assigned
+        ok = checks["redis"] and checks["broker"] and assigned > 0
+        return web.json({"status": "ready" if ok else "not ready", **checks}, status=200 if ok else 503)
+
+    @app.page("/metrics")
+    async def metrics_page(web, request):
+        body, ctype = M.render()
+        return web.bytes(body, content_type=ctype.split(";")[0])
+
     return app
+
+
+def _ts(iso_s: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso_s).timestamp()
+
+
+def _observe_batch(app: faust.App, events, msgs, res: BatchResult, t0: float) -> None:
+    now = time.time()
+    M.batch_size.observe(len(msgs))
+    M.batch_duration.observe(time.perf_counter() - t0)
+    M.redis_latency.observe(res.redis_s)
+    topics: dict[str, int] = {}
+    last: dict[Any, int] = {}
+    for e in events:
+        tp = e.message.tp
+        topics[tp.topic] = topics.get(tp.topic, 0) + 1
+        last[tp] = max(last.get(tp, -1), e.message.offset)
+    for topic, n in topics.items():
+        M.settlements_consumed.labels(topic).inc(n)
+    for run, n in res.processed.items():
+        M.settlements_processed.labels("live" if run == "live" else "replay").inc(n)
+        if run != "live":
+            M.replay_processed.labels(run).inc(n)
+    for run, n in res.late.items():
+        M.late_events.labels("live" if run == "live" else "replay").inc(n)
+    if events:
+        ts = events[-1].message.timestamp
+        if ts:
+            M.processing_latency.observe(max(0.0, now - ts))
+    try:
+        for tp, off in last.items():
+            hw = app.consumer.highwater(tp)
+            if hw is not None:
+                M.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, hw - off - 1))
+        M.partitions_assigned.set(len(app.consumer.assignment()))
+    except Exception:  # metrics never break processing
+        pass
 
 
 def _mtime(p: Path) -> float:

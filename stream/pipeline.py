@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from alerts.model import Alert
 from redis.exceptions import NoScriptError
 
+from alerts.exemptions import ExemptionRegistry
 from detectors.base import Detector, Namespace
+from detectors.drugs import is_placeholder
 from detectors.config import RuleSet
 from stream.events import InvalidEvent, Settlement, parse_event
 from stream.topics import CONTROL_EOF, H_CONTROL, H_RUN_ID, LIVE_RUN
@@ -49,7 +52,13 @@ class BatchResult:
     eofs: list[tuple[str, str, int]] = field(default_factory=list)  # (run_id, topic, partition)
     processed: dict[str, int] = field(default_factory=dict)
     invalid: dict[str, int] = field(default_factory=dict)
+    late: dict[str, int] = field(default_factory=dict)
+    data_quality: dict[tuple[str, str], Counter] = field(default_factory=dict)  # (run, field) -> institution counts
     redis_s: float = 0.0
+
+    @property
+    def published_alerts(self) -> list[Alert]:
+        return [a for a in self.alerts if not a.suppressed]
 
 
 def headers_dict(headers: Any) -> dict[str, bytes]:
@@ -76,6 +85,8 @@ class Processor:
         self.max_event_bytes = max_event_bytes
         self.future_tolerance_s = future_tolerance_s
         self._loaded: set[str] = set()
+        self.exemptions = ExemptionRegistry()
+        self._watermarks: dict[tuple[str, str, int], float] = {}
 
     async def load_scripts(self) -> None:
         """Load every detector's Lua scripts (again after a Redis restart emptied the script cache)."""
@@ -102,8 +113,31 @@ class Processor:
                 res.dead_letters.append(DeadLetter(m, str(exc), run))
                 res.invalid[run] = res.invalid.get(run, 0) + 1
                 continue
+            res.processed[run] = res.processed.get(run, 0) + 1
+            wk = (run, m.topic, m.partition)
+            wm = self._watermarks.get(wk, 0.0)
+            if ev.ts > wm:
+                self._watermarks[wk] = ev.ts
+            elif ev.ts < wm - self.rules.lateness_s:
+                res.late[run] = res.late.get(run, 0) + 1
+            if self._data_quality(ev, run, res):
+                continue  # no usable subject: counted as a data-quality finding, never blamed on anyone
             by_run.setdefault(run, []).append(ev)
         return by_run, res
+
+    @staticmethod
+    def _data_quality(ev: Settlement, run: str, res: BatchResult) -> bool:
+        """Count placeholder ids; return True when the card itself is unusable."""
+        skip = False
+        for fld in ("card_id", "institution_id", "physician_id"):
+            v = getattr(ev, fld)
+            if fld == "physician_id" and v is None:
+                continue  # over-the-counter sale: no physician is normal
+            if is_placeholder(v):
+                res.data_quality.setdefault((run, fld), Counter())[ev.institution_id] += 1
+                if fld != "physician_id":
+                    skip = True
+        return skip
 
     async def process(self, msgs: Sequence[Message]) -> BatchResult:
         by_run, res = self.parse(msgs)
@@ -131,9 +165,20 @@ class Processor:
                     k = det.queue(pipe, events, ns)
                     plan.append((det, ns, events, n, k))
                     n += k
-                res.processed[run] = len(events)
             replies = await pipe.execute() if n else []
         res.redis_s = time.perf_counter() - t0
         for det, ns, events, start, k in plan:
             res.alerts.extend(det.collect(events, replies[start:start + k], ns))
+        if len(self.exemptions):
+            res.alerts = [self._exempt(a) for a in res.alerts]
         return res
+
+    def _exempt(self, a: Alert) -> Alert:
+        from datetime import datetime
+
+        import msgspec
+
+        hit = self.exemptions.match(a.subject_id, a.rule, datetime.fromisoformat(a.window_end).timestamp())
+        if hit is None:
+            return a
+        return msgspec.structs.replace(a, suppressed=True, metrics={**a.metrics, "exemption": hit})

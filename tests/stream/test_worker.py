@@ -49,3 +49,16 @@ def test_worker_health_endpoint(worker):
 
     body = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{worker.web_port}/healthz", timeout=5).read())
     assert body["status"] == "ok"
+
+
+def test_metrics_and_readiness(settings, worker):
+    import urllib.request
+
+    base = f"http://127.0.0.1:{worker.web_port}"
+    ready = json.loads(urllib.request.urlopen(base + "/readyz", timeout=10).read())
+    assert ready["status"] == "ready" and ready["redis"] and ready["broker"] and ready["partitions_assigned"] >= 8
+    body = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+    for name in ("claimwatch_settlements_consumed_total", "claimwatch_batch_duration_seconds_bucket",
+                 "claimwatch_rules_info"):
+        assert name in body
+    assert "card_id" not in body
