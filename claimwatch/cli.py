@@ -19,8 +19,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="claimwatch: real-time fraud monitoring for medical-insurance settlements (医保结算).")
 alerts_app = typer.Typer(no_args_is_help=True, help="Query and export alerts from the alert store.")
 rules_app = typer.Typer(no_args_is_help=True, help="Check rule configuration.")
+exemptions_app = typer.Typer(no_args_is_help=True, help="Exemptions (豁免): long prescriptions, chronic approvals.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print numbers.")
+dq_app = typer.Typer(no_args_is_help=True, help="Data-quality findings (placeholder ids).")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(rules_app, name="rules")
+app.add_typer(exemptions_app, name="exemptions")
+app.add_typer(bench_app, name="bench")
+app.add_typer(dq_app, name="dq")
 
 console = Console(stderr=True)
 
@@ -86,11 +92,11 @@ def replay(file: Path = typer.Argument(..., help="settlements, one JSON per line
            workers: int = typer.Option(1, min=0, max=16, help="worker processes to start for this replay "
                                        "(0 = use workers already running)"),
            keep_state: bool = typer.Option(False, help="keep the run's Redis windows after it ends"),
-           idle_timeout: float = typer.Option(120.0, help="give up when no event is processed for this long (s)")) -> None:
+           idle_timeout: float = typer.Option(120.0, help="give up when no event is processed for this long (s)"),
+           lang: str = typer.Option("zh", help="language of summaries in --alerts-out: zh or en")) -> None:
     """Replay a settlements file through the broker and workers; write its alerts."""
-    from alerts.store import AlertStore, write_jsonl
-    from claimwatch import runtime
-    from replay.runner import ReplayError, ReplayStats, check_run_id, drop_run_state, publish_file, wait_done
+    from alerts.store import write_jsonl
+    from replay.runner import ReplayError, check_run_id, replay_file
 
     s = load_settings()
     try:
@@ -101,11 +107,11 @@ def replay(file: Path = typer.Argument(..., help="settlements, one JSON per line
         fail(f"no such file: {file}")
     if alerts_out is not None and alerts_out.is_dir():
         fail(f"--alerts-out {alerts_out} is a directory; give a file name")
+    if lang not in ("zh", "en"):
+        fail(f"--lang must be zh or en, got {lang!r}")
     if workers == 0 and (not s.kafka_url or not s.redis_url):
         fail("--workers 0 needs running workers, so CLAIMWATCH_KAFKA_URL and CLAIMWATCH_REDIS_URL must be set")
-    stats = ReplayStats(run_id)
-    t0 = time.perf_counter()
-    with runtime.services(s) as s2, runtime.workers(s2, workers) as procs, _progress() as prog:
+    with _progress() as prog:
         tasks: dict[str, int] = {}
 
         def on_progress(stage: str, done: int, total: int | None) -> None:
@@ -114,35 +120,38 @@ def replay(file: Path = typer.Argument(..., help="settlements, one JSON per line
                 tasks[stage] = prog.add_task(name, total=total)
             prog.update(tasks[stage], completed=done, total=total)
 
-        store = AlertStore(s2.store_url_resolved)
         try:
-            if store.count(run_id):
-                store.delete_run(run_id)  # a run id replayed again starts clean
-            asyncio.run(drop_run_state(s2.redis_url, run_id))
-            asyncio.run(publish_file(s2, file, run_id, stats, on_progress))
-            alive = (lambda: any(p.alive() for p in procs)) if procs else None
-            asyncio.run(wait_done(s2, run_id, stats, idle_timeout_s=idle_timeout, progress=on_progress, alive=alive))
+            stats, alerts = replay_file(s, file, run_id, workers=workers, keep_state=keep_state,
+                                        idle_timeout_s=idle_timeout, progress=on_progress, log=console.print)
         except ReplayError as exc:
-            for p in procs:
-                console.print(f"[dim]worker log {p.log_path}:[/]\n{p.log_tail(2000)}")
             fail(str(exc), 1)
-        stats.seconds = time.perf_counter() - t0
-        alerts = store.query(run_id=run_id)
-        stats.alerts = len(alerts)
-        if alerts_out is not None:
-            alerts_out.parent.mkdir(parents=True, exist_ok=True)
-            with open(alerts_out, "wb") as fh:
-                write_jsonl(alerts, fh)
-        if not keep_state:
-            asyncio.run(drop_run_state(s2.redis_url, run_id))
-        store.close()
+    if alerts_out is not None:
+        alerts_out.parent.mkdir(parents=True, exist_ok=True)
+        with open(alerts_out, "wb") as fh:
+            write_jsonl((_in_lang(a, lang) for a in alerts), fh)
     console.print(f"run [bold]{run_id}[/]: {stats.lines:,} lines, {stats.published:,} published, "
                   f"{stats.blank:,} blank and {stats.invalid:,} invalid lines skipped (invalid ones sent to "
                   f"{s.topic_dlq}), {stats.processed:,} processed, {stats.alerts:,} alerts in {stats.seconds:.1f} s")
     for ex in stats.invalid_examples:
         console.print(f"  [yellow]invalid[/] {ex}")
+    late = stats.extra.get("late", 0)
+    if late:
+        console.print(f"  [yellow]{late:,} settlements arrived later than the allowed lateness[/] (counted; "
+                      "they may be missing from windows that had already moved on)")
+    for fld, per_inst in stats.extra.get("data_quality", {}).items():
+        top = sorted(per_inst.items(), key=lambda kv: -kv[1])[:5]
+        console.print(f"  [yellow]data quality[/]: {sum(per_inst.values()):,} settlements with a placeholder "
+                      f"{fld} (not attributed to anyone); most at " + ", ".join(f"{i} ({n})" for i, n in top))
     if alerts_out is not None:
         console.print(f"alerts written to {alerts_out}")
+
+
+def _in_lang(a, lang: str):
+    import msgspec
+
+    if lang == "en" and a.summary_en:
+        return msgspec.structs.replace(a, summary=a.summary_en)
+    return a
 
 
 @alerts_app.command("export")
@@ -153,7 +162,10 @@ def alerts_export(run_id: Optional[str] = typer.Option(None, "--run-id"),
                   since: Optional[str] = typer.Option(None, help="window_end ≥ this ISO time"),
                   until: Optional[str] = typer.Option(None, help="window_end < this ISO time"),
                   fmt: str = typer.Option("jsonl", "--format", help="jsonl (the contract) or csv"),
-                  out: Optional[Path] = typer.Option(None, "--out", help="file to write (default: stdout)")) -> None:
+                  out: Optional[Path] = typer.Option(None, "--out", help="file to write (default: stdout)"),
+                  include_suppressed: bool = typer.Option(True, help="include alerts silenced by an exemption "
+                                                          "(they carry suppressed: true)"),
+                  lang: str = typer.Option("zh", help="language of summaries: zh or en")) -> None:
     """Export alerts from the store as JSON Lines (one alert per line, alert.schema.json)."""
     from alerts.model import to_dict
     from alerts.store import AlertStore, write_jsonl
@@ -161,8 +173,14 @@ def alerts_export(run_id: Optional[str] = typer.Option(None, "--run-id"),
     s = load_settings()
     if fmt not in ("jsonl", "csv"):
         fail(f"--format must be jsonl or csv, got {fmt!r}")
+    if lang not in ("zh", "en"):
+        fail(f"--lang must be zh or en, got {lang!r}")
+    if out is not None and out.is_dir():
+        fail(f"--out {out} is a directory; give a file name")
     store = AlertStore(s.store_url_resolved)
-    it = store.iter(run_id=run_id, rule=rule, severity=severity, subject_id=subject, since=since, until=until)
+    it = (_in_lang(a, lang) for a in store.iter(run_id=run_id, rule=rule, severity=severity, subject_id=subject,
+                                                 since=since, until=until)
+          if include_suppressed or not a.suppressed)
     fh = open(out, "wb") if out else sys.stdout.buffer
     try:
         if fmt == "jsonl":
@@ -220,6 +238,147 @@ def demo(rate: float = typer.Option(50.0, min=0.1, help="settlements per second 
         run_demo(s, rate=rate, cards=cards, seed=seed, duration_s=duration, console=console)
     except KeyboardInterrupt:
         pass
+
+
+def _need_redis(s: Settings) -> None:
+    if not s.redis_url:
+        fail("this command needs CLAIMWATCH_REDIS_URL (the Redis the workers use); "
+             "for the embedded default, list entries in configs/exemptions.yaml instead")
+
+
+@exemptions_app.command("add")
+def exemptions_add(subject: str = typer.Argument(..., help="card, physician or institution id"),
+                   rule: list[str] = typer.Option(..., "--rule", help="rule id to silence (repeat; * = all)"),
+                   kind: str = typer.Option(..., help="long_prescription, chronic_approval, special_disease or other"),
+                   author: str = typer.Option(..., help="who approved it"),
+                   reason: str = typer.Option(..., help="why, e.g. the approval number"),
+                   expires: str = typer.Option(..., help="ISO date or date-time (+08:00 when no offset)"),
+                   valid_from: Optional[str] = typer.Option(None, help="ISO date (default: always)")) -> None:
+    """Add an exemption to Redis; workers pick it up within 30 s."""
+    import redis as sync_redis
+
+    from alerts.exemptions import REDIS_KEY, ExemptionError, entry_id, validate_entry
+    from detectors import REGISTRY
+
+    s = load_settings()
+    _need_redis(s)
+    for r in rule:
+        if r != "*" and r not in REGISTRY:
+            fail(f"--rule {r!r} is not a rule; known: {', '.join(sorted(REGISTRY))}")
+    e = {"subject_id": subject, "rules": list(rule), "kind": kind, "author": author, "reason": reason,
+         "expires": expires, "valid_from": valid_from, "added_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    try:
+        validate_entry(e, "exemption")
+    except ExemptionError as exc:
+        fail(str(exc))
+    r = sync_redis.Redis.from_url(s.redis_url)
+    eid = entry_id(e)
+    r.hset(REDIS_KEY, eid, json.dumps(e, ensure_ascii=False))
+    console.print(f"exemption {eid} added for {subject}: {', '.join(rule)} until {expires}")
+
+
+@exemptions_app.command("list")
+def exemptions_list() -> None:
+    """List exemptions (file and Redis)."""
+    from rich.table import Table
+
+    from alerts.exemptions import REDIS_KEY, ExemptionRegistry
+
+    s = load_settings()
+    rows = []
+    for sub, entries in ExemptionRegistry.load_file(s.exemptions_path)._by_subject.items():
+        rows += [("file", e) for e in entries]
+    if s.redis_url:
+        import redis as sync_redis
+
+        for k, v in sync_redis.Redis.from_url(s.redis_url).hgetall(REDIS_KEY).items():
+            rows.append((k.decode(), json.loads(v)))
+    t = Table("id", "subject", "rules", "kind", "author", "reason", "expires")
+    for src, e in rows:
+        t.add_row(src, e["subject_id"], ",".join(e["rules"]), e["kind"], e["author"], e["reason"], str(e["expires"]))
+    Console().print(t)
+
+
+@exemptions_app.command("remove")
+def exemptions_remove(entry: str = typer.Argument(..., help="id shown by `exemptions list`")) -> None:
+    """Remove a Redis exemption by id."""
+    import redis as sync_redis
+
+    from alerts.exemptions import REDIS_KEY
+
+    s = load_settings()
+    _need_redis(s)
+    if not sync_redis.Redis.from_url(s.redis_url).hdel(REDIS_KEY, entry):
+        fail(f"no exemption {entry!r} in Redis", 1)
+    console.print(f"exemption {entry} removed")
+
+
+@dq_app.command("report")
+def dq_report(run_id: str = typer.Option("live", "--run-id")) -> None:
+    """Placeholder ids seen per field and institution (counted, never blamed on a card or physician)."""
+    import redis as sync_redis
+    from rich.table import Table
+
+    s = load_settings()
+    _need_redis(s)
+    raw = sync_redis.Redis.from_url(s.redis_url).hgetall(f"cw:{run_id}:dq")
+    t = Table("field", "institution", "settlements")
+    for k, v in sorted(raw.items(), key=lambda kv: -int(kv[1])):
+        fld, inst = k.decode().split("\t", 1)
+        t.add_row(fld, inst, str(int(v)))
+    Console().print(t)
+
+
+@bench_app.command("quality")
+def bench_quality(cards: int = typer.Option(20_000, min=100), days: int = typer.Option(7, min=1, max=90),
+                  seed: int = typer.Option(1), workers: int = typer.Option(1, min=1, max=8),
+                  json_out: Optional[Path] = typer.Option(Path("bench-results/quality.json"), "--json-out"),
+                  ml: bool = typer.Option(True, help="also evaluate the online model (ROC/PR AUC, verdict gain)")) -> None:
+    """Replay a generated city through the real pipeline; print recall per pattern, look-alikes alerted,
+    subject precision and alerts per 1,000 events."""
+    from rich.table import Table
+
+    from replay.bench import dump, quality
+
+    s = load_settings()
+    with _progress() as prog:
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, done: int, total: int | None) -> None:
+            if stage not in tasks:
+                tasks[stage] = prog.add_task(stage, total=total)
+            prog.update(tasks[stage], completed=done, total=total)
+
+        rep = quality(s, cards=cards, days=days, seed=seed, workers=workers, progress=on_progress, ml=ml)
+    out = Console()
+    t = Table(title=f"detection quality — {cards:,} cards × {days} days, seed {seed}, {rep['events']:,} settlements")
+    t.add_column("pattern")
+    t.add_column("injected", justify="right")
+    t.add_column("caught", justify="right")
+    t.add_column("recall", justify="right")
+    for rule, p in rep["patterns"].items():
+        style = "green" if p["recall"] >= 0.95 else "red"
+        t.add_row(rule, str(p["injected"]), str(p["caught"]), f"[{style}]{p['recall']:.2f}[/]")
+    out.print(t)
+    t2 = Table(title="legitimate look-alikes alerted")
+    t2.add_column("look-alike")
+    t2.add_column("n", justify="right")
+    t2.add_column("alerted", justify="right")
+    t2.add_column("share", justify="right")
+    for k, v in rep["lookalikes"].items():
+        style = "green" if v["alerted_share"] <= 0.05 else "red"
+        t2.add_row(k, str(v["n"]), str(v["alerted"]), f"[{style}]{v['alerted_share']:.1%}[/]")
+    out.print(t2)
+    out.print(f"subject precision {rep['precision']:.3f} ({rep['subjects_alerted']} subjects alerted), "
+              f"{rep['alerts']} alerts = {rep['alerts_per_1000_events']:.2f} per 1,000 settlements; "
+              f"replay {rep['replay_s']:.1f} s")
+    if rep.get("false_subjects"):
+        out.print("false subjects: " + ", ".join(rep["false_subjects"][:15]))
+    if "ml" in rep:
+        out.print("online model: " + json.dumps(rep["ml"], ensure_ascii=False))
+    dump(rep, json_out)
+    if json_out:
+        console.print(f"results written to {json_out}")
 
 
 def main() -> None:

@@ -1583,8 +1583,8 @@ class _Gen:
         k = min(self.days, rng.randint(2, 3))
         f = self.new_fraud("card_ring", "ring", f"RING-{pharm.institution_id}-{drug}", [m.card_id for m in members],
                            "", institution_id=pharm.institution_id, drug=drug, also_rules=["overdispensing"])
-        for d in sorted(rng.sample(range(self.days), k)):
-            present = members if g <= 9 else rng.sample(members, max(8, g - rng.randint(0, 2)))
+        for j, d in enumerate(sorted(rng.sample(range(self.days), k))):
+            present = members if g <= 9 or j == 0 else rng.sample(members, max(8, g - rng.randint(0, 2)))
             t0 = self.t_slot(d, rng.randint(9 * 3600, 16 * 3600))
             span = rng.randint(20 * 60, 55 * 60)
             offs = sorted(rng.randrange(span) for _ in present)

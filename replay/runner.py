@@ -66,6 +66,7 @@ class ReplayStats:
     alerts: int = 0
     seconds: float = 0.0
     invalid_examples: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -185,3 +186,59 @@ async def drop_run_state(redis_url: str, run_id: str) -> int:
     finally:
         await r.aclose()
     return n
+
+
+def replay_file(settings: Settings, path: Path, run_id: str, *, workers: int = 1, keep_state: bool = False,
+                idle_timeout_s: float = 120.0, progress: ProgressFn | None = None,
+                log: Callable[[str], None] | None = None) -> tuple[ReplayStats, list]:
+    """Publish ``path`` as run ``run_id``, wait until every event is processed, return (stats, alerts).
+
+    Starts the embedded broker/Redis when the settings have no URLs, and ``workers`` worker
+    processes (0 = use the workers already running against the configured services).
+    """
+    from alerts.store import AlertStore
+    from claimwatch import runtime
+
+    check_run_id(run_id)
+    stats = ReplayStats(run_id)
+    t0 = time.perf_counter()
+    with runtime.services(settings) as s2, runtime.workers(s2, workers) as procs:
+        store = AlertStore(s2.store_url_resolved)
+        try:
+            if store.count(run_id):
+                store.delete_run(run_id)  # a run id replayed again starts clean
+            asyncio.run(drop_run_state(s2.redis_url, run_id))
+            asyncio.run(publish_file(s2, path, run_id, stats, progress))
+            alive = (lambda: any(p.alive() for p in procs)) if procs else None
+            try:
+                asyncio.run(wait_done(s2, run_id, stats, idle_timeout_s=idle_timeout_s, progress=progress,
+                                      alive=alive))
+            except ReplayError:
+                if log:
+                    for p in procs:
+                        log(f"worker log {p.log_path}:\n{p.log_tail(2000)}")
+                raise
+            stats.seconds = time.perf_counter() - t0
+            alerts = store.query(run_id=run_id)
+            stats.alerts = len(alerts)
+            stats.extra = asyncio.run(_run_report(s2.redis_url, run_id))
+            if not keep_state:
+                asyncio.run(drop_run_state(s2.redis_url, run_id))
+        finally:
+            store.close()
+    return stats, alerts
+
+
+async def _run_report(redis_url: str, run_id: str) -> dict:
+    """Late events and data-quality findings the workers recorded for a run."""
+    r = aioredis.from_url(redis_url)
+    try:
+        prog = await r.hgetall(progress_key(run_id))
+        dq = await r.hgetall(f"cw:{run_id}:dq")
+    finally:
+        await r.aclose()
+    findings: dict[str, dict[str, int]] = {}
+    for k, v in dq.items():
+        fld, inst = k.decode().split("\t", 1)
+        findings.setdefault(fld, {})[inst] = int(v)
+    return {"late": int(prog.get(b"late", 0)), "data_quality": findings}

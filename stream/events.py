@@ -74,6 +74,7 @@ class Settlement(msgspec.Struct, forbid_unknown_fields=False):
     # filled in by parse_event, never read from the message
     ts: float = 0.0
     raw: bytes = b""
+    partition: int = -1
 
 
 _decoder = msgspec.json.Decoder(Settlement)

@@ -113,6 +113,7 @@ class Processor:
                 res.dead_letters.append(DeadLetter(m, str(exc), run))
                 res.invalid[run] = res.invalid.get(run, 0) + 1
                 continue
+            ev.partition = m.partition
             res.processed[run] = res.processed.get(run, 0) + 1
             wk = (run, m.topic, m.partition)
             wm = self._watermarks.get(wk, 0.0)

@@ -1,0 +1,78 @@
+"""The batch processor on the real Redis: exemptions, data-quality guard, late events."""
+
+from __future__ import annotations
+
+import uuid
+
+from alerts.exemptions import ExemptionRegistry
+from detectors.config import load_rules_text
+from tests.helpers import T0, dumps, make_event
+
+RULES = load_rules_text("lateness_s: 3600\nrules:\n  card_hopping:\n"
+                        "    windows: [{window_s: 86400, min_institutions: 12}]\n")
+
+
+def hop(card, n=13, start=T0):
+    return [dumps(make_event(card, f"P{k:03d}", start + k * 1200)) for k in range(n)]
+
+
+def _run(stack, batches, run_id, exemptions=None):
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from stream.pipeline import Message, Processor
+
+    async def go():
+        r = aioredis.from_url(stack.redis_url)
+        try:
+            proc = Processor(RULES, r, future_tolerance_s=1e9)
+            if exemptions is not None:
+                proc.exemptions = exemptions
+            out = []
+            for b in batches:
+                out.append(await proc.process([Message(v, {"cw-run-id": run_id.encode()}, "t", 0, i)
+                                               for i, v in enumerate(b)]))
+            return out
+        finally:
+            await r.aclose()
+    return asyncio.run(go())
+
+
+def test_exempt_card_alert_is_recorded_as_suppressed_not_dropped(stack):
+    reg = ExemptionRegistry.from_entries([{
+        "subject_id": "EXEMPT", "rules": ["card_hopping"], "kind": "chronic_approval", "author": "王审核",
+        "reason": "慢特病备案 2026-031", "valid_from": "2026-01-01", "expires": "2027-01-01"}])
+    [res] = _run(stack, [hop("EXEMPT") + hop("OTHER")], "x" + uuid.uuid4().hex[:8], reg)
+    by = {a.subject_id: a for a in res.alerts}
+    assert by["EXEMPT"].suppressed is True
+    assert by["EXEMPT"].metrics["exemption"]["author"] == "王审核"
+    assert by["OTHER"].suppressed is False
+    assert [a.subject_id for a in res.published_alerts] == ["OTHER"]
+
+
+def test_expired_exemption_does_not_silence(stack):
+    reg = ExemptionRegistry.from_entries([{
+        "subject_id": "OLD", "rules": ["*"], "kind": "other", "author": "a", "reason": "r",
+        "valid_from": "2025-01-01", "expires": "2026-01-01"}])
+    [res] = _run(stack, [hop("OLD")], "x" + uuid.uuid4().hex[:8], reg)
+    assert [a.suppressed for a in res.alerts] == [False]
+
+
+def test_placeholder_ids_are_data_quality_findings_not_subjects(stack):
+    evs = [dumps(make_event("0000", f"P{k:03d}", T0 + k * 600, physician_id="未知")) for k in range(15)]
+    evs += [dumps(make_event("REAL", "P001", T0, physician_id="0000"))]
+    [res] = _run(stack, [evs], "x" + uuid.uuid4().hex[:8])
+    assert res.alerts == []  # 15 institutions on card "0000" are never blamed on a card
+    counts = {fld: sum(c.values()) for (_, fld), c in res.data_quality.items()}
+    assert counts == {"card_id": 15, "physician_id": 16}
+
+
+def test_events_later_than_lateness_are_counted(stack):
+    rid = "x" + uuid.uuid4().hex[:8]
+    new = dumps(make_event("LATE", "P1", T0 + 10 * 3600))
+    old_ok = dumps(make_event("LATE2", "P1", T0 + 10 * 3600 - 1800))
+    old_late = dumps(make_event("LATE3", "P1", T0))
+    [res] = _run(stack, [[new, old_ok, old_late]], rid)
+    assert res.late == {rid: 1}
+    assert res.processed == {rid: 3}  # counted and still processed, never silently dropped
