@@ -60,3 +60,133 @@ def dump(report: dict, path: Path | None) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _wait_ready(procs, timeout_s: float = 120.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    pending = list(procs)
+    while pending and time.monotonic() < deadline:
+        for p in list(pending):
+            if not p.alive():
+                raise RuntimeError(f"worker exited while starting:\n{p.log_tail()}")
+            try:
+                body = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{p.web_port}/readyz", timeout=2).read())
+                if body.get("partitions_assigned"):
+                    pending.remove(p)
+            except OSError:
+                pass
+        time.sleep(0.3)
+    if pending:
+        raise RuntimeError("workers not ready in time")
+
+
+async def raw_transport(settings: Settings, lines: list[bytes], partitions: int) -> dict[str, float]:
+    """Produce the lines to a fresh topic, then consume them with aiokafka and parse each with orjson."""
+    import orjson
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    from stream.topics import ensure_topics
+
+    topic = f"bench-raw-{int(time.time() * 1000)}"
+    await ensure_topics(settings.bootstrap_servers, [topic], partitions)
+    prod = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=20, max_batch_size=1 << 20,
+                            max_request_size=16 << 20)
+    await prod.start()
+    t0 = time.perf_counter()
+    try:
+        parts = sorted(await prod.partitions_for(topic))
+        batches = {p: prod.create_batch() for p in parts}
+        futs = []
+        for i, ln in enumerate(lines):
+            p = parts[i % len(parts)]
+            if batches[p].append(key=None, value=ln, timestamp=None) is None:
+                futs.append(await prod.send_batch(batches[p], topic, partition=p))
+                batches[p] = prod.create_batch()
+                batches[p].append(key=None, value=ln, timestamp=None)
+        for p, b in batches.items():
+            if b.record_count():
+                futs.append(await prod.send_batch(b, topic, partition=p))
+        for f in futs:
+            await f
+    finally:
+        await prod.stop()
+    produce_s = time.perf_counter() - t0
+    cons = AIOKafkaConsumer(topic, bootstrap_servers=settings.bootstrap_servers, group_id=None,
+                            auto_offset_reset="earliest", fetch_max_bytes=16 << 20,
+                            max_partition_fetch_bytes=8 << 20)
+    await cons.start()
+    n = 0
+    t0 = time.perf_counter()
+    try:
+        while n < len(lines):
+            got = await cons.getmany(timeout_ms=1000, max_records=20000)
+            for recs in got.values():
+                for r in recs:
+                    orjson.loads(r.value)
+                n += sum(len(v) for v in got.values()) and 0
+                n += len(recs)
+    finally:
+        await cons.stop()
+    consume_s = time.perf_counter() - t0
+    return {"produce_per_s": len(lines) / produce_s, "consume_parse_per_s": len(lines) / consume_s}
+
+
+def throughput(settings: Settings, *, events: int, workers: int, seed: int = 1, progress=None,
+               log=print) -> dict[str, Any]:
+    import asyncio
+
+    import redis as sync_redis
+
+    from claimwatch import runtime
+    from replay.city import generate_day_fast
+    from replay.runner import ReplayStats, drop_run_state, publish_file, wait_done
+
+    report: dict[str, Any] = {"events": events, "workers": workers, "machine": machine()}
+    with tempfile.TemporaryDirectory(prefix="cw-bench-") as d:
+        t0 = time.perf_counter()
+        lines = list(generate_day_fast(events, seed))
+        path = Path(d) / "day.jsonl"
+        with open(path, "wb") as fh:
+            fh.writelines(lines)
+        report["generate_s"] = round(time.perf_counter() - t0, 2)
+        with runtime.services(settings) as s2:
+            log("raw transport (aiokafka produce, then consume + orjson parse)…")
+            report["raw"] = asyncio.run(raw_transport(s2, lines, s2.topic_partitions))
+            del lines
+            with runtime.workers(s2, workers) as procs:
+                _wait_ready(procs)
+                run_id = f"bench-{int(time.time())}"
+                stats = ReplayStats(run_id)
+                log(f"full pipeline with {workers} worker(s)…")
+                r = sync_redis.Redis.from_url(s2.redis_url)
+                mem0 = r.info("memory")["used_memory"]
+                rss0 = [_rss_kb(p.proc.pid) for p in procs]
+                t0 = time.perf_counter()
+                asyncio.run(publish_file(s2, path, run_id, stats, progress))
+                t_pub = time.perf_counter() - t0
+                asyncio.run(wait_done(s2, run_id, stats, progress=progress, idle_timeout_s=300))
+                pipe_s = time.perf_counter() - t0
+                mem1 = r.info("memory")["used_memory"]
+                rss1 = [_rss_kb(p.proc.pid) for p in procs]
+                cards = sum(1 for _ in r.scan_iter(match=f"cw:{run_id}:card_hopping:86400:*", count=5000)
+                            if True)
+                asyncio.run(drop_run_state(s2.redis_url, run_id))
+        report["pipeline"] = {"seconds": round(pipe_s, 2), "publish_s": round(t_pub, 2),
+                              "per_s": round(events / pipe_s), "processed": stats.processed}
+        report["ratio_pipeline_to_raw"] = round(report["pipeline"]["per_s"] / report["raw"]["consume_parse_per_s"], 3)
+        report["redis_bytes_per_active_card"] = round((mem1 - mem0) / max(1, cards)) if cards else None
+        report["active_cards"] = cards
+        report["worker_rss_mb"] = {"start": [round(x / 1024) for x in rss0], "end": [round(x / 1024) for x in rss1]}
+    return report

@@ -22,6 +22,26 @@ fraud differs per chunk).
 
 Public API: :class:`City`, :func:`build_city`, :func:`generate`, :func:`write`,
 :func:`iter_live` and :func:`generate_day_fast` (throughput benchmark source).
+
+Labels (``generate(...)[1]``, JSON-serialisable)::
+
+    {"seed", "cards", "days", "start", "end", "n_events",
+     "frauds": [{"fraud_id": "F0001", "rule": "card_hopping",
+                 "subject_type": "card|physician|institution|ring", "subject_id": "...",
+                 "member_ids": [card ids involved], "event_ids": [...],
+                 "window_start": ..., "window_end": ..., "note": "...",
+                 # optional, per rule: "kind" (card_hopping 24h|7d; shared_card
+                 # impossible_travel|inpatient_overlap|child_adult_drug; visit_frequency A|B),
+                 # "context_event_ids" (the inpatient stay a misuse overlaps),
+                 # "also_rules" (other rules this fraud legitimately trips), "drug",
+                 # "institution_id", "trace_codes", "baseline_per_day", ...}],
+     "fraud_event_ids": [every event id of every fraud],
+     "lookalikes": [{"kind": "dialysis|family|chronic_long_rx|busy_physician|referral|multi_specialist",
+                     "subject_id": card, physician or family id, "member_ids"?: [...], "note": ...}]}
+
+Subjects: card frauds -> the card_id; prescriber_volume -> physician_id;
+duplicate_billing / trace_code_reuse -> the institution that billed twice / resold;
+card_ring -> ``RING-{pharmacy}-{drug}`` with the cards in member_ids.
 """
 
 from __future__ import annotations
@@ -1115,6 +1135,7 @@ class _Gen:
                 stays.append((D, j, c, dx, los, hosp, dept, city.pick_physician(rng, hosp, dept), rng.random()))
         for s in stays:
             self._stay_events(*s)
+        self.stay_cards = set(blocked)
 
         def free(card: int, D: int) -> bool:
             for a, b in blocked.get(card, ()):
@@ -1354,7 +1375,7 @@ class _Gen:
     # =================================================================================
     def inject_fraud(self) -> None:
         used = {self._card_index[ev["card_id"]] for _, _, ev in self.out}
-        self.avoid = used | set(self.city.persona_cards)
+        self.avoid = used | set(self.city.persona_cards) | self.stay_cards
         self.frng = _rng(self.seed, "fraud", self.D0, self.days, self.chunk)
         s = self.fraud_scale
 
@@ -1873,6 +1894,9 @@ def iter_live(cards: int, seed: int, start: datetime, days_per_chunk: int = 1,
     Ordinary life is a function of the calendar day, so the chunks join up (an inpatient
     stay opened in one chunk is discharged in a later one); event ids keep counting up.
     ``labels_sink`` receives each chunk's labels (fraud ids are prefixed with the chunk).
+    Fraud is injected per chunk, so patterns spanning several days (7-day hopping,
+    visits on >= 3 days, a ring recurring, a prescriber's baseline inside the chunk)
+    need ``days_per_chunk`` >= 3-7; with 1-day chunks those rules see one-day variants.
 
     >>> from itertools import islice
     >>> evs = list(islice(iter_live(2000, 3, DEFAULT_START), 200))
@@ -1912,7 +1936,8 @@ def generate_day_fast(n_events: int, seed: int, *, day: date | None = None,
     settlements (community, hospital, emergency, pharmacy; registrations, exams, drugs
     with unique trace codes) in event-time order over the day, with the same day-time
     profile as :func:`generate`, but without per-card day plans, personas or injected
-    fraud, which need memory of the past.  Runs at well over 50,000 events/s in one process.
+    fraud, which need memory of the past.  About 60-70k events/s on one core (1.2 M events
+    in under 20 s); the city itself builds in well under a second.
 
     >>> lines = list(generate_day_fast(1000, seed=1))
     >>> len(lines), orjson.loads(lines[0])["event_time"][:10]

@@ -19,11 +19,15 @@ from typing import Any
 
 import faust
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
+from mode import Service
 
 from alerts.exemptions import ExemptionError, ExemptionRegistry, load_redis
 from alerts.model import to_json
 from alerts.store import AlertStore
 from stream import metrics as M
+from stream.ingest import DirectIngest, Producer
 from claimwatch.settings import Settings
 from detectors.config import ConfigError, RuleSet, load_rules
 from stream.pipeline import BatchResult, Message, Processor, headers_dict
@@ -65,8 +69,6 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
     )
     settlements = app.topic(settings.topic_settlements, settings.topic_replay,
                             value_serializer="raw", key_serializer="raw")
-    alerts_topic = app.topic(settings.topic_alerts, value_serializer="raw", key_serializer="raw")
-    dlq_topic = app.topic(settings.topic_dlq, value_serializer="raw", key_serializer="raw")
     redis = aioredis.from_url(settings.redis_url, socket_keepalive=True, health_check_interval=30)
     store = AlertStore(settings.store_url_resolved)
     state: dict[str, Any] = {"rules": rules, "mtime": _mtime(settings.rules_path), "batches": 0}
@@ -96,28 +98,41 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
     async def _exemptions_timer() -> None:
         await refresh_exemptions()
 
+    producer = Producer(settings)
+    app.claimwatch["producer"] = producer  # type: ignore[index]
+
+    @app.service
+    class _ProducerService(Service):
+        async def on_start(self) -> None:
+            await producer.start()
+
+        async def on_stop(self) -> None:
+            await producer.stop()
+
     async def publish(res: BatchResult) -> None:
+        futs = []
         for dl in res.dead_letters:
             m = dl.message
-            await dlq_topic.send(key=m.key, value=m.value if m.value is not None else b"", headers={
-                H_REASON: dl.reason.encode("utf-8", "replace")[:4000], H_RUN_ID: dl.run_id.encode(),
-                H_SOURCE_TOPIC: m.topic.encode(), H_SOURCE_PARTITION: str(m.partition).encode(),
-                H_SOURCE_OFFSET: str(m.offset).encode()})
+            futs.append(await producer.send(settings.topic_dlq, key=m.key, value=m.value if m.value is not None else b"",
+                                            headers=[
+                (H_REASON, dl.reason.encode("utf-8", "replace")[:4000]), (H_RUN_ID, dl.run_id.encode()),
+                (H_SOURCE_TOPIC, m.topic.encode()), (H_SOURCE_PARTITION, str(m.partition).encode()),
+                (H_SOURCE_OFFSET, str(m.offset).encode())]))
             log.warning("dead-lettered %s[%d]@%d: %s", m.topic, m.partition, m.offset, dl.reason[:200])
             M.settlements_invalid.labels(M.reason_kind(dl.reason)).inc()
+        if res.alerts:
+            await asyncio.to_thread(store.upsert, res.alerts)
         now = time.time()
         for a in res.published_alerts:
-            await alerts_topic.send(key=a.subject_id.encode(), value=to_json(a))
+            futs.append(await producer.send(settings.topic_alerts, key=a.subject_id.encode(), value=to_json(a)))
             M.alerts_emitted.labels(a.rule, a.severity).inc()
             if a.run_id == "live":
                 M.event_to_alert.observe(max(0.0, now - _ts(a.window_end)))
         for a in res.alerts:
             if a.suppressed:
                 M.alerts_suppressed.labels(a.rule).inc()
-        if res.alerts:
-            await asyncio.to_thread(store.upsert, res.alerts)
-        if res.dead_letters or res.alerts:
-            await app.producer.flush()
+        if futs:
+            await asyncio.gather(*futs)  # delivered (acks) before the batch's offsets are committed
         for (run, fld), counts in res.data_quality.items():
             M.data_quality.labels(fld).inc(sum(counts.values()))
         runs = set(res.processed) | set(res.invalid) | {r for r, _, _ in res.eofs}
@@ -144,31 +159,40 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
                     pipe.expire(eof_key(run), PROGRESS_TTL_S)
                 await pipe.execute()
 
-    @app.agent(settlements, name="settle")
-    async def settle(stream):
-        async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
-            t0 = time.perf_counter()
-            msgs = [Message(e.value, headers_dict(e.headers), e.message.topic, e.message.partition,
-                            e.message.offset, e.key) for e in events]
-            backoff = 0.5
-            while True:
-                try:
-                    res = await processor.process(msgs)
-                    await publish(res)
-                    break
-                except (ConnectionError, OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
-                    # Redis or broker away: keep the batch (offsets not acked) and retry with backoff.
-                    M.redis_errors.inc()
-                    log.error("batch failed (%s); retrying in %.1f s", exc, backoff)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 30.0)
-                except Exception:  # a bug: crash-only, the batch is not acked and is redelivered after restart
-                    log.critical("unexpected error processing a batch; exiting so it is redelivered",
-                                 exc_info=True)
-                    logging.shutdown()
-                    os._exit(70)
-            state["batches"] += 1
-            _observe_batch(app, events, msgs, res, t0)
+    async def handle_batch(msgs: list[Message]) -> BatchResult:
+        """Process and publish one batch; retry on Redis/broker errors; exit on a bug (crash-only)."""
+        backoff = 0.5
+        while True:
+            try:
+                res = await processor.process(msgs)
+                await publish(res)
+                state["batches"] += 1
+                return res
+            except (ConnectionError, OSError, aioredis.ConnectionError, aioredis.TimeoutError,
+                    KafkaError) as exc:
+                # Redis or broker away: keep the batch (offsets not committed) and retry with backoff.
+                M.redis_errors.inc()
+                log.error("batch failed (%s); retrying in %.1f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+            except Exception:  # a bug: the batch is not committed and is redelivered after the restart
+                log.critical("unexpected error processing a batch; exiting so it is redelivered", exc_info=True)
+                logging.shutdown()
+                os._exit(70)
+
+    if settings.ingest == "faust":
+        @app.agent(settlements, name="settle")
+        async def settle(stream):
+            async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
+                t0 = time.perf_counter()
+                msgs = [Message(e.value, headers_dict(e.headers), e.message.topic, e.message.partition,
+                                e.message.offset, e.key, e.message.timestamp) for e in events]
+                res = await handle_batch(msgs)  # acked (committed) by take_events after this returns
+                _observe_batch(app.consumer, msgs, res, t0)
+    else:
+        ingest = DirectIngest(settings, handle_batch)
+        app.claimwatch["ingest"] = ingest  # type: ignore[index]
+        app.service(ingest)
 
     @app.timer(interval=5.0)
     async def reload_rules() -> None:
@@ -200,12 +224,11 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
             checks["redis"] = False
             checks["redis_error"] = str(exc)[:200]
         try:
-            tps = sorted(app.consumer.assignment())[:1]
-            checks["broker"] = bool(tps) and (await asyncio.wait_for(app.consumer.highwaters(*tps), 3.0)) is not None
+            checks["broker"] = bool(await asyncio.wait_for(producer.ping(), 3.0))
         except Exception as exc:
             checks["broker"] = False
             checks["broker_error"] = str(exc)[:200]
-        assigned = len(app.consumer.assignment()) if app.consumer else 0
+        assigned = len(_settlement_assignment(app))
         checks["partitions_assigned"] = assigned
         ok = checks["redis"] and checks["broker"] and assigned > 0
         return web.json({"status": "ready" if ok else "not ready", **checks}, status=200 if ok else 503)
@@ -224,17 +247,28 @@ def _ts(iso_s: str) -> float:
     return datetime.fromisoformat(iso_s).timestamp()
 
 
-def _observe_batch(app: faust.App, events, msgs, res: BatchResult, t0: float) -> None:
+def _settlement_assignment(app: faust.App) -> set:
+    ingest = app.claimwatch.get("ingest")  # type: ignore[attr-defined]
+    if ingest is not None:
+        return ingest.assignment()
+    return {tp for tp in app.consumer.assignment() if not tp.topic.endswith("__assignor-__leader")}
+
+
+def _observe_batch(consumer, msgs: list[Message], res: BatchResult, t0: float) -> None:
     now = time.time()
     M.batch_size.observe(len(msgs))
     M.batch_duration.observe(time.perf_counter() - t0)
     M.redis_latency.observe(res.redis_s)
     topics: dict[str, int] = {}
-    last: dict[Any, int] = {}
-    for e in events:
-        tp = e.message.tp
-        topics[tp.topic] = topics.get(tp.topic, 0) + 1
-        last[tp] = max(last.get(tp, -1), e.message.offset)
+    last: dict[tuple[str, int], int] = {}
+    oldest = None
+    for m in msgs:
+        topics[m.topic] = topics.get(m.topic, 0) + 1
+        k = (m.topic, m.partition)
+        if m.offset > last.get(k, -1):
+            last[k] = m.offset
+        if m.timestamp and (oldest is None or m.timestamp < oldest):
+            oldest = m.timestamp
     for topic, n in topics.items():
         M.settlements_consumed.labels(topic).inc(n)
     for run, n in res.processed.items():
@@ -243,18 +277,25 @@ def _observe_batch(app: faust.App, events, msgs, res: BatchResult, t0: float) ->
             M.replay_processed.labels(run).inc(n)
     for run, n in res.late.items():
         M.late_events.labels("live" if run == "live" else "replay").inc(n)
-    if events:
-        ts = events[-1].message.timestamp
-        if ts:
-            M.processing_latency.observe(max(0.0, now - ts))
+    if oldest:
+        M.processing_latency.observe(max(0.0, now - oldest))
     try:
-        for tp, off in last.items():
-            hw = app.consumer.highwater(tp)
+        for (topic, part), off in last.items():
+            hw = _highwater(consumer, topic, part)
             if hw is not None:
-                M.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, hw - off - 1))
-        M.partitions_assigned.set(len(app.consumer.assignment()))
+                M.consumer_lag.labels(topic, str(part)).set(max(0, hw - off - 1))
     except Exception:  # metrics never break processing
         pass
+
+
+def _highwater(consumer, topic: str, part: int):
+    from aiokafka import TopicPartition
+
+    if hasattr(consumer, "highwater") and not isinstance(consumer, AIOKafkaConsumer):
+        from faust.types import TP
+
+        return consumer.highwater(TP(topic, part))
+    return consumer.highwater(TopicPartition(topic, part))
 
 
 def _mtime(p: Path) -> float:

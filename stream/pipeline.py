@@ -36,6 +36,7 @@ class Message:
     partition: int = 0
     offset: int = -1
     key: bytes | None = None
+    timestamp: float | None = None  # broker append time, seconds
 
 
 @dataclass

@@ -20,7 +20,8 @@ def test_live_settlements_become_alerts_on_the_topic_and_in_the_store(settings, 
                         keys=[card.encode()] * 15))
 
     def mine(recs):
-        return [r for r in recs if orjson.loads(r.value)["subject_id"] == card]
+        return [r for r in recs if orjson.loads(r.value)["subject_id"] == card
+                and orjson.loads(r.value)["rule"] == "card_hopping"]
 
     recs = asyncio.run(consume_until(settings.bootstrap_servers, settings.topic_alerts, lambda rs: mine(rs), 60))
     got = mine(recs)
@@ -38,7 +39,7 @@ def test_live_settlements_become_alerts_on_the_topic_and_in_the_store(settings, 
     assert headers["cw-source-topic"] == settings.topic_settlements.encode()
 
     store = AlertStore(settings.store_url_resolved)
-    stored = store.query(run_id="live", subject_id=card)
+    stored = store.query(run_id="live", subject_id=card, rule="card_hopping")
     store.close()
     assert len(stored) == 1
     assert set(stored[0].evidence_event_ids) == {json.loads(e)["event_id"] for e in evs}

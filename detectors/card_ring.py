@@ -1,0 +1,314 @@
+"""``card_ring``: card collectors — many cards buying one resale-prone drug at one place at once.
+
+A dealer (药贩子) who has collected or rented insurance cards takes them to one counter and
+settles the same resale-prone drug on each (贩卖医保药品 / 收集医保卡集中购药), often on
+several days with much the same stack of cards. The rule counts the distinct cards that
+settle one drug code (from ``resale_prone``) at one institution, in ``visit_types``
+(retail pharmacy purchases and outpatient prescriptions; ward bills are batch-posted and
+never count), within ``window_s``: a burst of at least ``min_cards`` cards that is also at
+least ``min_lift`` times the institution's usual rate for that drug (mean per ``window_s``
+over the preceding ``baseline_s``, which ends ``window_s + lateness_s`` before the burst)
+makes every purchase in it a ring purchase. A family of 2–4 cards is far below
+``min_cards``; a busy pharmacy's ordinary stream of statin buyers is below ``min_lift``
+times its own rate. When a later burst at the same place and drug reuses at least
+``recur_share`` of the cards seen on earlier days, the day is a recurrence and the severity
+rises; bursts within ``recur_s`` of each other extend one alert.
+
+The ring id is ``RING-`` + a hash of (institution, drug code): the counter and the drug are
+what stays fixed while the stack of cards changes from trip to trip, so the id survives
+a recurrence with partly different members, needs no matching of member sets, and does
+not depend on which cards happened to arrive first from which partition. The members are
+every card with a purchase in some qualifying burst — a monotone, event-time-only
+condition, so any arrival order within ``lateness_s`` ends with the same members.
+
+State per (institution, drug) (Redis, all keys expire):
+
+* ``cw:{run}:card_ring:{window_s}:{institution}:{drug}`` — sorted set, member
+  ``card\\tevent_id``, score = event time, kept ``baseline_s + window_s + lateness_s``;
+* ``…:m`` — the episode's ring purchases (same members), ``…:ep`` — ``anchor`` (first ring
+  purchase of the episode), ``last``, drug ``name``.
+
+>>> from detectors.drugs import DrugList
+>>> CardRing(resale_prone=DrugList(["XC10AA"]))
+CardRing(window_s=3600, min_cards=8, min_lift=8, baseline_s=86400, recur_s=2592000, recur_share=0.5, visit_types=['outpatient', 'pharmacy'], lateness_s=3600)
+>>> ring_id("P001", "XC10AAA003")
+'RING-2d1f7ee5d6ac8ce5'
+>>> CardRing(min_cards=1)
+Traceback (most recent call last):
+...
+ValueError: card_ring: min_cards must be >= 3, got 1
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from typing import Any, Iterator, Sequence
+
+from alerts.model import Alert, alert_id, now_iso, severity_for
+from detectors.base import Detector, Namespace, check_positive
+from detectors.drugs import EMPTY, DrugList, is_placeholder
+from stream.events import Settlement, iso
+
+LUA = r"""
+-- ARGV: window, min_cards, baseline, gap, min_lift, keep, ttl_z, recur, ttl_ring,
+--       then per entry: t, card, event_id, drug name
+-- KEYS per entry: purchases zset, ring purchases zset, episode hash
+local SEP = '\t'
+local W = tonumber(ARGV[1]); local minc = tonumber(ARGV[2]); local C = tonumber(ARGV[3])
+local gap = tonumber(ARGV[4]); local lift = tonumber(ARGV[5]); local keep = tonumber(ARGV[6])
+local ttl_z = tonumber(ARGV[7]); local recur = tonumber(ARGV[8]); local ttl_r = tonumber(ARGV[9])
+local blen = C - gap
+local out = {}
+local k = 1
+local i = 0
+local a = 10
+while a <= #ARGV do
+  i = i + 1
+  local t = tonumber(ARGV[a]); local card = ARGV[a + 1]; local eid = ARGV[a + 2]; local name = ARGV[a + 3]
+  a = a + 4
+  local zk, mk, ek = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+  k = k + 3
+  redis.call('ZADD', zk, t, card .. SEP .. eid)
+  local top = redis.call('ZRANGE', zk, -1, -1, 'WITHSCORES')
+  redis.call('ZREMRANGEBYSCORE', zk, '-inf', '(' .. tostring(tonumber(top[2]) - keep))
+  redis.call('EXPIRE', zk, ttl_z)
+  local res = 0
+  if redis.call('ZCOUNT', zk, tostring(t - W), tostring(t + W)) >= minc then
+    -- every window [s, s + W] that contains t starts at a purchase s in [t - W, t]
+    local evs = redis.call('ZRANGEBYSCORE', zk, tostring(t - W), tostring(t + W), 'WITHSCORES')
+    local n = #evs / 2
+    local cs, ts = {}, {}
+    for j = 1, n do
+      local s = evs[2 * j - 1]
+      cs[j] = string.sub(s, 1, string.find(s, SEP, 1, true) - 1)
+      ts[j] = tonumber(evs[2 * j])
+    end
+    local cnt = {}
+    local distinct = 0
+    local e = 1
+    local lo, hi = nil, nil
+    for j = 1, n do
+      local s = ts[j]
+      if s > t then break end
+      while e <= n and ts[e] <= s + W do
+        local c = cs[e]
+        local x = cnt[c] or 0
+        if x == 0 then distinct = distinct + 1 end
+        cnt[c] = x + 1
+        e = e + 1
+      end
+      if distinct >= minc then
+        local need = minc
+        if lift > 0 then
+          local nb = redis.call('ZCOUNT', zk, tostring(s - C), '(' .. tostring(s - gap))
+          if lift * nb * W / blen > need then need = lift * nb * W / blen end
+        end
+        if distinct >= need then
+          if not lo then lo = j end
+          hi = e - 1
+        end
+      end
+      local c = cs[j]
+      cnt[c] = cnt[c] - 1
+      if cnt[c] == 0 then distinct = distinct - 1 end
+    end
+    if lo then
+      local ep = redis.call('HMGET', ek, 'anchor', 'last')
+      local anchor = tonumber(ep[1]); local last = tonumber(ep[2])
+      local qmin, qmax = ts[lo], ts[hi]
+      local take, fresh = true, false
+      if anchor and qmin <= last + recur and qmax >= anchor - recur then
+        if qmax > last then last = qmax end
+        if qmin < anchor then anchor = qmin end
+      elseif (not anchor) or qmin > last + recur then
+        redis.call('DEL', mk)
+        anchor = qmin; last = qmax; fresh = true
+      else
+        take = false   -- belongs to an older episode that is no longer kept
+      end
+      if take then
+        for q = lo, hi do redis.call('ZADD', mk, ts[q], evs[2 * q - 1]) end
+        redis.call('HSET', ek, 'anchor', tostring(anchor), 'last', tostring(last))
+        if fresh then redis.call('HSET', ek, 'first', tostring(anchor)) end
+        if name ~= '' then redis.call('HSETNX', ek, 'name', name) end
+        redis.call('EXPIRE', mk, ttl_r)
+        redis.call('EXPIRE', ek, ttl_r)
+        local info = redis.call('HMGET', ek, 'first', 'name')
+        res = {info[1], redis.call('ZRANGE', mk, 0, -1, 'WITHSCORES'), info[2] or ''}
+      end
+    end
+  end
+  out[i] = res
+end
+return out
+"""
+
+_SEP = "\t"
+
+
+def ring_id(institution_id: str, drug_code: str) -> str:
+    """Stable id of the ring operating at one institution with one drug."""
+    return "RING-" + hashlib.sha256(f"{institution_id}\x1f{drug_code}".encode()).hexdigest()[:16]
+
+
+def _s(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _hours(window_s: int, lang: str) -> str:
+    if window_s % 3600 == 0:
+        h = window_s // 3600
+        return f"{h} 小时" if lang == "zh" else f"{h} h"
+    m = max(1, round(window_s / 60))
+    return f"{m} 分钟" if lang == "zh" else f"{m} min"
+
+
+class CardRing(Detector):
+    """Distinct cards buying one resale-prone drug at one institution in a short burst (see module docstring)."""
+
+    rule = "card_ring"
+    subject_type = "ring"
+    scripts = (LUA,)
+
+    def __init__(self, *, window_s: int = 3600, min_cards: int = 8, min_lift: float = 8, baseline_s: int = 86400,
+                 recur_s: int = 30 * 86400, recur_share: float = 0.5,
+                 visit_types: Sequence[str] = ("pharmacy", "outpatient"), resale_prone: DrugList = EMPTY,
+                 lateness_s: int = 3600, lang: str = "zh", version: str = "") -> None:
+        super().__init__(lateness_s=lateness_s, lang=lang, version=version)
+        r = self.rule
+        for name, val in (("window_s", window_s), ("min_cards", min_cards), ("baseline_s", baseline_s),
+                          ("recur_s", recur_s)):
+            check_positive(r, name, val, integer=True)
+        if min_cards < 3:
+            raise ValueError(f"{r}: min_cards must be >= 3, got {min_cards}")
+        if isinstance(min_lift, bool) or not isinstance(min_lift, (int, float)) or min_lift < 0:
+            raise ValueError(f"{r}: min_lift must be a non-negative number, got {min_lift!r}")
+        if isinstance(recur_share, bool) or not isinstance(recur_share, (int, float)) or not 0 < recur_share <= 1:
+            raise ValueError(f"{r}: recur_share must be a number in (0, 1], got {recur_share!r}")
+        if baseline_s <= window_s + lateness_s:
+            raise ValueError(f"{r}: baseline_s must exceed window_s + lateness_s ({window_s + lateness_s}), got {baseline_s}")
+        if recur_s < window_s:
+            raise ValueError(f"{r}: recur_s must be >= window_s ({window_s}), got {recur_s}")
+        allowed = ("outpatient", "emergency", "pharmacy", "inpatient")
+        if isinstance(visit_types, str) or not visit_types or any(v not in allowed for v in visit_types):
+            raise ValueError(f"{r}: visit_types must be a non-empty list of {list(allowed)}, got {visit_types!r}")
+        if not isinstance(resale_prone, DrugList):
+            raise ValueError(f"{r}: resale_prone must be a DrugList, got {type(resale_prone).__name__}")
+        self.window_s = window_s
+        self.min_cards = min_cards
+        self.min_lift = min_lift
+        self.baseline_s = baseline_s
+        self.recur_s = recur_s
+        self.recur_share = recur_share
+        self.visit_types = tuple(sorted(set(visit_types)))
+        self.resale_prone = resale_prone
+        keep = baseline_s + window_s + lateness_s
+        self._head = [window_s, min_cards, baseline_s, window_s + lateness_s, min_lift, keep, keep,
+                      recur_s, recur_s + window_s + lateness_s]
+        self._sha = self.sha(LUA)
+
+    def params(self) -> dict[str, Any]:
+        return {"window_s": self.window_s, "min_cards": self.min_cards, "min_lift": self.min_lift,
+                "baseline_s": self.baseline_s, "recur_s": self.recur_s, "recur_share": self.recur_share,
+                "visit_types": list(self.visit_types), "lateness_s": self.lateness_s}
+
+    def _entries(self, events: Sequence[Settlement]) -> Iterator[tuple[Settlement, str, str]]:
+        """(event, drug code, drug name) for every resale-prone drug an eligible event settles."""
+        for ev in events:
+            if ev.visit_type not in self.visit_types:
+                continue
+            if is_placeholder(ev.card_id) or is_placeholder(ev.institution_id):
+                continue
+            if _SEP in ev.card_id or _SEP in ev.event_id:
+                continue
+            seen: set[str] = set()
+            for it in ev.items:
+                if it.category == "drug" and it.code not in seen and self.resale_prone.matches(it.code, it.name):
+                    seen.add(it.code)
+                    yield ev, it.code, (it.name or "").replace(_SEP, " ")
+
+    def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
+        argv: list[Any] = list(self._head)
+        keys: list[str] = []
+        for ev, code, name in self._entries(events):
+            base = self.key(ns, self.window_s, ev.institution_id, code)
+            keys += [base, base + ":m", base + ":ep"]
+            argv += [repr(ev.ts), ev.card_id, ev.event_id, name]
+        if not keys:
+            return 0
+        pipe.evalsha(self._sha, len(keys), *keys, *argv)
+        return 1
+
+    def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:
+        if not replies:
+            return []
+        out: dict[str, Alert] = {}
+        for (ev, code, name), res in zip(self._entries(events), replies[0]):
+            if not res:
+                continue
+            first, flat, stored_name = res
+            members = []
+            for j in range(0, len(flat), 2):
+                card, _, eid = _s(flat[j]).partition(_SEP)
+                members.append((float(flat[j + 1]), card, eid))
+            a = self._alert(ns, ev.institution_id, code, _s(stored_name) or name or code, float(_s(first)), members)
+            out[a.alert_id] = a
+        return list(out.values())
+
+    def _peak(self, members: list[tuple[float, str, str]]) -> int:
+        """Most distinct cards in any ``window_s`` among the ring purchases."""
+        best, j = 0, 0
+        cnt: dict[str, int] = defaultdict(int)
+        for t, card, _ in members:
+            cnt[card] += 1
+            while members[j][0] < t - self.window_s:
+                c = members[j][1]
+                cnt[c] -= 1
+                if not cnt[c]:
+                    del cnt[c]
+                j += 1
+            best = max(best, len(cnt))
+        return best
+
+    def _alert(self, ns: Namespace, inst: str, code: str, name: str, first: float,
+               members: list[tuple[float, str, str]]) -> Alert:
+        members.sort()
+        rid = ring_id(inst, code)
+        cards = sorted({c for _, c, _ in members})
+        by_day: dict[str, set[str]] = defaultdict(set)
+        for t, c, _ in members:
+            by_day[iso(t)[:10]].add(c)
+        seen: set[str] = set()
+        recurrent, best_share = 0, 0.0
+        for day in sorted(by_day):
+            cs = by_day[day]
+            if seen:
+                share = len(cs & seen) / len(cs)
+                best_share = max(best_share, share)
+                recurrent += share >= self.recur_share
+            seen |= cs
+        peak = self._peak(members)
+        score = peak / self.min_cards * (1 + 0.5 * recurrent)
+        days = len(by_day)
+        lbl_zh, lbl_en = _hours(self.window_s, "zh"), _hours(self.window_s, "en")
+        zh = (f"{inst} 在 {lbl_zh}内有 {peak} 张不同医保卡购买 {name}（阈值 {self.min_cards} 张）"
+              + (f"，{days} 天内共 {len(cards)} 张卡" if days > 1 else "")
+              + (f"，其中 {recurrent} 天同一批卡重复出现（重合 {best_share:.0%}）" if recurrent else "")
+              + "，疑似收集医保卡集中购药")
+        en = (f"{peak} distinct cards bought {code} ({name}) at {inst} within {lbl_en} (threshold {self.min_cards})"
+              + (f"; {len(cards)} cards over {days} days" if days > 1 else "")
+              + (f"; the same cards came back on {recurrent} day(s) (overlap {best_share:.0%})" if recurrent else "")
+              + "; suspected card collecting")
+        return Alert(
+            alert_id=alert_id(ns.run_id, self.rule, "ring", rid, str(self.window_s), iso(first)[:10]),
+            rule=self.rule, rule_version=self.version, severity=severity_for(score), score=round(score, 4),
+            subject_type="ring", subject_id=rid, member_ids=cards,
+            window_start=iso(members[0][0]), window_end=iso(members[-1][0]),
+            evidence_event_ids=[eid for _, _, eid in members], run_id=ns.run_id,
+            summary=zh if self.lang == "zh" else en, summary_en=en, detected_at=now_iso(), window_s=self.window_s,
+            metrics={"institution_id": inst, "drug_code": code, "drug_name": name, "cards": len(cards),
+                     "peak_cards": peak, "min_cards": self.min_cards, "window_s": self.window_s, "days": days,
+                     "recurrent_days": recurrent, "max_repeat_share": round(best_share, 3),
+                     "purchases": len(members)},
+        )

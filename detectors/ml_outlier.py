@@ -1,0 +1,466 @@
+"""``ml_outlier``: an online, unsupervised model flags settlements unlike anything the stream has shown.
+
+Rules catch the patterns we know; this catches the ones we don't. Per settlement, the
+features of :mod:`detectors._features` (card velocity, days supply, resale-prone share,
+amount, physician and institution volume …) are **scored before the model learns from
+them**; a running quantile of the scores (river :class:`~river.anomaly.QuantileFilter`,
+P² estimator) is the threshold, so about ``target_alert_rate`` of the settlements
+(default 1 per 1,000) are flagged. A flagged settlement is not learned from (the
+filter protects the model). The alert names the features that drove the score.
+
+The model. :class:`TailHBOS` is a river :class:`~river.base.AnomalyDetector`: an online
+histogram-based outlier score (HBOS, Goldstein & Dengel 2012) over the *upper tail* of
+each feature — how rarely has a value this high been seen — on log-spaced bins, summed
+over the features and normalised by ``log(n + 2)`` so the score scale does not drift as
+the model sees more data. Measured on the generated city (20,000 cards, 7 days, seeds
+1-3, per-event labels) it gives ROC AUC 0.89-0.91 against 0.82-0.86 for
+``MinMaxScaler | HalfSpaceTrees`` on the same features, costs a third as much, and
+explains itself: each feature's term is its share of the score. The direction-free
+features (``hour``, ``fund_share``, ``n_lines``) are computed and kept in the alert's
+metrics, but not scored by default: as two-sided rarities they lowered ROC AUC by 0.01-0.02.
+
+Determinism. One model per (run, input partition); within a partition the order of
+events is fixed, the feature windows do not depend on other partitions (see
+:mod:`detectors._features`) and nothing is random, so the same replay gives the same
+scores and the same alerts however the partitions interleave in the fetched batches.
+
+State. Each model is checkpointed (pickle, checked on load against a whitelist of
+classes) to ``cw:{run}:ml_outlier:model:p{partition}`` every ``checkpoint_every``
+settlements of its partition, written with the next batch's Redis round trip, and
+restored on first use; a worker also adopts a newer checkpoint written by another worker
+after a rebalance. A run without checkpoints of its own starts from the named
+``snapshot`` (saved with :func:`save_snapshot`) when configured, else fresh. Only the
+first delivery of an event is learned from (the feature script reports redeliveries),
+so a redelivered batch never trains twice; after a crash, what the model learned since
+its last checkpoint is lost (at most ``checkpoint_every`` settlements plus one batch).
+
+>>> MlOutlier(target_alert_rate=0.001, checkpoint_every=5000)
+MlOutlier(target_alert_rate=0.001, warmup_events=200, checkpoint_every=5000, checkpoint_ttl_s=2592000, bins_per_unit=3.0, forget_every=200000, learn_every=1, top_features=3, snapshot=None)
+>>> MlOutlier(target_alert_rate=0.7)
+Traceback (most recent call last):
+...
+ValueError: ml_outlier: target_alert_rate must be a number in (0, 0.5), got 0.7
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import pickle
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+from river import anomaly, base
+
+from alerts.model import Alert, alert_id, now_iso, severity_for
+from detectors import _features as F
+from detectors.base import Detector, Namespace, check_positive
+from detectors.drugs import EMPTY, DrugList
+from stream.events import Settlement, iso
+
+log = logging.getLogger("claimwatch.ml_outlier")
+
+#: features with a direction (more is more suspicious): the ones the model scores by default
+DEFAULT_MODEL_FEATURES: tuple[str, ...] = tuple(f for f in F.FEATURES if f not in ("hour", "fund_share", "n_lines"))
+CHECKPOINT_MAGIC = b"cw-ml1"
+_PERCENT = {"resale_share", "fund_share"}
+
+
+class TailHBOS(base.AnomalyDetector):
+    """Online upper-tail histogram outlier score (see the module docstring); high = anomalous.
+
+    Values are binned on ``floor(log1p(v) * bins_per_unit)`` (negative values fall in bin 0).
+    For each feature, the term is ``log((n + 1) / (m + 1)) / log(n + 2)`` where ``m`` is how
+    many of the ``n`` learned values fell in this value's bin or above: 0 for a value at
+    the bottom, close to 1 for one never seen this high. Every ``forget_every`` learned events all counts are halved, so
+    the model follows drift with a half-life of that many events.
+
+    >>> m = TailHBOS()
+    >>> for k in range(100):
+    ...     m.learn_one({"a": k % 3, "b": 1.0})
+    >>> m.score_one({"a": 1, "b": 1.0}) < 0.2 < 1.5 < m.score_one({"a": 50, "b": 9.0})
+    True
+    >>> {k: round(v, 2) for k, v in m.contributions({"a": 50, "b": 1.0}).items()}
+    {'a': 1.0, 'b': 0.0}
+    """
+
+    MAX_BINS = 64
+
+    def __init__(self, bins_per_unit: float = 3.0, forget_every: int = 200_000):
+        self.bins_per_unit = bins_per_unit
+        self.forget_every = forget_every
+        self._counts: dict[str, list[float]] = {}
+        self._n = 0.0
+        self._learned = 0
+
+    def _bin(self, v: float) -> int:
+        if not v > 0:  # also NaN
+            return 0
+        b = int(math.log1p(v) * self.bins_per_unit)
+        return b if b < self.MAX_BINS else self.MAX_BINS - 1
+
+    def learn_one(self, x: dict) -> None:
+        counts = self._counts
+        for k, v in x.items():
+            b = self._bin(v)
+            c = counts.get(k)
+            if c is None:
+                c = counts[k] = []
+            if b >= len(c):
+                c.extend([0.0] * (b + 1 - len(c)))
+            c[b] += 1.0
+        self._n += 1.0
+        self._learned += 1
+        if self._learned % self.forget_every == 0:
+            for k, c in counts.items():
+                counts[k] = [v / 2 for v in c]
+            self._n /= 2
+
+    def contributions(self, x: dict) -> dict[str, float]:
+        """Each feature's term of the score (0 = common value … 1 = never seen this high)."""
+        ln, norm = math.log(self._n + 1), math.log(self._n + 2)
+        out = {}
+        for k, v in x.items():
+            c = self._counts.get(k)
+            b = self._bin(v)
+            m = sum(c[b:]) if c else 0.0
+            out[k] = round((ln - math.log(m + 1)) / norm, 6)
+        return out
+
+    def score_one(self, x: dict) -> float:
+        ln, norm = math.log(self._n + 1), math.log(self._n + 2)
+        log = math.log
+        bin_ = self._bin
+        counts = self._counts
+        s = 0.0
+        for k, v in x.items():
+            c = counts.get(k)
+            s += ln - log((sum(c[bin_(v):]) if c else 0.0) + 1)
+        return s / norm
+
+
+class PartitionModel:
+    """The model of one (run, input partition): a :class:`TailHBOS` inside a QuantileFilter, and counters."""
+
+    def __init__(self, q: float, bins_per_unit: float, forget_every: int) -> None:
+        self.filter = anomaly.QuantileFilter(TailHBOS(bins_per_unit, forget_every), q=q,
+                                             protect_anomaly_detector=True)
+        self.seen = 0          # first deliveries scored
+        self.learned = 0       # of which learned from
+        self.flagged = 0
+        self.since_checkpoint = 0
+
+    @property
+    def detector(self) -> TailHBOS:
+        return self.filter.anomaly_detector
+
+    def threshold(self) -> float:
+        q = self.filter.quantile.get()
+        return math.inf if q is None else q
+
+
+_SAFE_BUILTINS = {"dict", "list", "tuple", "set", "frozenset", "float", "int", "bool", "str", "bytes", "object",
+                  "complex", "bytearray", "slice", "range"}
+
+
+class _Unpickler(pickle.Unpickler):
+    """Loads checkpoints only: river, this module, plain containers; anything else is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module == "builtins" and name in _SAFE_BUILTINS) or module == __name__ \
+                or (module == "collections" and name in ("defaultdict", "OrderedDict", "deque", "Counter")) \
+                or module.startswith("river.") or module == "copyreg" and name == "_reconstructor":
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"checkpoint refers to {module}.{name}, which a model checkpoint never holds")
+
+
+def dump_model(m: PartitionModel, config: str) -> bytes:
+    """Checkpoint bytes: ``cw-ml1 {config} {seen}\\n`` + pickle (the header is read without unpickling)."""
+    return b"%s %s %d\n" % (CHECKPOINT_MAGIC, config.encode(), m.seen) + pickle.dumps(m, protocol=5)
+
+
+def _header(blob: bytes | None) -> tuple[str, int] | None:
+    if not blob or not blob.startswith(CHECKPOINT_MAGIC + b" "):
+        return None
+    head = blob[:blob.find(b"\n")].split(b" ")
+    if len(head) != 3:
+        return None
+    try:
+        return head[1].decode(), int(head[2])
+    except ValueError:
+        return None
+
+
+def load_model(blob: bytes) -> PartitionModel:
+    m = _Unpickler(io.BytesIO(blob[blob.find(b"\n") + 1:])).load()
+    if not isinstance(m, PartitionModel):
+        raise pickle.UnpicklingError(f"checkpoint holds a {type(m).__name__}, not a PartitionModel")
+    return m
+
+
+def model_key(run_id: str, partition: int) -> str:
+    return f"cw:{run_id}:ml_outlier:model:p{partition}"
+
+
+def snapshot_key(name: str, partition: int) -> str:
+    return f"cw:snapshots:ml_outlier:{name}:p{partition}"
+
+
+async def save_snapshot(redis: Any, run_id: str, name: str) -> int:
+    """Copy the run's model checkpoints to the named snapshot (no expiry); return how many partitions."""
+    n = 0
+    async for key in redis.scan_iter(match=model_key(run_id, 0)[:-1] + "*"):
+        k = key.decode() if isinstance(key, bytes) else key
+        part = int(k.rsplit(":p", 1)[1])
+        blob = await redis.get(k)
+        if blob:
+            await redis.set(snapshot_key(name, part), blob)
+            n += 1
+    return n
+
+
+def _fmt(name: str, v: float) -> str:
+    if name in _PERCENT:
+        return f"{v * 100:.0f}%"
+    if name == "amount_cny":
+        return f"¥{v:,.2f}"
+    if name == "hour":
+        return f"{int(v):02d}:{int(round((v % 1) * 60)) % 60:02d}"
+    return f"{v:g}"
+
+
+class MlOutlier(Detector):
+    """Online outlier model over settlement features (see the module docstring)."""
+
+    rule = "ml_outlier"
+    subject_type = "card"
+    scripts = (F.LUA,)
+
+    def __init__(self, *, target_alert_rate: float = 0.001, warmup_events: int = 200, checkpoint_every: int = 5000,
+                 checkpoint_ttl_s: int = 30 * 86400, bins_per_unit: float = 3.0, forget_every: int = 200_000,
+                 learn_every: int = 1, top_features: int = 3, snapshot: str | None = None,
+                 features: Sequence[str] | None = None, resale_prone: DrugList = EMPTY, lateness_s: int = 3600,
+                 lang: str = "zh", version: str = "") -> None:
+        super().__init__(lateness_s=lateness_s, lang=lang, version=version)
+        r = "ml_outlier"
+        if isinstance(target_alert_rate, bool) or not isinstance(target_alert_rate, (int, float)) \
+                or not 0 < target_alert_rate < 0.5:
+            raise ValueError(f"{r}: target_alert_rate must be a number in (0, 0.5), got {target_alert_rate!r}")
+        if isinstance(warmup_events, bool) or not isinstance(warmup_events, int) or warmup_events < 0:
+            raise ValueError(f"{r}: warmup_events must be a non-negative integer, got {warmup_events!r}")
+        for name, v in (("checkpoint_every", checkpoint_every), ("checkpoint_ttl_s", checkpoint_ttl_s),
+                        ("forget_every", forget_every), ("learn_every", learn_every)):
+            check_positive(r, name, v, integer=True)
+        check_positive(r, "bins_per_unit", bins_per_unit)
+        if isinstance(top_features, bool) or not isinstance(top_features, int) or not 1 <= top_features <= 5:
+            raise ValueError(f"{r}: top_features must be an integer from 1 to 5, got {top_features!r}")
+        if snapshot is not None and (not isinstance(snapshot, str) or not snapshot or ":" in snapshot
+                                     or len(snapshot) > 64):
+            raise ValueError(f"{r}: snapshot must be a name (1-64 characters, no ':') or null, got {snapshot!r}")
+        if features is None:
+            feats = DEFAULT_MODEL_FEATURES
+        else:
+            if isinstance(features, str) or not isinstance(features, (list, tuple)) or not features:
+                raise ValueError(f"{r}: features must be a non-empty list of feature names, got {features!r}")
+            unknown = [f for f in features if f not in F.FEATURES]
+            if unknown:
+                raise ValueError(f"{r}: features has unknown name(s) {unknown}; known: {', '.join(F.FEATURES)}")
+            feats = tuple(dict.fromkeys(features))
+        self.target_alert_rate = float(target_alert_rate)
+        self.warmup_events = warmup_events
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_ttl_s = checkpoint_ttl_s
+        self.bins_per_unit = float(bins_per_unit)
+        self.forget_every = forget_every
+        self.learn_every = learn_every
+        self.top_features = top_features
+        self.snapshot = snapshot
+        self.features = feats
+        self.resale = resale_prone
+        #: hash of what a checkpoint must agree with to be restored
+        self.model_config = hashlib.sha256(repr((self.target_alert_rate, self.bins_per_unit, self.forget_every,
+                                                 self.features)).encode()).hexdigest()[:12]
+        self._sha = self.sha(F.LUA)
+        self._models: dict[tuple[str, int], PartitionModel] = {}
+        self._pending: dict[str, dict[str, bytes]] = {}     # run -> key -> checkpoint not yet written
+        self._layout: dict[int, tuple[dict[str, bytes], list[int]]] = {}
+        #: called as ``score_sink(event, score, features)`` for every scored settlement (evaluation, tests)
+        self.score_sink: Callable[[Settlement, float, dict[str, float]], None] | None = None
+        #: wall time spent in this detector's Python (queue + collect) and the settlements it covered
+        self.cost = {"python_s": 0.0, "events": 0}
+
+    def params(self) -> dict[str, Any]:
+        p: dict[str, Any] = {"target_alert_rate": self.target_alert_rate, "warmup_events": self.warmup_events,
+                             "checkpoint_every": self.checkpoint_every, "checkpoint_ttl_s": self.checkpoint_ttl_s,
+                             "bins_per_unit": self.bins_per_unit, "forget_every": self.forget_every,
+                             "learn_every": self.learn_every, "top_features": self.top_features,
+                             "snapshot": self.snapshot}
+        if self.features != DEFAULT_MODEL_FEATURES:
+            p["features"] = list(self.features)
+        return p
+
+    # -- models -----------------------------------------------------------------------------
+    def _fresh(self) -> PartitionModel:
+        return PartitionModel(1.0 - self.target_alert_rate, self.bins_per_unit, self.forget_every)
+
+    def _sync(self, run: str, part: int, blob: bytes | None, snap: bytes | None) -> PartitionModel:
+        """Use the in-memory model unless Redis holds a newer one (restart, rebalance)."""
+        mem = self._models.get((run, part))
+        for source, b in (("checkpoint", blob), ("snapshot", snap)):
+            h = _header(b)
+            if h is None:
+                continue
+            cfg, seen = h
+            if cfg != self.model_config:
+                log.warning("ml_outlier: %s of %s p%d is for another model configuration; not used", source, run, part)
+                continue
+            if mem is not None and (source == "snapshot" or seen <= mem.seen):
+                break
+            try:
+                mem = load_model(b)  # type: ignore[arg-type]
+                log.info("ml_outlier: model of %s p%d restored from its %s (%d settlements)", run, part, source, seen)
+                break
+            except Exception as exc:  # a bad checkpoint never stops the stream: start over
+                log.error("ml_outlier: %s of %s p%d unreadable (%s); starting fresh", source, run, part, exc)
+        if mem is None:
+            mem = self._fresh()
+        self._models[(run, part)] = mem
+        return mem
+
+    def checkpoint(self, run: str, part: int) -> bytes:
+        """Checkpoint bytes of one in-memory model (also queued for the next round trip)."""
+        m = self._models[(run, part)]
+        blob = dump_model(m, self.model_config)
+        m.since_checkpoint = 0
+        self._pending.setdefault(run, {})[model_key(run, part)] = blob
+        return blob
+
+    async def save_checkpoints(self, redis: Any, run_id: str | None = None) -> int:
+        """Write every in-memory model (of one run, or all) now: for shutdown and tests."""
+        n = 0
+        for (run, part) in list(self._models):
+            if run_id is None or run == run_id:
+                self.checkpoint(run, part)
+        for run in list(self._pending):
+            if run_id is not None and run != run_id:
+                continue
+            for key, blob in self._pending.pop(run).items():
+                await redis.set(key, blob, ex=self.checkpoint_ttl_s)
+                n += 1
+        return n
+
+    def model(self, run: str, part: int) -> PartitionModel | None:
+        return self._models.get((run, part))
+
+    # -- the Detector contract ----------------------------------------------------------------
+    def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
+        if not events:
+            return 0
+        t0 = time.perf_counter()
+        pending = dict(self._pending.get(ns.run_id, {}))
+        for key, blob in pending.items():
+            pipe.set(key, blob, ex=self.checkpoint_ttl_s)
+        parts = sorted({ev.partition for ev in events})
+        for p in parts:
+            pipe.get(model_key(ns.run_id, p))
+            if self.snapshot and (ns.run_id, p) not in self._models:
+                pipe.get(snapshot_key(self.snapshot, p))
+        n = len(pending) + len(parts) + sum(1 for p in parts if self.snapshot and (ns.run_id, p) not in self._models)
+        F.queue_windows(pipe, self._sha, events, self.key(ns), lateness_s=self.lateness_s)
+        if len(self._layout) > 64:  # batches that failed before collect
+            self._layout.clear()
+        self._layout[id(events)] = (pending, parts)
+        self.cost["python_s"] += time.perf_counter() - t0
+        return n + 1
+
+    def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:
+        if not events:
+            return []
+        t0 = time.perf_counter()
+        run = ns.run_id
+        pending, parts = self._layout.pop(id(events))
+        written = self._pending.get(run)
+        if written:
+            for key, blob in pending.items():
+                if written.get(key) is blob:
+                    del written[key]
+        i = len(pending)
+        models: dict[int, PartitionModel] = {}
+        for p in parts:
+            blob = replies[i]
+            i += 1
+            snap = None
+            if self.snapshot and (run, p) not in self._models:
+                snap = replies[i]
+                i += 1
+            models[p] = self._sync(run, p, blob, snap)
+        windows = replies[i]
+        flagged: list[tuple[Settlement, float, float, dict[str, float], dict[str, float]]] = []
+        feats = self.features
+        resale = self.resale
+        sink = self.score_sink
+        from_reply = F.Window.from_reply
+        featurize = F.features
+        for ev, r in zip(events, windows):
+            w = from_reply(r)
+            x = featurize(ev, w, resale)
+            m = models[ev.partition]
+            xm = {k: x[k] for k in feats}
+            det = m.filter.anomaly_detector
+            score = det.score_one(xm)
+            thr = m.threshold()
+            hit = m.seen >= self.warmup_events and score >= thr
+            if w.new:
+                m.seen += 1
+                if not hit and m.seen % self.learn_every == 0:
+                    det.learn_one(xm)
+                    m.learned += 1
+                m.filter.quantile.update(score)
+                m.since_checkpoint += 1
+                m.flagged += hit
+            if sink is not None:
+                sink(ev, score, x)
+            if hit:
+                flagged.append((ev, score, thr, x, det.contributions(xm)))
+        for p, m in models.items():
+            if m.since_checkpoint >= self.checkpoint_every:
+                self.checkpoint(run, p)
+        alerts = self._alerts(ns, flagged)
+        self.cost["python_s"] += time.perf_counter() - t0
+        self.cost["events"] += len(events)
+        return alerts
+
+    # -- alerts -----------------------------------------------------------------------------
+    def _alerts(self, ns: Namespace, flagged: Iterable[tuple]) -> list[Alert]:
+        """One alert per card and local day; later flagged settlements of that day extend it."""
+        out: dict[str, Alert] = {}
+        for ev, score, thr, x, contrib in flagged:
+            day = F.local_day(ev.ts)
+            aid = alert_id(ns.run_id, self.rule, "card", ev.card_id, "86400", str(day))
+            top = sorted(contrib.items(), key=lambda kv: (-kv[1], kv[0]))[: self.top_features]
+            zh_terms = "、".join(f"{F.FEATURES[k][0]} {_fmt(k, x[k])}" for k, _ in top)
+            en_terms = ", ".join(f"{F.FEATURES[k][1]} {_fmt(k, x[k])}" for k, _ in top)
+            zh = f"卡 {ev.card_id} 的结算 {ev.event_id} 异常度 {score:.2f}（阈值 {thr:.2f}），主要因素：{zh_terms}"
+            en = (f"Card {ev.card_id} settlement {ev.event_id} is an outlier (score {score:.2f}, threshold "
+                  f"{thr:.2f}); driven by {en_terms}")
+            t = iso(ev.ts)
+            ids = [ev.event_id]
+            start = end = t
+            prev = out.get(aid)
+            if prev is not None:
+                ids = list(dict.fromkeys(prev.evidence_event_ids + ids))
+                start, end = min(prev.window_start, t), max(prev.window_end, t)
+            out[aid] = Alert(
+                alert_id=aid, rule=self.rule, rule_version=self.version,
+                severity=severity_for(score / thr if thr > 0 else 1.0), score=round(score, 4),
+                subject_type="card", subject_id=ev.card_id, window_start=start, window_end=end,
+                evidence_event_ids=ids, run_id=ns.run_id, summary=zh if self.lang == "zh" else en, summary_en=en,
+                detected_at=now_iso(), window_s=86400,
+                metrics={"score": round(score, 4), "threshold": round(thr, 4), "partition": ev.partition,
+                         "event_id": ev.event_id,
+                         "top_features": [{"name": k, "value": x[k], "contribution": round(c, 4)} for k, c in top],
+                         "features": x},
+            )
+        return list(out.values())

@@ -1,0 +1,324 @@
+"""``overdispensing``: one card dispensed far more days of a drug than the days that passed (超量配药).
+
+Inspectors hunt cards that collect the same drug (same code, or the same active ingredient
+by the first ``ingredient_prefix_len`` characters of the national drug code, 通用名 level)
+again and again, at one or many designated institutions, long before the previous supply
+could have been used up: 重复配药 / 超量开药, typically to resell resale-prone drugs. For
+each take-home drug line (``days_supply`` > 0; inpatient bills are skipped, those drugs are
+administered on the ward) the rule looks back over ``window_s`` of event time at the card's
+fills of that ingredient and fires on a repeated pattern, never on one prescription: (a) at
+least ``min_fills`` fills, the supply dispensed before the latest one more than
+``max_supply_ratio`` times the days elapsed since the first fill of the window (at least one
+day) *and* at least ``min_excess_days`` days of it not yet usable; or (b) at least
+``min_early_refills`` early refills in the window, a refill being early when less than
+``early_refill_share`` of the previous fill's supply had elapsed and at least
+``early_refill_min_left_days`` of it were left (short courses such as antipyretics never
+count). One approved long prescription (长处方, 60-90 days in one fill) never fires on its
+own, nor does one duplicate prescription (the same drug again at a same-day referral: that
+is prescription review's 重复开药); two overlapping monthly refills a few days early leave far
+less than ``min_excess_days`` unused. The default ratio, 4, is above what a legitimate patient
+can reach in a month (one 12-week 长处方 plus one 4-week refill from a second prescriber: 112
+days over 28 or more); slower but steady stockpiling (2-4x) is what the early-refill count
+catches. Alerts on resale-prone drugs (``resale_prone_drugs`` in ``configs/rules.yaml``)
+are raised ``resale_prone_severity_step`` severity levels: a lower threshold for them would
+flag ordinary chronic patients whose packages round a month up to 56 days. One alert per
+card and episode (later fills extend it).
+
+State per card (Redis, all keys expire after ``window_s`` + lateness):
+
+* ``cw:{run}:overdispensing:{window_s}:{card}`` — sorted set of fills, member
+  ``ingredient\\tdays\\tevent_id\\tinstitution``, score = event time (a redelivered event
+  re-adds the same members: idempotent on ``event_id``);
+* ``…:ep`` — the open episode (``start``, ``last``); ``…:ev`` — its evidence.
+
+>>> Overdispensing(window_s=2592000, max_supply_ratio=4.0, min_excess_days=30)  # doctest: +ELLIPSIS
+Overdispensing(window_s=2592000, ingredient_prefix_len=10, max_supply_ratio=4.0, min_excess_days=30, ...)
+>>> Overdispensing(window_s=0)
+Traceback (most recent call last):
+...
+ValueError: overdispensing: window_s must be a positive integer, got 0
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from alerts.model import SEVERITIES, Alert, alert_id, now_iso, severity_for
+from detectors.base import Detector, Namespace, check_positive
+from detectors.card_hopping import window_label
+from detectors.drugs import EMPTY, DrugList, ingredient_key, is_placeholder
+from stream.events import Settlement, iso
+
+LUA = r"""
+-- ARGV: W, lateness, ttl, max_ratio, min_excess_days, early_share, min_early, min_left_days, min_fills,
+--       then per event: index, t, event_id, institution, nlines, {ingredient, days} * nlines
+-- KEYS: {fills zset, episode hash, evidence zset} per event
+-- returns only the events that fired: {index, episode start, evidence (id, time)*, fired lines}
+local W = tonumber(ARGV[1]); local lateness = tonumber(ARGV[2]); local ttl = tonumber(ARGV[3])
+local maxr = tonumber(ARGV[4]); local min_excess = tonumber(ARGV[5]); local share = tonumber(ARGV[6])
+local min_early = tonumber(ARGV[7]); local min_left = tonumber(ARGV[8]); local min_fills = tonumber(ARGV[9])
+local out = {}
+local a = 10
+local k = 1
+while a <= #ARGV do
+  local idx = ARGV[a]
+  local t = tonumber(ARGV[a + 1]); local eid = ARGV[a + 2]; local inst = ARGV[a + 3]; local nl = tonumber(ARGV[a + 4])
+  a = a + 5
+  local zk, ek, vk = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+  k = k + 3
+  local lines = {}
+  local zargs = {}
+  for j = 1, nl do
+    local ing, days = ARGV[a], tonumber(ARGV[a + 1])
+    a = a + 2
+    lines[j] = {ing, days}
+    zargs[#zargs + 1] = t
+    zargs[#zargs + 1] = ing .. '\t' .. days .. '\t' .. eid .. '\t' .. inst
+  end
+  redis.call('ZADD', zk, unpack(zargs))
+  local top = redis.call('ZRANGE', zk, -1, -1, 'WITHSCORES')
+  redis.call('ZREMRANGEBYSCORE', zk, '-inf', '(' .. tostring(tonumber(top[2]) - W - lateness))
+  redis.call('EXPIRE', zk, ttl)
+  local members = redis.call('ZRANGEBYSCORE', zk, t - W, t, 'WITHSCORES')
+  -- fills of each of this event's ingredients, up to and including this event, by (time, event id)
+  local want = {}
+  for j = 1, nl do want[lines[j][1]] = {} end
+  for m = 1, #members, 2 do
+    local s = members[m]
+    local p1 = string.find(s, '\t', 1, true)
+    local ing = string.sub(s, 1, p1 - 1)
+    local lst = want[ing]
+    if lst then
+      local p2 = string.find(s, '\t', p1 + 1, true)
+      local p3 = string.find(s, '\t', p2 + 1, true)
+      lst[#lst + 1] = {tonumber(members[m + 1]), string.sub(s, p2 + 1, p3 - 1),
+                       tonumber(string.sub(s, p1 + 1, p2 - 1)), string.sub(s, p3 + 1)}
+    end
+  end
+  local fired = {}
+  local evid = {}
+  for j = 1, nl do
+    local ing = lines[j][1]
+    local lst = want[ing]
+    table.sort(lst, function(x, y) if x[1] ~= y[1] then return x[1] < y[1] end return x[2] < y[2] end)
+    local n = 0
+    for m = 1, #lst do
+      n = m
+      if lst[m][2] == eid then break end
+    end
+    if n >= 2 then
+      local prior = 0
+      local early = 0
+      local insts = {}
+      local ninst = 0
+      for m = 1, n do
+        if m < n then prior = prior + lst[m][3] end
+        if m > 1 then
+          local gap = (lst[m][1] - lst[m - 1][1]) / 86400
+          if gap < share * lst[m - 1][3] and lst[m - 1][3] - gap >= min_left then early = early + 1 end
+        end
+        if not insts[lst[m][4]] then insts[lst[m][4]] = true; ninst = ninst + 1 end
+      end
+      local elapsed = (t - lst[1][1]) / 86400
+      local covered = elapsed
+      if covered < 1 then covered = 1 end
+      local excess = prior - elapsed
+      local by_supply = (n >= min_fills) and (prior > maxr * covered) and (excess >= min_excess)
+      local by_early = early >= min_early
+      if by_supply or by_early then
+        fired[#fired + 1] = {j, n, prior, tostring(t - lst[1][1]), lst[n][3], early, ninst,
+                             by_supply and 1 or 0, by_early and 1 or 0}
+        for m = 1, n do evid[#evid + 1] = lst[m][1]; evid[#evid + 1] = lst[m][2] end
+      end
+    end
+  end
+  if #fired > 0 then
+    local ep = redis.call('HMGET', ek, 'start', 'last')
+    local start = tonumber(ep[1])
+    local last = tonumber(ep[2])
+    if start and (t - last) <= W and t >= start - W then
+      if t > last then redis.call('HSET', ek, 'last', t) end
+    else
+      start = t
+      redis.call('HSET', ek, 'start', t, 'last', t)
+      redis.call('DEL', vk)
+    end
+    redis.call('ZADD', vk, unpack(evid))
+    redis.call('EXPIRE', ek, ttl)
+    redis.call('EXPIRE', vk, ttl)
+    out[#out + 1] = {idx, tostring(start), redis.call('ZRANGE', vk, 0, -1, 'WITHSCORES'), fired}
+  end
+end
+return out
+"""
+
+
+def _fmt_days(d: float) -> str:
+    """Days with one decimal below 10, whole days above: ``2.5`` / ``31``."""
+    return f"{d:.1f}".rstrip("0").rstrip(".") if d < 10 else f"{d:.0f}"
+
+
+class Overdispensing(Detector):
+    """Days of supply dispensed vs days elapsed, per card and active ingredient (see module docstring)."""
+
+    rule = "overdispensing"
+    subject_type = "card"
+    scripts = (LUA,)
+
+    def __init__(self, window_s: int = 2592000, *, ingredient_prefix_len: int = 10, max_supply_ratio: float = 4.0,
+                 min_excess_days: float = 30, min_fills: int = 3, early_refill_share: float = 0.5,
+                 early_refill_min_left_days: float = 7, min_early_refills: int = 2,
+                 resale_prone_severity_step: int = 1,
+                 resale_prone: DrugList = EMPTY, lateness_s: int = 3600, lang: str = "zh",
+                 version: str = "") -> None:
+        super().__init__(lateness_s=lateness_s, lang=lang, version=version)
+        r = self.rule
+        check_positive(r, "window_s", window_s, integer=True)
+        if isinstance(ingredient_prefix_len, bool) or not isinstance(ingredient_prefix_len, int) \
+                or ingredient_prefix_len < 0:
+            raise ValueError(f"{r}: ingredient_prefix_len must be a non-negative integer (0 = whole code), "
+                             f"got {ingredient_prefix_len!r}")
+        check_positive(r, "max_supply_ratio", max_supply_ratio)
+        if max_supply_ratio < 1:
+            raise ValueError(f"{r}: max_supply_ratio must be >= 1 (supply beyond the days elapsed), "
+                             f"got {max_supply_ratio!r}")
+        check_positive(r, "min_excess_days", min_excess_days)
+        check_positive(r, "min_fills", min_fills, integer=True)
+        if min_fills < 2:
+            raise ValueError(f"{r}: min_fills must be >= 2 (a first fill and a refill), got {min_fills}")
+        check_positive(r, "early_refill_share", early_refill_share)
+        if early_refill_share >= 1:
+            raise ValueError(f"{r}: early_refill_share must be below 1, got {early_refill_share!r}")
+        if isinstance(early_refill_min_left_days, bool) or not isinstance(early_refill_min_left_days, (int, float)) \
+                or early_refill_min_left_days < 0:
+            raise ValueError(f"{r}: early_refill_min_left_days must be a non-negative number, "
+                             f"got {early_refill_min_left_days!r}")
+        check_positive(r, "min_early_refills", min_early_refills, integer=True)
+        if isinstance(resale_prone_severity_step, bool) or not isinstance(resale_prone_severity_step, int) \
+                or not 0 <= resale_prone_severity_step <= 3:
+            raise ValueError(f"{r}: resale_prone_severity_step must be an integer from 0 to 3, "
+                             f"got {resale_prone_severity_step!r}")
+        if not isinstance(resale_prone, DrugList):
+            raise ValueError(f"{r}: resale_prone must be a DrugList, got {type(resale_prone).__name__}")
+        self.window_s = window_s
+        self.ingredient_prefix_len = ingredient_prefix_len
+        self.max_supply_ratio = float(max_supply_ratio)
+        self.min_excess_days = min_excess_days
+        self.early_refill_share = float(early_refill_share)
+        self.min_early_refills = min_early_refills
+        self.early_refill_min_left_days = early_refill_min_left_days
+        self.min_fills = min_fills
+        self.resale_prone_severity_step = resale_prone_severity_step
+        self.resale_prone = resale_prone
+        self._sha = self.sha(LUA)
+
+    def params(self) -> dict[str, Any]:
+        return {"window_s": self.window_s, "ingredient_prefix_len": self.ingredient_prefix_len,
+                "max_supply_ratio": self.max_supply_ratio, "min_excess_days": self.min_excess_days,
+                "min_fills": self.min_fills, "early_refill_share": self.early_refill_share,
+                "early_refill_min_left_days": self.early_refill_min_left_days,
+                "min_early_refills": self.min_early_refills,
+                "resale_prone_severity_step": self.resale_prone_severity_step, "lateness_s": self.lateness_s}
+
+    # -- lines --------------------------------------------------------------------------
+    def _lines(self, ev: Settlement) -> list[tuple[str, int, str, str, bool]]:
+        """Take-home drug lines of one event, summed per ingredient: (ingredient, days, code, name, resale)."""
+        if ev.visit_type == "inpatient" or is_placeholder(ev.card_id):
+            return []
+        agg: dict[str, list[Any]] = {}
+        for it in ev.items:
+            if it.category != "drug" or not it.days_supply or is_placeholder(it.code):
+                continue
+            ing = ingredient_key(it.code.strip().upper(), self.ingredient_prefix_len)
+            resale = self.resale_prone.matches(it.code, it.name)
+            cur = agg.get(ing)
+            if cur is None:
+                agg[ing] = [it.days_supply, resale, it.code, it.name or it.code]
+            else:
+                cur[0] += it.days_supply
+                cur[1] = cur[1] or resale
+        return [(ing, d, code, name, rs) for ing, (d, rs, code, name) in agg.items()]
+
+    def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
+        ttl = self.window_s + self.lateness_s
+        argv: list[Any] = [self.window_s, self.lateness_s, ttl, self.max_supply_ratio, self.min_excess_days,
+                           self.early_refill_share, self.min_early_refills, self.early_refill_min_left_days,
+                           self.min_fills]
+        keys: list[str] = []
+        for i, ev in enumerate(events):
+            lines = self._lines(ev)
+            if not lines:
+                continue
+            argv += [i, repr(ev.ts), ev.event_id, ev.institution_id, len(lines)]
+            for ing, days, *_ in lines:
+                argv += [ing, days]
+            base = self.key(ns, self.window_s, ev.card_id)
+            keys += [base, base + ":ep", base + ":ev"]
+        if not keys:
+            return 0
+        pipe.evalsha(self._sha, len(keys), *keys, *argv)
+        return 1
+
+    def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:
+        if not replies:
+            return []
+        out: dict[str, Alert] = {}
+        for idx, start, flat, fired in replies[0]:
+            ev = events[int(idx)]
+            lines = self._lines(ev)
+            ids = [x.decode() if isinstance(x, bytes) else x for x in flat[0::2]]
+            times = [float(x) for x in flat[1::2]]
+            best = None
+            for f in fired:
+                j, n, prior, elapsed_s, last_days, early, ninst, by_supply, by_early = (
+                    int(f[0]), int(f[1]), int(f[2]), float(f[3]), int(f[4]), int(f[5]), int(f[6]), int(f[7]), int(f[8]))
+                ing, _, code, name, resale = lines[j - 1]
+                maxr = self.max_supply_ratio
+                elapsed = elapsed_s / 86400
+                ratio = prior / max(elapsed, 1.0)
+                excess = prior - elapsed
+                score = 0.0
+                if by_supply:
+                    score = min(ratio / maxr, excess / self.min_excess_days)
+                if by_early:
+                    score = max(score, early / self.min_early_refills)
+                cand = dict(ingredient=ing, code=code, name=name, resale_prone=resale, fills=n, prior_days=prior,
+                            supply_days=prior + last_days, elapsed_days=round(elapsed, 2), supply_ratio=round(ratio, 2),
+                            excess_days=round(excess, 1), early_refills=early, institutions=ninst,
+                            criteria=[c for c, on in (("supply_ratio", by_supply), ("early_refill", by_early)) if on],
+                            max_supply_ratio=maxr, score=round(score, 4))
+                if best is None or cand["score"] > best["score"]:
+                    best = cand
+            a = self._alert(ns, ev.card_id, float(start), best, ids, times)
+            out[a.alert_id] = a
+        return list(out.values())
+
+    def _alert(self, ns: Namespace, card: str, start: float, m: dict[str, Any], ids: list[str],
+               times: list[float]) -> Alert:
+        ws = self.window_s
+        sev = severity_for(m["score"])
+        if m["resale_prone"] and self.resale_prone_severity_step:
+            sev = SEVERITIES[min(len(SEVERITIES) - 1, SEVERITIES.index(sev) + self.resale_prone_severity_step)]
+        el = _fmt_days(m["elapsed_days"])
+        zh = (f"卡 {card} 在 {window_label(ws, 'zh')}内于 {m['institutions']} 家机构 {m['fills']} 次配药 {m['name']} "
+              f"共 {m['supply_days']} 天用量（首次配药后已过 {el} 天，本次前已配 {m['prior_days']} 天用量），"
+              f"超量 {m['supply_ratio']:.1f} 倍")
+        en = (f"Card {card} was dispensed {m['name']} {m['fills']} times at {m['institutions']} institution(s) within "
+              f"{window_label(ws, 'en')}: {m['supply_days']} days of supply ({m['prior_days']} before the latest fill) "
+              f"in {el} days elapsed, {m['supply_ratio']:.1f}x")
+        if m["early_refills"]:
+            zh += f"，其中 {m['early_refills']} 次在上次用量用完 {self.early_refill_share:.0%} 前提前配药"
+            en += f"; {m['early_refills']} refill(s) before {self.early_refill_share:.0%} of the previous supply elapsed"
+        if m["resale_prone"]:
+            zh += "（易倒卖药品）"
+            en += " (resale-prone drug)"
+        metrics = {**m, "window_s": ws, "min_excess_days": self.min_excess_days, "min_fills": self.min_fills,
+                   "early_refill_share": self.early_refill_share, "min_early_refills": self.min_early_refills}
+        return Alert(
+            alert_id=alert_id(ns.run_id, self.rule, "card", card, str(ws), repr(start)),
+            rule=self.rule, rule_version=self.version, severity=sev, score=m["score"],
+            subject_type="card", subject_id=card, member_ids=[card], window_start=iso(min(times)),
+            window_end=iso(max(times)), evidence_event_ids=ids, run_id=ns.run_id,
+            summary=zh if self.lang == "zh" else en, summary_en=en, detected_at=now_iso(), window_s=ws,
+            metrics=metrics,
+        )

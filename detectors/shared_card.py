@@ -1,0 +1,493 @@
+"""``shared_card``: signs that more than one person settles with one card (冒用/出借医保卡).
+
+Inspectors look for a card that is in two places at once: (a) *impossible travel*, two
+settlements in districts further apart than anyone can travel in the time between them
+(district centroids from the configured table, haversine distance, ``max_speed_kmh``
+door to door, ``slack_s`` for settlement clocks; pairs closer than ``min_distance_km`` or
+in neighbouring districts never count, since centroids of big districts such as 浦东 say
+little about where in the district the institution is); (b) outpatient or pharmacy
+settlements at *another* institution while the card's inpatient stay is open (住院期间
+门诊/购药: from ``admitted_at`` + ``stay_grace_s`` until the discharge event closes the
+stay; the inpatient institution's own events are fine); (c) a *child's card* (age below
+``child_max_age`` from ``birth_year``, or category ``child`` when the birth year is
+missing) buying drugs that are not used in children: ``adult_drugs`` (statins,
+antiplatelets, oral anticoagulants — not insulin, which children with type-1 diabetes
+need) or any drug settled under an adult-onset diagnosis in ``adult_diagnoses`` (e.g.
+E11 type-2 diabetes), at least ``min_days_supply`` days of it. One alert per card and
+episode (conflicts within ``episode_s`` of each other); ``metrics.kind`` names the sign(s).
+
+Cards arrive in order (one partition per card), so all state is per card and every
+conflict is found again, identically, when an event is redelivered (Redis, all keys expire):
+
+* ``cw:{run}:shared_card:{history_s}:{card}`` — sorted set of the card's outpatient,
+  emergency and pharmacy settlements of the last ``history_s`` (member
+  ``event_id\\tdistrict\\tvisit\\tinstitution``, score = event time), idempotent on ``event_id``;
+* ``…:stay`` — hash admission_id → its institution, admission, discharge, last bill, first bill;
+  an inpatient event also looks back over the sorted set (settlements before the first bill);
+* ``…:ep`` (episode ``start``/``last``), ``…:ev`` (evidence ids by event time),
+  ``…:dt`` (one field per conflict: which sign and its numbers).
+
+>>> sc = SharedCard(districts={"310151": {"lat": 31.623, "lon": 121.565},
+...                            "310120": {"lat": 30.918, "lon": 121.518}})
+>>> sc
+SharedCard(max_speed_kmh=60, min_distance_km=20, slack_s=600, districts=2, ...)
+>>> round(sc.distance_km("310151", "310120"))
+79
+>>> SharedCard(districts={"310101": {"lat": 31.23, "lon": 121.48}}, max_speed_kmh=0)
+Traceback (most recent call last):
+...
+ValueError: shared_card: max_speed_kmh must be a positive number, got 0
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+from alerts.model import Alert, alert_id, now_iso, severity_for
+from detectors.base import Detector, Namespace, check_positive
+from detectors.drugs import DrugList, is_placeholder
+from stream.events import Settlement, iso
+
+LUA = r"""
+-- ARGV: nd, district codes * nd, required-seconds matrix (nd*nd, comma separated),
+--       horizon, keep, ttl_z, grace, max_stay, ttl_stay, episode, ttl_ep,
+--       then per event: t, event_id, district, visit (o/e/p/i), institution, admission_id,
+--       admitted_at, discharged_at, child detail ('' = not a child's implausible purchase)
+-- KEYS per event: recent zset, stays hash, episode hash, evidence zset, details hash
+local SEP = '\t'
+local function split(s)
+  local out = {}
+  local p = 1
+  while true do
+    local q = string.find(s, SEP, p, true)
+    if not q then out[#out + 1] = string.sub(s, p); return out end
+    out[#out + 1] = string.sub(s, p, q - 1)
+    p = q + 1
+  end
+end
+local a = 1
+local nd = tonumber(ARGV[a]); a = a + 1
+local didx = {}
+for j = 1, nd do didx[ARGV[a]] = j; a = a + 1 end
+local R = {}
+for x in string.gmatch(ARGV[a], '[^,]+') do R[#R + 1] = tonumber(x) end
+a = a + 1
+local horizon = tonumber(ARGV[a]); local keep = tonumber(ARGV[a + 1]); local ttl_z = tonumber(ARGV[a + 2])
+local grace = tonumber(ARGV[a + 3]); local max_stay = tonumber(ARGV[a + 4]); local ttl_stay = tonumber(ARGV[a + 5])
+local E = tonumber(ARGV[a + 6]); local ttl_ep = tonumber(ARGV[a + 7])
+a = a + 8
+local out = {}
+local k = 1
+local i = 0
+while a <= #ARGV do
+  i = i + 1
+  local t = tonumber(ARGV[a]); local eid = ARGV[a + 1]; local dc = ARGV[a + 2]; local v = ARGV[a + 3]
+  local inst = ARGV[a + 4]; local aid = ARGV[a + 5]; local adm = ARGV[a + 6]; local dis = ARGV[a + 7]
+  local child = ARGV[a + 8]
+  a = a + 9
+  local zk, sk, ek, vk, dk = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
+  k = k + 5
+  local found = {}   -- {conflict time, detail field, detail value, eid, t[, eid2, t2]}
+  if v ~= 'i' then
+    redis.call('ZADD', zk, t, eid .. SEP .. dc .. SEP .. v .. SEP .. inst)
+    redis.call('ZREMRANGEBYSCORE', zk, '-inf', '(' .. tostring(t - keep))
+    redis.call('EXPIRE', zk, ttl_z)
+    local di = didx[dc]
+    if di then   -- (a) impossible travel against the card's settlements around t
+      local near = redis.call('ZRANGEBYSCORE', zk, tostring(t - horizon), tostring(t + horizon), 'WITHSCORES')
+      for m = 1, #near, 2 do
+        local f = split(near[m])
+        local dj = didx[f[2]]
+        if f[1] ~= eid and dj and dj ~= di and (inst == '' or f[4] ~= inst) then
+          local r = R[(di - 1) * nd + dj]
+          local t2 = tonumber(near[m + 1])
+          if r > 0 and math.abs(t - t2) < r then
+            local e1, t1, d1, i1, e2, tt2, d2, i2 = eid, t, dc, inst, f[1], t2, f[2], f[4]
+            if t2 < t or (t2 == t and f[1] < eid) then
+              e1, t1, d1, i1, e2, tt2, d2, i2 = f[1], t2, f[2], f[4], eid, t, dc, inst
+            end
+            found[#found + 1] = {math.max(t, t2), 'T' .. SEP .. e1 .. SEP .. e2,
+              d1 .. SEP .. d2 .. SEP .. tostring(t1) .. SEP .. tostring(tt2) .. SEP .. i1 .. SEP .. i2, e1, t1, e2, tt2}
+          end
+        end
+      end
+    end
+    if (v == 'o' or v == 'p') and inst ~= '' then   -- (b) forward: a settlement elsewhere during an open stay
+      local st = redis.call('HGETALL', sk)
+      for m = 1, #st, 2 do
+        local f = split(st[m + 1])   -- institution, admitted, discharged, last bill, first eid, first t
+        local sadm = tonumber(f[2]); local sdis = tonumber(f[3]); local ft = tonumber(f[6])
+        if f[1] ~= inst and t >= sadm + grace and (not sdis or t < sdis) and t <= tonumber(f[4]) + max_stay then
+          found[#found + 1] = {math.max(t, ft), 'S' .. SEP .. eid,
+            st[m] .. SEP .. f[1] .. SEP .. f[2] .. SEP .. f[3] .. SEP .. inst .. SEP .. tostring(t), eid, t, f[5], ft}
+        end
+      end
+    end
+  else
+    -- an inpatient bill: open, extend or close its stay, then look back over the recent settlements
+    local cur = redis.call('HGET', sk, aid)
+    local sadm = tonumber(adm); local sdis = tonumber(dis); local slast = t; local fe = eid; local ft = t
+    if cur then
+      local f = split(cur)
+      if not sadm then sadm = math.min(tonumber(f[2]), t) end
+      if not sdis then sdis = tonumber(f[3]) end
+      slast = math.max(tonumber(f[4]), t)
+      local ct = tonumber(f[6])
+      if ct < t or (ct == t and f[5] < eid) then fe = f[5]; ft = ct end
+    end
+    if not sadm then sadm = t end
+    redis.call('HSET', sk, aid, inst .. SEP .. tostring(sadm) .. SEP .. (sdis and tostring(sdis) or '') .. SEP ..
+      tostring(slast) .. SEP .. fe .. SEP .. tostring(ft))
+    local st = redis.call('HGETALL', sk)
+    for m = 1, #st, 2 do
+      if st[m] ~= aid and tonumber(split(st[m + 1])[4]) + max_stay < t then redis.call('HDEL', sk, st[m]) end
+    end
+    redis.call('EXPIRE', sk, ttl_stay)
+    if inst ~= '' then
+      local hi = sdis and ('(' .. tostring(sdis)) or tostring(slast + max_stay)
+      local cand = redis.call('ZRANGEBYSCORE', zk, tostring(sadm + grace), hi, 'WITHSCORES')
+      for m = 1, #cand, 2 do
+        local f = split(cand[m])
+        if (f[3] == 'o' or f[3] == 'p') and f[4] ~= '' and f[4] ~= inst then
+          local t2 = tonumber(cand[m + 1])
+          found[#found + 1] = {math.max(t2, ft), 'S' .. SEP .. f[1],
+            aid .. SEP .. inst .. SEP .. tostring(sadm) .. SEP .. (sdis and tostring(sdis) or '') .. SEP .. f[4] ..
+            SEP .. tostring(t2), f[1], t2, fe, ft}
+        end
+      end
+    end
+  end
+  if child ~= '' then   -- (c) a child's card buying adult chronic-disease drugs
+    found[#found + 1] = {t, 'C' .. SEP .. eid, child, eid, t}
+  end
+  local res = 0
+  if #found > 0 then
+    local ep = redis.call('HMGET', ek, 'start', 'last')
+    local start = tonumber(ep[1]); local last = tonumber(ep[2])
+    local took = false
+    for _, f in ipairs(found) do
+      local c = f[1]
+      local take = true
+      if start and c >= start - E and c <= last + E then
+        if c > last then last = c end
+      elseif (not start) or c > last + E then
+        start = c; last = c
+        redis.call('DEL', vk, dk)
+      else
+        take = false   -- belongs to an older episode that is no longer kept
+      end
+      if take then
+        took = true
+        redis.call('HSET', dk, f[2], f[3])
+        redis.call('ZADD', vk, f[5], f[4])
+        if f[6] then redis.call('ZADD', vk, f[7], f[6]) end
+      end
+    end
+    if took then
+      redis.call('HSET', ek, 'start', tostring(start), 'last', tostring(last))
+      redis.call('EXPIRE', ek, ttl_ep)
+      redis.call('EXPIRE', vk, ttl_ep)
+      redis.call('EXPIRE', dk, ttl_ep)
+      res = {tostring(start), redis.call('ZRANGE', vk, 0, -1, 'WITHSCORES'), redis.call('HGETALL', dk)}
+    end
+  end
+  out[i] = res
+end
+return out
+"""
+
+_SEP = "\t"
+_VISIT = {"outpatient": "o", "emergency": "e", "pharmacy": "p", "inpatient": "i"}
+_KIND_ORDER = ("impossible_travel", "inpatient_overlap", "child_adult_drug")
+_KIND_OF = {"T": "impossible_travel", "S": "inpatient_overlap", "C": "child_adult_drug"}
+
+
+def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """Great-circle distance in km.
+
+    >>> round(haversine_km(31.2317, 121.4846, 31.6230, 121.5650), 1)
+    44.2
+    """
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    dp, dl = p2 - p1, math.radians(lon2 - lon1)
+    h = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
+    return 2 * 6371.0 * math.asin(math.sqrt(h))
+
+
+def _s(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _num(x: str) -> float | None:
+    return float(x) if x not in ("", None) else None
+
+
+def _hm(ts: float) -> str:
+    return iso(ts)[11:16]
+
+
+class SharedCard(Detector):
+    """Impossible travel, settlements elsewhere during a stay, a child's card buying adult drugs."""
+
+    rule = "shared_card"
+    subject_type = "card"
+    scripts = (LUA,)
+
+    def __init__(self, districts: Mapping[str, Mapping[str, Any]], *, max_speed_kmh: float = 60,
+                 min_distance_km: float = 20, slack_s: int = 600, history_s: int = 21600,
+                 stay_grace_s: int = 7200, max_stay_s: int = 60 * 86400, episode_s: int = 7 * 86400,
+                 child_max_age: int = 14, min_days_supply: int = 14,
+                 adult_drugs: Mapping[str, Sequence[str]] | None = None,
+                 adult_diagnoses: Sequence[str] = ("E11", "I25", "I48", "I70"),
+                 lateness_s: int = 3600, lang: str = "zh", version: str = "") -> None:
+        super().__init__(lateness_s=lateness_s, lang=lang, version=version)
+        r = self.rule
+        check_positive(r, "max_speed_kmh", max_speed_kmh)
+        if isinstance(min_distance_km, bool) or not isinstance(min_distance_km, (int, float)) or min_distance_km < 0:
+            raise ValueError(f"{r}: min_distance_km must be a non-negative number, got {min_distance_km!r}")
+        if isinstance(slack_s, bool) or not isinstance(slack_s, int) or slack_s < 0:
+            raise ValueError(f"{r}: slack_s must be a non-negative integer, got {slack_s!r}")
+        for name, val in (("history_s", history_s), ("max_stay_s", max_stay_s), ("episode_s", episode_s),
+                          ("child_max_age", child_max_age), ("min_days_supply", min_days_supply)):
+            check_positive(r, name, val, integer=True)
+        if isinstance(stay_grace_s, bool) or not isinstance(stay_grace_s, int) or stay_grace_s < 0:
+            raise ValueError(f"{r}: stay_grace_s must be a non-negative integer, got {stay_grace_s!r}")
+        if child_max_age > 18:
+            raise ValueError(f"{r}: child_max_age must be <= 18, got {child_max_age}")
+        self.districts = self._check_districts(districts)
+        if adult_drugs is None:
+            adult_drugs = {"code_prefixes": ["XC10AA", "XB01AC", "XB01AE", "XB01AF"],
+                           "name_keywords": ["他汀", "氯吡格雷", "替格瑞洛", "利伐沙班", "阿哌沙班", "达比加群", "艾多沙班"]}
+        if not isinstance(adult_drugs, Mapping) or set(adult_drugs) - {"code_prefixes", "name_keywords"}:
+            raise ValueError(f"{r}: adult_drugs must be a mapping with code_prefixes and name_keywords, got {adult_drugs!r}")
+        try:
+            self.adult_drugs = DrugList(adult_drugs.get("code_prefixes") or (), adult_drugs.get("name_keywords") or ())
+        except ValueError as exc:
+            raise ValueError(f"{r}: adult_drugs: {exc}") from None
+        if isinstance(adult_diagnoses, str) or not all(isinstance(x, str) and x for x in adult_diagnoses):
+            raise ValueError(f"{r}: adult_diagnoses must be a list of ICD-10 code prefixes, got {adult_diagnoses!r}")
+        self.adult_diagnoses = tuple(sorted({x.upper() for x in adult_diagnoses}))
+        self.max_speed_kmh = max_speed_kmh
+        self.min_distance_km = min_distance_km
+        self.slack_s = slack_s
+        self.history_s = history_s
+        self.stay_grace_s = stay_grace_s
+        self.max_stay_s = max_stay_s
+        self.episode_s = episode_s
+        self.child_max_age = child_max_age
+        self.min_days_supply = min_days_supply
+        # distances and the time each pair needs (seconds; 0 = never impossible), computed once
+        codes = sorted(self.districts)
+        self._codes = codes
+        self._km: dict[tuple[str, str], float] = {}
+        req: list[str] = []
+        horizon = 0.0
+        for x in codes:
+            for y in codes:
+                dx, dy = self.districts[x], self.districts[y]
+                km = haversine_km(dx["lat"], dx["lon"], dy["lat"], dy["lon"])
+                self._km[(x, y)] = km
+                need = km / max_speed_kmh * 3600 - slack_s
+                if x == y or km < min_distance_km or y in dx["neighbours"] or x in dy["neighbours"] or need <= 0:
+                    need = 0.0
+                horizon = max(horizon, need)
+                req.append(f"{need:.3f}")
+        self.horizon_s = int(math.ceil(horizon))
+        if self.horizon_s > history_s:
+            raise ValueError(f"{r}: history_s must cover the longest trip ({self.horizon_s} s), got {history_s}")
+        self._head = [len(codes), *codes, ",".join(req) or "0", self.horizon_s, history_s, history_s + lateness_s,
+                      stay_grace_s, max_stay_s, max_stay_s + lateness_s, episode_s, episode_s + lateness_s]
+        self._sha = self.sha(LUA)
+
+    def _check_districts(self, districts: Any) -> dict[str, dict[str, Any]]:
+        r = self.rule
+        if not isinstance(districts, Mapping) or not districts:
+            raise ValueError(f"{r}: districts must be a non-empty mapping of district code to {{lat, lon}}, got {districts!r}")
+        out: dict[str, dict[str, Any]] = {}
+        for code, d in districts.items():
+            code = str(code)
+            if not isinstance(d, Mapping):
+                raise ValueError(f"{r}: districts[{code!r}] must be a mapping with lat and lon, got {d!r}")
+            unknown = set(d) - {"name", "lat", "lon", "neighbours"}
+            if unknown:
+                raise ValueError(f"{r}: districts[{code!r}] has unknown field(s) {sorted(unknown)}")
+            for name, lim in (("lat", 90), ("lon", 180)):
+                v = d.get(name)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not -lim <= v <= lim:
+                    raise ValueError(f"{r}: districts[{code!r}].{name} must be a number in [-{lim}, {lim}], got {v!r}")
+            nb = d.get("neighbours") or []
+            if isinstance(nb, str) or not isinstance(nb, (list, tuple)):
+                raise ValueError(f"{r}: districts[{code!r}].neighbours must be a list of district codes, got {nb!r}")
+            out[code] = {"name": str(d.get("name") or code), "lat": float(d["lat"]), "lon": float(d["lon"]),
+                         "neighbours": frozenset(str(x) for x in nb)}
+        for code, d in out.items():
+            bad = sorted(d["neighbours"] - set(out))
+            if bad:
+                raise ValueError(f"{r}: districts[{code!r}].neighbours has unknown district(s) {bad}")
+        return out
+
+    def params(self) -> dict[str, Any]:
+        return {"max_speed_kmh": self.max_speed_kmh, "min_distance_km": self.min_distance_km, "slack_s": self.slack_s,
+                "districts": len(self.districts), "history_s": self.history_s, "stay_grace_s": self.stay_grace_s,
+                "max_stay_s": self.max_stay_s, "episode_s": self.episode_s, "child_max_age": self.child_max_age,
+                "min_days_supply": self.min_days_supply, "adult_drugs": self.adult_drugs,
+                "adult_diagnoses": list(self.adult_diagnoses), "lateness_s": self.lateness_s}
+
+    def __repr__(self) -> str:
+        p = self.params()
+        return (f"SharedCard(max_speed_kmh={p['max_speed_kmh']}, min_distance_km={p['min_distance_km']}, "
+                f"slack_s={p['slack_s']}, districts={p['districts']}, ...)")
+
+    def distance_km(self, a: str, b: str) -> float:
+        """Centroid distance between two configured districts."""
+        return self._km[(a, b)]
+
+    # -- per event -----------------------------------------------------------------------
+    def _child_detail(self, ev: Settlement) -> str:
+        """``age\\tnames\\tdays`` when a child's card buys drugs no child takes, else ''."""
+        if ev.birth_year is not None:
+            age = ev.event_time.year - ev.birth_year
+            if not 0 <= age < self.child_max_age:
+                return ""
+        elif ev.insured_category == "child":
+            age = -1
+        else:
+            return ""
+        adult_dx = any(d.upper().startswith(self.adult_diagnoses) for d in ev.diagnoses) if self.adult_diagnoses else False
+        names: list[str] = []
+        days = 0
+        for it in ev.items:
+            if it.category != "drug":
+                continue
+            if not (adult_dx or self.adult_drugs.matches(it.code, it.name)):
+                continue
+            if it.days_supply is not None and it.days_supply < self.min_days_supply:
+                continue
+            names.append((it.name or it.code).replace(_SEP, " ").replace("|", "/"))
+            days += it.days_supply or 0
+        if not names:
+            return ""
+        return f"{age}{_SEP}{'|'.join(dict.fromkeys(names))}{_SEP}{days}"
+
+    def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
+        argv: list[Any] = list(self._head)
+        keys: list[str] = []
+        n = 0
+        for ev in events:
+            card = ev.card_id
+            if is_placeholder(card) or _SEP in card or _SEP in ev.event_id:
+                continue
+            v = _VISIT[ev.visit_type]
+            inst = "" if is_placeholder(ev.institution_id) else ev.institution_id.replace(_SEP, " ")
+            aid = adm = dis = ""
+            if v == "i":
+                aid = (ev.admission_id or "").replace(_SEP, " ") or f"@{inst}"
+                adm = repr(ev.admitted_at.timestamp()) if ev.admitted_at is not None else ""
+                dis = repr(ev.discharged_at.timestamp()) if ev.discharged_at is not None else ""
+            argv += [repr(ev.ts), ev.event_id, ev.district, v, inst, aid, adm, dis, self._child_detail(ev)]
+            base = self.key(ns, self.history_s, card)
+            keys += [base, base + ":stay", base + ":ep", base + ":ev", base + ":dt"]
+            n += 1
+        if not n:
+            return 0
+        pipe.evalsha(self._sha, len(keys), *keys, *argv)
+        return 1
+
+    def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:
+        if not replies:
+            return []
+        kept = [ev for ev in events
+                if not (is_placeholder(ev.card_id) or _SEP in ev.card_id or _SEP in ev.event_id)]
+        out: dict[str, Alert] = {}
+        for ev, res in zip(kept, replies[0]):
+            if not res:
+                continue
+            start, flat, details = res
+            ids = [_s(x) for x in flat[0::2]]
+            times = [float(x) for x in flat[1::2]]
+            det = {_s(details[j]): _s(details[j + 1]) for j in range(0, len(details), 2)}
+            a = self._alert(ns, ev.card_id, float(_s(start)), ids, times, det)
+            out[a.alert_id] = a
+        return list(out.values())
+
+    # -- the alert -----------------------------------------------------------------------
+    def _dname(self, code: str, lang: str) -> str:
+        d = self.districts.get(code)
+        if d is None:
+            return code
+        return d["name"] if lang == "zh" else code
+
+    def _alert(self, ns: Namespace, card: str, start: float, ids: list[str], times: list[float],
+               det: dict[str, str]) -> Alert:
+        travel, stays, child = [], [], []
+        for field, val in det.items():
+            kind, _, rest = field.partition(_SEP)
+            f = val.split(_SEP)
+            if kind == "T":
+                d1, d2, t1, t2, i1, i2 = f[0], f[1], float(f[2]), float(f[3]), f[4], f[5]
+                km = self._km.get((d1, d2), 0.0)
+                gap = t2 - t1
+                speed = km * 3600 / max(gap + self.slack_s, 1.0)
+                travel.append({"km": km, "gap": gap, "speed": speed, "d1": d1, "d2": d2, "t1": t1, "i1": i1, "i2": i2})
+            elif kind == "S":
+                stays.append({"aid": f[0], "inst": f[1], "adm": float(f[2]), "dis": _num(f[3]), "other": f[4],
+                              "t": float(f[5]), "eid": rest})
+            elif kind == "C":
+                child.append({"age": int(f[0]), "names": f[1].split("|"), "days": int(f[2])})
+        kinds = [k for k, lst in zip(_KIND_ORDER, (travel, stays, child)) if lst]
+        metrics: dict[str, Any] = {"kind": "+".join(kinds), "kinds": kinds, "episode_s": self.episode_s}
+        ratios: list[float] = []
+        zh: list[str] = []
+        en: list[str] = []
+        if travel:
+            b = max(travel, key=lambda x: (x["speed"], -x["t1"]))
+            ratio = b["speed"] / self.max_speed_kmh
+            ratios.append(ratio)
+            need_min = b["km"] / self.max_speed_kmh * 60
+            metrics.update(travel_pairs=len(travel), distance_km=round(b["km"], 1), gap_s=int(b["gap"]),
+                           implied_speed_kmh=round(b["speed"], 1), max_speed_kmh=self.max_speed_kmh,
+                           from_district=b["d1"], to_district=b["d2"])
+            zh.append(f"{_hm(b['t1'])} 在{self._dname(b['d1'], 'zh')}结算、{int(b['gap'] // 60)} 分钟后在"
+                      f"{self._dname(b['d2'], 'zh')}结算，两地相距约 {b['km']:.0f} 公里（按 {self.max_speed_kmh:g} 公里/小时"
+                      f"至少需 {need_min:.0f} 分钟）" + (f"，共 {len(travel)} 对" if len(travel) > 1 else ""))
+            en.append(f"settled in {b['d1']} at {_hm(b['t1'])} and in {b['d2']} {int(b['gap'] // 60)} min later, "
+                      f"{b['km']:.0f} km apart (at least {need_min:.0f} min at {self.max_speed_kmh:g} km/h)"
+                      + (f"; {len(travel)} such pairs" if len(travel) > 1 else ""))
+        if stays:
+            s0 = min(stays, key=lambda x: x["t"])
+            n = len(stays)
+            others = sorted({s["other"] for s in stays})
+            ratios.append(1 + 0.5 * (n - 1))
+            metrics.update(settlements_during_stay=n, admission_id=s0["aid"], inpatient_institution_id=s0["inst"],
+                           admitted_at=iso(s0["adm"]), other_institutions=others)
+            if s0["dis"] is not None:
+                metrics["discharged_at"] = iso(s0["dis"])
+            zh.append(f"在 {s0['inst']} 住院期间（{iso(s0['adm'])[:16].replace('T', ' ')} 入院"
+                      + (f"，{iso(s0['dis'])[:16].replace('T', ' ')} 出院" if s0["dis"] is not None else "，未出院")
+                      + f"）于 {len(others)} 家其他机构门诊/药店结算 {n} 次")
+            en.append(f"{n} outpatient/pharmacy settlement(s) at {len(others)} other institution(s) during the "
+                      f"inpatient stay at {s0['inst']} (admitted {iso(s0['adm'])[:16]})")
+        if child:
+            age = max(c["age"] for c in child)
+            names = list(dict.fromkeys(nm for c in child for nm in c["names"]))
+            days = sum(c["days"] for c in child)
+            ratios.append(max(1.0, days / 30))
+            metrics.update(child_age=age if age >= 0 else None, adult_drugs=names, days_supply=days,
+                           child_purchases=len(child), child_max_age=self.child_max_age)
+            who = f"{age} 岁儿童" if age >= 0 else "少儿"
+            zh.append(f"{who}的卡购买成人慢病用药 {'、'.join(names)} {len(child)} 次共 {days} 天用量")
+            en.append(f"a child's card{f' (age {age})' if age >= 0 else ''} bought adult chronic-disease drugs "
+                      f"{', '.join(names)} {len(child)} time(s), {days} days' supply")
+        score = max(ratios) if ratios else 1.0
+        if len(kinds) > 1:
+            score = max(score, 1.5)
+        zh_s = f"卡 {card} 疑似被他人冒用/出借：" + "；".join(zh)
+        en_s = f"Card {card} appears to be used by someone else: " + "; ".join(en)
+        return Alert(
+            alert_id=alert_id(ns.run_id, self.rule, "card", card, str(self.episode_s), repr(start)),
+            rule=self.rule, rule_version=self.version, severity=severity_for(score), score=round(score, 4),
+            subject_type="card", subject_id=card, window_start=iso(min(times)), window_end=iso(max(times)),
+            evidence_event_ids=ids, run_id=ns.run_id, summary=zh_s if self.lang == "zh" else en_s, summary_en=en_s,
+            detected_at=now_iso(), window_s=self.episode_s, metrics=metrics,
+        )

@@ -1,0 +1,1 @@
+"""Replay, the synthetic city, the live demo and benchmarks."""
