@@ -17,7 +17,7 @@ alert. Every query uses bound parameters.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import msgspec
 import sqlalchemy as sa
@@ -139,6 +139,41 @@ class AlertStore:
     def delete_run(self, run_id: str) -> int:
         with self.engine.begin() as conn:
             return conn.execute(sa.delete(alerts_table).where(alerts_table.c.run_id == run_id)).rowcount
+
+    def set_verdict(self, alert_id: str, verdict: str, author: str, at: str, note: str | None = None) -> Alert | None:
+        """Record an inspector's verdict in the alert's document (``metrics["verdict"]``).
+
+        Returns the alert as it was before (what a model learns from), or None when there is no such alert.
+        """
+        t = alerts_table.c
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(t.doc, t.status).where(t.alert_id == alert_id)).first()
+            if row is None:
+                return None
+            a = msgspec.structs.replace(from_json(row.doc), status=row.status)
+            v = {"verdict": verdict, "author": author, "at": at, **({"note": note} if note else {})}
+            doc = msgspec.structs.replace(a, metrics={**a.metrics, "verdict": v})
+            conn.execute(sa.update(alerts_table).where(t.alert_id == alert_id)
+                         .values(doc=to_json(doc).decode(), updated_at=now_iso()))
+        return a
+
+    def set_priority(self, priorities: Mapping[str, float]) -> int:
+        """Store each alert's priority (``metrics["priority"]``, 0-1); return how many alerts were updated."""
+        if not priorities:
+            return 0
+        t = alerts_table.c
+        n = 0
+        with self.engine.begin() as conn:
+            rows = conn.execute(sa.select(t.alert_id, t.doc).where(t.alert_id.in_(list(priorities)))).all()
+            for r in rows:
+                a = from_json(r.doc)
+                p = round(float(priorities[r.alert_id]), 6)
+                if a.metrics.get("priority") == p:
+                    continue
+                a = msgspec.structs.replace(a, metrics={**a.metrics, "priority": p})
+                conn.execute(sa.update(alerts_table).where(t.alert_id == r.alert_id).values(doc=to_json(a).decode()))
+                n += 1
+        return n
 
     def close(self) -> None:
         self.engine.dispose()

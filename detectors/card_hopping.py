@@ -26,45 +26,43 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import orjson
+
 from alerts.model import Alert, alert_id, now_iso, severity_for
 from detectors.base import Detector, Namespace, check_positive
 from stream.events import Settlement, iso
 
 LUA = r"""
--- ARGV: nwin, lateness, {window_s, min_n, ttl} * nwin, {t, institution, event_id} * n
--- KEYS: {zset, episode, evidence} * nwin per event
-local nwin = tonumber(ARGV[1])
-local lateness = tonumber(ARGV[2])
-local win = {}
-local a = 3
-for j = 1, nwin do
-  win[j] = {tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])}
-  a = a + 3
-end
+-- ARGV[1] key prefix (cw:{run}:card_hopping), ARGV[2] JSON {lateness, windows: [[window_s, min_n, ttl]]},
+-- ARGV[3] JSON [[t, card, institution, event_id], ...]. Keys are built here from the prefix
+-- (standalone Redis; for Redis Cluster the caller groups a batch by hash slot of {card}).
+-- Returns a flat list of firing (event, window) pairs: i, j, episode start, n, span, evidence (id, t, ...).
+local prefix = ARGV[1]
+local cfg = cjson.decode(ARGV[2])
+local evs = cjson.decode(ARGV[3])
+local lateness = cfg.lateness
 local out = {}
-local k = 1
-local i = 0
-while a <= #ARGV do
-  i = i + 1
-  local t = tonumber(ARGV[a]); local inst = ARGV[a + 1]; local eid = ARGV[a + 2]
-  a = a + 3
-  local res = {}
-  for j = 1, nwin do
-    local W, minn, ttl = win[j][1], win[j][2], win[j][3]
-    local zk, ek, vk = KEYS[k], KEYS[k + 1], KEYS[k + 2]
-    k = k + 3
+for i = 1, #evs do
+  local e = evs[i]
+  local t, card, inst, eid = e[1], e[2], e[3], e[4]
+  for j = 1, #cfg.windows do
+    local W, minn, ttl = cfg.windows[j][1], cfg.windows[j][2], cfg.windows[j][3]
+    local zk = prefix .. ':' .. W .. ':' .. card
+    local ek, vk = zk .. ':ep', zk .. ':ev'
     redis.call('ZADD', zk, t, inst .. '\t' .. eid)
     local top = redis.call('ZRANGE', zk, -1, -1, 'WITHSCORES')
     local maxt = tonumber(top[2])
     redis.call('ZREMRANGEBYSCORE', zk, '-inf', '(' .. tostring(maxt - W - lateness))
     redis.call('EXPIRE', zk, ttl)
     local members = redis.call('ZRANGEBYSCORE', zk, t - W, t, 'WITHSCORES')
-    local seen = {}
     local n = 0
-    for m = 1, #members, 2 do
-      local s = members[m]
-      local ins = string.sub(s, 1, string.find(s, '\t', 1, true) - 1)
-      if not seen[ins] then seen[ins] = true; n = n + 1 end
+    if #members / 2 >= minn then
+      local seen = {}
+      for m = 1, #members, 2 do
+        local s = members[m]
+        local ins = string.sub(s, 1, string.find(s, '\t', 1, true) - 1)
+        if not seen[ins] then seen[ins] = true; n = n + 1 end
+      end
     end
     if n >= minn then
       local ep = redis.call('HMGET', ek, 'start', 'last')
@@ -83,14 +81,10 @@ while a <= #ARGV do
       end
       redis.call('EXPIRE', ek, ttl)
       redis.call('EXPIRE', vk, ttl)
-      local ev = redis.call('ZRANGE', vk, 0, -1, 'WITHSCORES')
-      local span = tonumber(members[#members]) - tonumber(members[2])
-      res[j] = {tostring(start), n, tostring(span), ev}
-    else
-      res[j] = 0
+      out[#out + 1] = {i, j, tostring(start), n, tostring(tonumber(members[#members]) - tonumber(members[2])),
+                       redis.call('ZRANGE', vk, 0, -1, 'WITHSCORES')}
     end
   end
-  out[i] = res
 end
 return out
 """
@@ -156,41 +150,26 @@ class CardHopping(Detector):
     def params(self) -> dict[str, Any]:
         return {"windows": self.windows, "lateness_s": self.lateness_s}
 
-    def _keys(self, ns: Namespace, card: str) -> list[str]:
-        keys = []
-        for w in self.windows:
-            base = self.key(ns, w["window_s"], card)
-            keys += [base, base + ":ep", base + ":ev"]
-        return keys
-
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
         if not events:
             return 0
-        argv: list[Any] = [len(self.windows), self.lateness_s]
-        for w in self.windows:
-            argv += [w["window_s"], w["min_institutions"], w["window_s"] + self.lateness_s]
-        keys: list[str] = []
-        for ev in events:
-            argv += [repr(ev.ts), ev.institution_id, ev.event_id]
-            keys += self._keys(ns, ev.card_id)
-        pipe.evalsha(self._sha, len(keys), *keys, *argv)
+        cfg = {"lateness": self.lateness_s,
+               "windows": [[w["window_s"], w["min_institutions"], w["window_s"] + self.lateness_s]
+                           for w in self.windows]}
+        rows = [[ev.ts, ev.card_id, ev.institution_id, ev.event_id] for ev in events]
+        pipe.evalsha(self._sha, 0, self.key(ns), orjson.dumps(cfg), orjson.dumps(rows))
         return 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:
         if not events:
             return []
         out: dict[str, Alert] = {}
-        per_event = replies[0]
-        for ev, res in zip(events, per_event):
-            for w, r in zip(self.windows, res):
-                if not r:
-                    continue
-                start, n, span, flat = r
-                n = int(n)
-                ids = [x.decode() if isinstance(x, bytes) else x for x in flat[0::2]]
-                times = [float(x) for x in flat[1::2]]
-                a = self._alert(ns, ev.card_id, w, float(start), n, float(span), ids, times)
-                out[a.alert_id] = a
+        for i, j, start, n, span, flat in replies[0]:
+            ev, w = events[i - 1], self.windows[j - 1]
+            ids = [x.decode() if isinstance(x, bytes) else x for x in flat[0::2]]
+            times = [float(x) for x in flat[1::2]]
+            a = self._alert(ns, ev.card_id, w, float(start), int(n), float(span), ids, times)
+            out[a.alert_id] = a
         return list(out.values())
 
     def _alert(self, ns: Namespace, card: str, w: dict[str, int], start: float, n: int, span: float,

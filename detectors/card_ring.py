@@ -32,7 +32,7 @@ State per (institution, drug) (Redis, all keys expire):
 >>> CardRing(resale_prone=DrugList(["XC10AA"]))
 CardRing(window_s=3600, min_cards=8, min_lift=8, baseline_s=86400, recur_s=2592000, recur_share=0.5, visit_types=['outpatient', 'pharmacy'], lateness_s=3600)
 >>> ring_id("P001", "XC10AAA003")
-'RING-2d1f7ee5d6ac8ce5'
+'RING-2a2d461993c41084'
 >>> CardRing(min_cards=1)
 Traceback (most recent call last):
 ...

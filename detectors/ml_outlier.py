@@ -10,9 +10,9 @@ filter protects the model). The alert names the features that drove the score.
 
 The model. :class:`TailHBOS` is a river :class:`~river.base.AnomalyDetector`: an online
 histogram-based outlier score (HBOS, Goldstein & Dengel 2012) over the *upper tail* of
-each feature — how rarely has a value this high been seen — on log-spaced bins, summed
-over the features and normalised by ``log(n + 2)`` so the score scale does not drift as
-the model sees more data. Measured on the generated city (20,000 cards, 7 days, seeds
+each feature — how rarely has a value this high been seen — on log-spaced bins, averaged
+over the features and normalised by ``log(n + 2)``: a score in [0, 1] whose scale does not
+drift as the model sees more data. Measured on the generated city (20,000 cards, 7 days, seeds
 1-3, per-event labels) it gives ROC AUC 0.89-0.91 against 0.82-0.86 for
 ``MinMaxScaler | HalfSpaceTrees`` on the same features, costs a third as much, and
 explains itself: each feature's term is its share of the score. The direction-free
@@ -74,13 +74,14 @@ class TailHBOS(base.AnomalyDetector):
     Values are binned on ``floor(log1p(v) * bins_per_unit)`` (negative values fall in bin 0).
     For each feature, the term is ``log((n + 1) / (m + 1)) / log(n + 2)`` where ``m`` is how
     many of the ``n`` learned values fell in this value's bin or above: 0 for a value at
-    the bottom, close to 1 for one never seen this high. Every ``forget_every`` learned events all counts are halved, so
+    the bottom, close to 1 for one never seen this high. The score is the mean of the terms
+    (0-1), so it does not drift as the model sees more data. Every ``forget_every`` learned events all counts are halved, so
     the model follows drift with a half-life of that many events.
 
     >>> m = TailHBOS()
     >>> for k in range(100):
     ...     m.learn_one({"a": k % 3, "b": 1.0})
-    >>> m.score_one({"a": 1, "b": 1.0}) < 0.2 < 1.5 < m.score_one({"a": 50, "b": 9.0})
+    >>> m.score_one({"a": 1, "b": 1.0}) < 0.2 < 0.9 < m.score_one({"a": 50, "b": 9.0})
     True
     >>> {k: round(v, 2) for k, v in m.contributions({"a": 50, "b": 1.0}).items()}
     {'a': 1.0, 'b': 0.0}
@@ -138,7 +139,7 @@ class TailHBOS(base.AnomalyDetector):
         for k, v in x.items():
             c = counts.get(k)
             s += ln - log((sum(c[bin_(v):]) if c else 0.0) + 1)
-        return s / norm
+        return s / (norm * len(x)) if x else 0.0
 
 
 class PartitionModel:

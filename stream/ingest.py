@@ -68,11 +68,12 @@ class _Listener(ConsumerRebalanceListener):
 class DirectIngest(Service):
     """Consume settlement topics in batches; commit offsets only after a batch is fully handled."""
 
-    def __init__(self, settings: Settings, handle: Callable[[list[Message]], Awaitable[BatchResult]],
-                 **kwargs) -> None:
+    def __init__(self, settings: Settings, handle: Callable[..., Awaitable[BatchResult]],
+                 parse: Callable | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.settings = settings
         self.handle = handle
+        self.parse = parse
         self.consumer: AIOKafkaConsumer | None = None
 
     def assignment(self) -> set:
@@ -98,11 +99,14 @@ class DirectIngest(Service):
 
     @Service.task
     async def _run(self) -> None:
-        from stream.app import _observe_batch
 
         c = self.consumer
         assert c is not None
         timeout_ms = int(self.settings.batch_within_s * 1000)
+        # Two stages overlap: while batch N is in Redis / being published, batch N+1 is fetched
+        # and parsed. Batch N+1's Redis work starts only after N finished, so per-card order holds,
+        # and offsets are committed in batch order, each after its batch was fully handled.
+        inflight: tuple[asyncio.Task, dict, list[Message], float] | None = None
         while not self.should_stop:
             try:
                 got = await c.getmany(timeout_ms=timeout_ms, max_records=self.settings.batch_max)
@@ -110,21 +114,36 @@ class DirectIngest(Service):
                 log.error("fetch failed (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
-            if not got:
-                continue
-            t0 = time.perf_counter()
-            msgs: list[Message] = []
-            offsets: dict[TopicPartition, int] = {}
-            for tp, recs in got.items():
-                for r in recs:
-                    msgs.append(Message(r.value, {k: v for k, v in (r.headers or ())}, tp.topic, tp.partition,
-                                        r.offset, r.key, r.timestamp / 1000.0 if r.timestamp else None))
-                offsets[tp] = recs[-1].offset + 1
-            res = await self.handle(msgs)
-            try:
-                await c.commit(offsets)
-            except CommitFailedError as exc:  # rebalanced meanwhile: the new owner reprocesses, idempotently
-                log.warning("offset commit failed after a rebalance (%s); batch will be redelivered", exc)
-            except KafkaError as exc:
-                log.error("offset commit failed (%s); batch may be redelivered", exc)
-            _observe_batch(c, msgs, res, t0)
+            nxt = None
+            if got:
+                t0 = time.perf_counter()
+                msgs: list[Message] = []
+                offsets: dict[TopicPartition, int] = {}
+                for tp, recs in got.items():
+                    for r in recs:
+                        msgs.append(Message(r.value, {k: v for k, v in (r.headers or ())}, tp.topic, tp.partition,
+                                            r.offset, r.key, r.timestamp / 1000.0 if r.timestamp else None))
+                    offsets[tp] = recs[-1].offset + 1
+                parsed = self.parse(msgs) if self.parse is not None else None
+                nxt = (msgs, offsets, parsed, t0)
+            if inflight is not None:
+                await self._finish(c, inflight)
+                inflight = None
+            if nxt is not None:
+                msgs, offsets, parsed, t0 = nxt
+                inflight = (asyncio.ensure_future(self.handle(msgs, parsed)), offsets, msgs, t0)
+        if inflight is not None:
+            await self._finish(c, inflight)
+
+    async def _finish(self, c: AIOKafkaConsumer, inflight) -> None:
+        from stream.app import _observe_batch
+
+        task, offsets, msgs, t0 = inflight
+        res = await task
+        try:
+            await c.commit(offsets)
+        except CommitFailedError as exc:  # rebalanced meanwhile: the new owner reprocesses, idempotently
+            log.warning("offset commit failed after a rebalance (%s); batch will be redelivered", exc)
+        except KafkaError as exc:
+            log.error("offset commit failed (%s); batch may be redelivered", exc)
+        _observe_batch(c, msgs, res, t0)

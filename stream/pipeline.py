@@ -142,7 +142,13 @@ class Processor:
         return skip
 
     async def process(self, msgs: Sequence[Message]) -> BatchResult:
-        by_run, res = self.parse(msgs)
+        """Parse and run a batch (see :meth:`run`)."""
+        return await self.run(self.parse(msgs))
+
+    async def run(self, parsed: tuple[dict[str, list[Settlement]], BatchResult]) -> BatchResult:
+        """Run parsed events through every detector with one Redis round trip; safe to retry."""
+        by_run, res = parsed
+        res.alerts = []
         if not by_run:
             return res
         want = {Detector.sha(src) for det in self.rules.detectors for src in det.scripts}

@@ -1,0 +1,196 @@
+"""``duplicate_billing``: one bill settled twice (重复结算 / 重复收费) by the institution.
+
+Inspectors hunt designated institutions that settle the same bill again a few minutes later
+under a new settlement id: the same card, the same institution (and department) and the same
+billed lines (费用明细). The rule keeps, per card, a canonical fingerprint of each settlement
+(institution, department, the sorted ``(code, quantity, amount)`` lines and the total) and
+fires when one fingerprint is settled again within ``window_s`` (600 s by default) of event
+time under a *different* ``event_id``; the same ``event_id`` delivered again is the same
+settlement, never a duplicate. The institution is the subject (it submits the bills); the
+cards are its ``member_ids``. One alert per institution and local calendar day of the
+original bill (the day is the episode, so its id does not depend on the order in which
+partitions deliver different cards); later duplicates that day extend it. The department is
+part of the fingerprint because registering at two departments in one visit (挂多个科室)
+legitimately bills identical registration lines. Placeholder card or institution ids ("未知",
+"0000") are data quality, never blamed: those settlements are skipped.
+
+State (Redis, all keys expire):
+
+* ``cw:{run}:duplicate_billing:{window_s}:{card}:{fingerprint}`` — sorted set of the
+  settlements with that fingerprint, member ``event_id``, score = event time (``window_s`` +
+  lateness);
+* ``cw:{run}:duplicate_billing:{window_s}:inst:{institution}:{day}:ev`` — the day's evidence;
+  ``…:bills`` — one field per duplicated bill (``card\\tfingerprint\\tfirst event id``) with
+  the number of settlements and the amount (one day + ``window_s`` + lateness).
+
+>>> DuplicateBilling(window_s=600)
+DuplicateBilling(window_s=600, lateness_s=3600)
+>>> DuplicateBilling(window_s=-600)
+Traceback (most recent call last):
+...
+ValueError: duplicate_billing: window_s must be a positive integer, got -600
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Sequence
+
+from alerts.model import Alert, alert_id, now_iso, severity_for
+from detectors.base import Detector, Namespace, check_positive
+from detectors.drugs import is_placeholder
+from stream.events import Settlement, iso
+
+TZ_S = 8 * 3600  # episodes are local (UTC+08:00) calendar days, as the events are stamped
+
+LUA = r"""
+-- ARGV: W, lateness, ttl, day_ttl, tz_s, then per event: index, t, event_id, card, total, day_a, day_b
+-- KEYS per event: fingerprint zset, {evidence zset, bills hash} of day_a (= day of t - W), of day_b (= day of t)
+-- returns only the events that found a duplicate: {index, day, evidence (id, time)*, bills (field, value)*, n, gap}
+local W = tonumber(ARGV[1]); local lateness = tonumber(ARGV[2]); local ttl = tonumber(ARGV[3])
+local day_ttl = tonumber(ARGV[4]); local tz = tonumber(ARGV[5])
+local out = {}
+local a = 6
+local k = 1
+while a <= #ARGV do
+  local idx = ARGV[a]; local t = tonumber(ARGV[a + 1]); local eid = ARGV[a + 2]; local card = ARGV[a + 3]
+  local total = ARGV[a + 4]; local day_a = ARGV[a + 5]; local day_b = ARGV[a + 6]
+  a = a + 7
+  local fk = KEYS[k]
+  local keys_by_day = {[day_a] = {KEYS[k + 1], KEYS[k + 2]}, [day_b] = {KEYS[k + 3], KEYS[k + 4]}}
+  k = k + 5
+  redis.call('ZADD', fk, t, eid)
+  local top = redis.call('ZRANGE', fk, -1, -1, 'WITHSCORES')
+  redis.call('ZREMRANGEBYSCORE', fk, '-inf', '(' .. tostring(tonumber(top[2]) - W - lateness))
+  redis.call('EXPIRE', fk, ttl)
+  local m = redis.call('ZRANGEBYSCORE', fk, t - W, t + W, 'WITHSCORES')
+  if #m >= 4 then
+    local first_t = tonumber(m[2])
+    local day = tostring(math.floor((first_t + tz) / 86400))
+    local dk = keys_by_day[day]
+    if dk == nil then dk = keys_by_day[day_b] end
+    local ek, bk = dk[1], dk[2]
+    local zargs = {}
+    for j = 1, #m, 2 do zargs[#zargs + 1] = m[j + 1]; zargs[#zargs + 1] = m[j] end
+    redis.call('ZADD', ek, unpack(zargs))
+    local fp = string.sub(fk, #fk - 15)
+    redis.call('HSET', bk, card .. '\t' .. fp .. '\t' .. m[1], tostring(#m / 2) .. '\t' .. total)
+    redis.call('EXPIRE', ek, day_ttl)
+    redis.call('EXPIRE', bk, day_ttl)
+    local gap = tonumber(m[#m]) - first_t
+    out[#out + 1] = {idx, day, redis.call('ZRANGE', ek, 0, -1, 'WITHSCORES'), redis.call('HGETALL', bk),
+                     #m / 2, tostring(gap)}
+  end
+end
+return out
+"""
+
+
+def fingerprint(ev: Settlement) -> str:
+    """Canonical fingerprint of a bill: institution, department, sorted (code, quantity, amount) lines, total.
+
+    >>> from stream.events import parse_event
+    >>> raw = (b'{"event_id":"E%d","event_time":"2026-11-24T09:13:05+08:00","card_id":"C1","institution_id":"H1",'
+    ...        b'"institution_type":"hospital","district":"310104","visit_type":"outpatient","department":"D1",'
+    ...        b'"items":[%s],"total_amount":44.0,"fund_paid":30.8}')
+    >>> a = b'{"code":"R0001","category":"registration","quantity":1,"amount":20.0}'
+    >>> b = b'{"code":"J0001","category":"exam","quantity":1,"amount":24}'
+    >>> fingerprint(parse_event(raw % (1, a + b"," + b))) == fingerprint(parse_event(raw % (2, b + b"," + a)))
+    True
+    """
+    lines = sorted((it.code.strip(), round(it.quantity, 4), round(it.amount, 2)) for it in ev.items)
+    canon = "\x1f".join([ev.institution_id, ev.department or "",
+                         ";".join(f"{c}|{q!r}|{m:.2f}" for c, q, m in lines), f"{ev.total_amount:.2f}"])
+    return hashlib.blake2b(canon.encode(), digest_size=8).hexdigest()
+
+
+class DuplicateBilling(Detector):
+    """The same bill settled twice within minutes under different event ids (see module docstring)."""
+
+    rule = "duplicate_billing"
+    subject_type = "institution"
+    scripts = (LUA,)
+
+    def __init__(self, window_s: int = 600, *, lateness_s: int = 3600, lang: str = "zh", version: str = "") -> None:
+        super().__init__(lateness_s=lateness_s, lang=lang, version=version)
+        check_positive(self.rule, "window_s", window_s, integer=True)
+        if window_s > 86400:
+            raise ValueError(f"{self.rule}: window_s must be at most 86400 (one day), got {window_s}")
+        self.window_s = window_s
+        self._sha = self.sha(LUA)
+
+    def params(self) -> dict[str, Any]:
+        return {"window_s": self.window_s, "lateness_s": self.lateness_s}
+
+    @staticmethod
+    def _eligible(ev: Settlement) -> bool:
+        return bool(ev.items) and not is_placeholder(ev.card_id) and not is_placeholder(ev.institution_id)
+
+    def _day_keys(self, ns: Namespace, inst: str, day: int) -> list[str]:
+        base = self.key(ns, self.window_s, "inst", inst, day)
+        return [base + ":ev", base + ":bills"]
+
+    def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
+        W = self.window_s
+        argv: list[Any] = [W, self.lateness_s, W + self.lateness_s, 86400 + W + self.lateness_s, TZ_S]
+        keys: list[str] = []
+        for i, ev in enumerate(events):
+            if not self._eligible(ev):
+                continue
+            t = ev.ts
+            day_a, day_b = int((t - W + TZ_S) // 86400), int((t + TZ_S) // 86400)
+            argv += [i, repr(t), ev.event_id, ev.card_id, f"{ev.total_amount:.2f}", day_a, day_b]
+            keys.append(self.key(ns, W, ev.card_id, fingerprint(ev)))
+            keys += self._day_keys(ns, ev.institution_id, day_a) + self._day_keys(ns, ev.institution_id, day_b)
+        if not keys:
+            return 0
+        pipe.evalsha(self._sha, len(keys), *keys, *argv)
+        return 1
+
+    def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:
+        if not replies:
+            return []
+        out: dict[str, Alert] = {}
+        for idx, day, flat, bills, n, gap in replies[0]:
+            ev = events[int(idx)]
+            dec = [x.decode() if isinstance(x, bytes) else x for x in flat]
+            ids, times = dec[0::2], [float(x) for x in dec[1::2]]
+            cards: set[str] = set()
+            n_bills = extra = 0
+            extra_amount = 0.0
+            bl = [x.decode() if isinstance(x, bytes) else x for x in bills]
+            for field, value in zip(bl[0::2], bl[1::2]):
+                cards.add(field.split("\t", 1)[0])
+                cnt, amount = value.split("\t")
+                n_bills += 1
+                extra += int(cnt) - 1
+                extra_amount += (int(cnt) - 1) * float(amount)
+            a = self._alert(ns, ev, int(day), ids, times, sorted(cards), n_bills, extra, round(extra_amount, 2),
+                            int(n), float(gap))
+            out[a.alert_id] = a
+        return list(out.values())
+
+    def _alert(self, ns: Namespace, ev: Settlement, day: int, ids: list[str], times: list[float], cards: list[str],
+               n_bills: int, extra: int, extra_amount: float, copies: int, gap_s: float) -> Alert:
+        inst, ws = ev.institution_id, self.window_s
+        date = iso(day * 86400 - TZ_S)[:10]
+        ratio = 1 + 0.5 * (extra - 1)   # 1 extra settlement: medium, 2: high, 3 or more: critical
+        mins = f"{ws // 60} 分钟" if ws % 60 == 0 else f"{ws} 秒"
+        mins_en = f"{ws // 60} min" if ws % 60 == 0 else f"{ws} s"
+        card_zh = "、".join(cards[:3]) + (f" 等 {len(cards)} 张卡" if len(cards) > 3 else "")
+        zh = (f"机构 {inst} 于 {date} 将 {n_bills} 张费用明细相同的结算单在 {mins}内重复结算 {extra} 次"
+              f"（卡 {card_zh}），多结算 {extra_amount:.2f} 元")
+        en = (f"Institution {inst} settled {n_bills} identical bill(s) again within {mins_en} on {date}: "
+              f"{extra} extra settlement(s) (card(s) {', '.join(cards[:3])}{' …' if len(cards) > 3 else ''}), "
+              f"{extra_amount:.2f} CNY billed twice")
+        return Alert(
+            alert_id=alert_id(ns.run_id, self.rule, "institution", inst, str(ws), str(day)),
+            rule=self.rule, rule_version=self.version, severity=severity_for(ratio), score=round(ratio, 4),
+            subject_type="institution", subject_id=inst, member_ids=cards, window_start=iso(min(times)),
+            window_end=iso(max(times)), evidence_event_ids=ids, run_id=ns.run_id,
+            summary=zh if self.lang == "zh" else en, summary_en=en, detected_at=now_iso(), window_s=ws,
+            metrics={"duplicated_bills": n_bills, "extra_settlements": extra, "extra_amount": extra_amount,
+                     "cards": cards, "day": date, "card": ev.card_id, "event_id": ev.event_id,
+                     "copies": copies, "gap_s": gap_s, "total_amount": ev.total_amount, "lines": len(ev.items),
+                     "window_s": ws},
+        )

@@ -1,0 +1,249 @@
+"""``trace_code_reuse``: a drug package's traceability code settled a second time (回流药).
+
+Every dispensed package carries its own drug traceability code (药品追溯码); a code settled
+again means the package came back (bought with one card, sold back to a pharmacy or dealer)
+and was sold and settled again: 回流药, the end of the 贩卖医保药品 chain. The rule remembers
+every code it sees for ``retention_s`` of event time (two years by default) and fires when a
+code is settled by a second settlement (another ``event_id``; the same event delivered again is
+the same settlement and never reuse). The subject is the institution of the second settlement
+(the one selling the returned package); the alert names the first and the second settlement,
+both cards and both institutions, one alert per second settlement (its event id is the
+episode, so the id does not depend on delivery order). Whichever of the two arrives first,
+the earlier one in event time is the first settlement. Codes that are placeholders ("0000",
+"未知"), shorter than ``min_code_len`` or repeated within one settlement are ignored, and a
+second settlement at a placeholder institution is never blamed.
+
+State: one small hash field per code, in hash buckets so that Redis stores them as compact
+listpacks (ziplists on 6.2) instead of one key per code. A code is hashed (BLAKE2b): 8 bytes
+are the field, other bits pick one of ``buckets`` buckets; buckets are per event-time
+``period_s`` so whole buckets expire (Redis < 7.4 has no per-field TTL):
+
+* ``cw:{run}:trace_code_reuse:{retention_s}:{period}:{bucket}`` — hash, field = 8-byte code
+  hash, value = ``time(base 36) \\x1f event_id \\x1f card \\x1f institution`` of the first
+  settlement; expires ``retention_s`` + ``period_s`` + lateness after its last write. A code is
+  looked up in every period bucket of the retention (``retention_s / period_s`` + 1 lookups).
+
+About 65-75 bytes per code with 18-character event ids, 16-character card ids and
+11-character institution ids when buckets hold 30-120 codes (size ``buckets`` to about
+codes per period / 64 and keep ``hash-max-listpack-entries`` >= 128 and
+``hash-max-listpack-value`` >= 64, the Redis defaults).
+
+>>> TraceCodeReuse(retention_s=63072000, period_s=2592000, buckets=1024)
+TraceCodeReuse(retention_s=63072000, period_s=2592000, buckets=1024, min_code_len=12, lateness_s=3600)
+>>> TraceCodeReuse(period_s=0)
+Traceback (most recent call last):
+...
+ValueError: trace_code_reuse: period_s must be a positive integer, got 0
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Sequence
+
+from alerts.model import Alert, alert_id, now_iso, severity_for
+from detectors.base import Detector, Namespace, check_positive
+from detectors.drugs import is_placeholder
+from stream.events import Settlement, iso
+
+LUA = r"""
+-- ARGV: retention, period, lateness, ttl, key prefix,
+--       then per event: index, t, event_id, card, institution, ncodes, {bucket, field} * ncodes
+-- KEYS: the bucket each code is written to (its event-time period); the other periods of the same
+--       bucket are read from the same prefix
+-- returns only events with reuse: {index, {code position, role, time, event_id, card, institution}*}
+--   role 's': this event is the second settlement of the code; 'f': it is the (earlier) first one
+local R = tonumber(ARGV[1]); local P = tonumber(ARGV[2]); local lateness = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4]); local prefix = ARGV[5]
+local SEP = '\31'
+local out = {}
+local a = 6
+local k = 1
+while a <= #ARGV do
+  local idx = ARGV[a]; local t = tonumber(ARGV[a + 1]); local eid = ARGV[a + 2]
+  local card = ARGV[a + 3]; local inst = ARGV[a + 4]; local nc = tonumber(ARGV[a + 5])
+  a = a + 6
+  local tf = math.floor(t)
+  -- base 36 of the event time
+  local n36, s36 = tf, ''
+  repeat
+    local d = n36 % 36
+    s36 = string.sub('0123456789abcdefghijklmnopqrstuvwxyz', d + 1, d + 1) .. s36
+    n36 = math.floor(n36 / 36)
+  until n36 == 0
+  local value = s36 .. SEP .. eid .. SEP .. card .. SEP .. inst
+  local lo = math.floor((t - R) / P)
+  local hi = math.floor((t + lateness) / P)
+  local hits = {}
+  for j = 1, nc do
+    local b = ARGV[a]; local f = ARGV[a + 1]
+    a = a + 2
+    local wk = KEYS[k]
+    k = k + 1
+    local best = nil
+    local stored = false
+    for q = lo, hi do
+      local v = redis.call('HGET', prefix .. q .. ':' .. b, f)
+      if v then
+        local p1 = string.find(v, SEP, 1, true)
+        local p2 = string.find(v, SEP, p1 + 1, true)
+        local p3 = string.find(v, SEP, p2 + 1, true)
+        local vt = tonumber(string.sub(v, 1, p1 - 1), 36)
+        local ve = string.sub(v, p1 + 1, p2 - 1)
+        if ve == eid then
+          stored = true
+        elseif math.abs(t - vt) <= R then
+          if best == nil or vt < best[1] or (vt == best[1] and ve < best[2]) then
+            best = {vt, ve, string.sub(v, p2 + 1, p3 - 1), string.sub(v, p3 + 1)}
+          end
+        end
+      end
+    end
+    if best == nil or tf < best[1] or (tf == best[1] and eid < best[2]) then
+      -- first sight of the code, or this settlement is earlier than the one remembered: remember it
+      if not stored then
+        redis.call('HSET', wk, f, value)
+        redis.call('EXPIRE', wk, ttl)
+      end
+      if best ~= nil then
+        hits[#hits + 1] = {j, 'f', tostring(best[1]), best[2], best[3], best[4]}
+      end
+    else
+      hits[#hits + 1] = {j, 's', tostring(best[1]), best[2], best[3], best[4]}
+    end
+  end
+  if #hits > 0 then out[#out + 1] = {idx, hits} end
+end
+return out
+"""
+
+
+def _decode(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+class TraceCodeReuse(Detector):
+    """Drug traceability codes settled twice (see module docstring)."""
+
+    rule = "trace_code_reuse"
+    subject_type = "institution"
+    scripts = (LUA,)
+
+    def __init__(self, retention_s: int = 63072000, *, period_s: int = 2592000, buckets: int = 524288,
+                 min_code_len: int = 12, lateness_s: int = 3600, lang: str = "zh", version: str = "") -> None:
+        super().__init__(lateness_s=lateness_s, lang=lang, version=version)
+        r = self.rule
+        for name, v in (("retention_s", retention_s), ("period_s", period_s), ("buckets", buckets),
+                        ("min_code_len", min_code_len)):
+            check_positive(r, name, v, integer=True)
+        if period_s > retention_s:
+            raise ValueError(f"{r}: period_s must be at most retention_s ({retention_s}), got {period_s}")
+        if retention_s // period_s > 120:
+            raise ValueError(f"{r}: retention_s / period_s must be at most 120 (one lookup per period), "
+                             f"got {retention_s // period_s}")
+        if buckets > 1 << 32:
+            raise ValueError(f"{r}: buckets must be at most {1 << 32}, got {buckets}")
+        self.retention_s = retention_s
+        self.period_s = period_s
+        self.buckets = buckets
+        self.min_code_len = min_code_len
+        self._sha = self.sha(LUA)
+
+    def params(self) -> dict[str, Any]:
+        return {"retention_s": self.retention_s, "period_s": self.period_s, "buckets": self.buckets,
+                "min_code_len": self.min_code_len, "lateness_s": self.lateness_s}
+
+    def codes(self, ev: Settlement) -> list[tuple[str, str, str | None]]:
+        """The event's usable trace codes, first occurrence only: (code, drug code, drug name)."""
+        seen: set[str] = set()
+        out = []
+        for it in ev.items:
+            for c in it.trace_codes:
+                c = c.strip()
+                if len(c) < self.min_code_len or c in seen or is_placeholder(c):
+                    continue
+                seen.add(c)
+                out.append((c, it.code, it.name))
+        return out
+
+    def _slot(self, code: str) -> tuple[int, bytes]:
+        h = hashlib.blake2b(code.encode(), digest_size=12).digest()
+        return int.from_bytes(h[8:], "big") % self.buckets, h[:8]
+
+    def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
+        R, P = self.retention_s, self.period_s
+        prefix = self.key(ns, R) + ":"
+        argv: list[Any] = [R, P, self.lateness_s, R + P + self.lateness_s, prefix]
+        keys: list[str] = []
+        for i, ev in enumerate(events):
+            codes = self.codes(ev)
+            if not codes:
+                continue
+            period = int(ev.ts // P)
+            argv += [i, repr(ev.ts), ev.event_id, ev.card_id, ev.institution_id, len(codes)]
+            for code, *_ in codes:
+                b, f = self._slot(code)
+                argv += [b, f]
+                keys.append(f"{prefix}{period}:{b}")
+        if not keys:
+            return 0
+        pipe.evalsha(self._sha, len(keys), *keys, *argv)
+        return 1
+
+    def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:
+        if not replies:
+            return []
+        # second settlement -> its facts and the first settlements of its reused codes
+        cases: dict[str, dict[str, Any]] = {}
+        for idx, hits in replies[0]:
+            ev = events[int(idx)]
+            codes = self.codes(ev)
+            me = (float(ev.ts), ev.event_id, ev.card_id, ev.institution_id)
+            for h in hits:
+                j, role, ot, oe, oc, oi = (_decode(x) for x in h)
+                other = (float(ot), oe, oc, oi)
+                first, second = (other, me) if role == "s" else (me, other)
+                code, drug, name = codes[int(j) - 1]
+                c = cases.setdefault(second[1], {"second": second, "firsts": {}, "codes": []})
+                c["firsts"].setdefault(first[1], first)
+                c["codes"].append((code, drug, name or drug, first[1]))
+        out = []
+        for case in cases.values():
+            if is_placeholder(case["second"][3]):
+                continue  # never blame a placeholder institution (a data-quality finding)
+            out.append(self._alert(ns, case))
+        return out
+
+    def _alert(self, ns: Namespace, case: dict[str, Any]) -> Alert:
+        st, se, sc, si = case["second"]
+        firsts = sorted(case["firsts"].values())
+        ft, fe, fc, fi = firsts[0]
+        codes = sorted(set(case["codes"]))
+        n = len(codes)
+        drug_name = codes[0][2]
+        days = (st - ft) / 86400
+        elapsed_zh = f"{days:.1f} 天" if days >= 1 else f"{(st - ft) / 3600:.1f} 小时"
+        elapsed_en = f"{days:.1f} days" if days >= 1 else f"{(st - ft) / 3600:.1f} h"
+        zh = (f"{n} 盒 {drug_name} 的药品追溯码在机构 {si} 由卡 {sc} 再次结算（{iso(st)}），"
+              f"首次已于 {iso(ft)} 在机构 {fi} 由卡 {fc} 结算，相隔 {elapsed_zh}，疑似回流药")
+        en = (f"{n} package(s) of {drug_name} settled again at institution {si} with card {sc} ({iso(st)}); "
+              f"first settled at {fi} with card {fc} on {iso(ft)}, {elapsed_en} earlier: likely resold drugs")
+        if len(firsts) > 1:
+            zh += f"（共来自 {len(firsts)} 次首次结算）"
+            en += f" (from {len(firsts)} first settlements)"
+        members = list(dict.fromkeys([f[2] for f in firsts] + [sc]))
+        ids = [f[1] for f in firsts] + [se]
+        times = [f[0] for f in firsts] + [st]
+        return Alert(
+            alert_id=alert_id(ns.run_id, self.rule, "institution", si, str(self.retention_s), se),
+            rule=self.rule, rule_version=self.version, severity=severity_for(1 + 0.5 * (n - 1)),
+            score=float(n), subject_type="institution", subject_id=si, member_ids=members,
+            window_start=iso(min(times)), window_end=iso(max(times)), evidence_event_ids=ids, run_id=ns.run_id,
+            summary=zh if self.lang == "zh" else en, summary_en=en, detected_at=now_iso(),
+            window_s=self.retention_s,
+            metrics={"reused_codes": n, "trace_codes": [c[0] for c in codes][:20], "drug_code": codes[0][1],
+                     "drug_name": drug_name, "elapsed_s": st - ft,
+                     "first_event_id": fe, "first_card": fc, "first_institution": fi, "first_time": iso(ft),
+                     "second_event_id": se, "second_card": sc, "second_institution": si, "second_time": iso(st),
+                     "first_event_ids": [f[1] for f in firsts], "retention_s": self.retention_s},
+        )

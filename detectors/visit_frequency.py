@@ -1,0 +1,349 @@
+"""``visit_frequency``: 就诊次数异常, the first of Shanghai's "two anomalies" (两个异常).
+
+Inspectors review insured persons who see doctors far more often than anyone plausibly
+needs: people collecting drugs to resell, cards lent out (出借医保卡), or institutions running
+empty registrations (空挂号) on a card. The default sub-rules are the published outpatient
+thresholds, each in calendar terms (local +08:00): >= 15 outpatient (门诊) visits or >= 20
+outpatient+emergency (门急诊) visits in a calendar month; more than 4 visits a day on >= 3
+days of a month; more than 3 institutions a day on >= 3 days of a month; >= 100 visits in a
+calendar year. A *visit* is an outpatient or emergency settlement at a hospital or community
+health centre; pharmacy purchases (购药, not 就诊) never count (``card_hopping`` and
+``overdispensing`` watch those), and settlements of one card at the same institution and
+department on the same day are one visit (hospitals settle a visit's registration, tests and
+drugs separately). Visits whose primary diagnosis is a 门诊大病 (``special_dx_prefixes``:
+dialysis, cancer treatment, transplant, severe mental illness …) are approved treatment and
+do not count towards the absolute thresholds; they count in the peer comparison, where the
+card is judged against its peers (same insured category, age band and diagnosis group, see
+:mod:`detectors._peers`): it fires when the month's visits reach ``max(min_visits, factor x
+the peers' quantile)`` and the group has ``min_peer_size`` other members, so a dialysis
+patient going three times a week is compared with dialysis patients. One alert per card and
+calendar month (and one per card and year for yearly sub-rules); later visits extend it.
+
+State per card (Redis hashes, expiring at the end of the bucket + lateness):
+
+* ``cw:{run}:visit_frequency:month:{card}:{YYYY-MM}`` — ``e:{event_id}`` (event time; a
+  redelivered event is a no-op), ``v:{day}:{institution}|{department}`` (one visit),
+  ``o``/``e`` (outpatient/emergency visits), ``d:{day}``/``n:{day}`` (visits, institutions
+  that day), ``dd:{j}`` (qualifying days of day sub-rule ``j``), ``pv``/``gb``/``gd``/``h:{day}``
+  (peer value and group, see :mod:`detectors._peers`);
+* ``…:year:{card}:{YYYY}`` — ``o``/``e`` visits of the year;
+* ``…:peer:{YYYY-MM}:{group}:{day}`` — daily deltas of the peer histograms.
+
+>>> VisitFrequency(sub_rules=[{"name": "outpatient_month", "window": "month", "min_visits": 15}],
+...                peers={"min_visits": 8})
+VisitFrequency(sub_rules=['outpatient_month'], special_dx_prefixes=[], peers=PeerSpec(floor=8, quantile=0.99, factor=2.0, min_peer_size=30))
+>>> VisitFrequency(sub_rules=[{"name": "m", "window": "week", "min_visits": 15}])
+Traceback (most recent call last):
+...
+ValueError: visit_frequency: sub_rules[0].window must be 'month' or 'year', got 'week'
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from alerts.model import Alert, alert_id, now_iso, severity_for
+from detectors._peers import (LUA_LIB, Calendar, PeerSpec, check_prefixes, dx_key, group_label, is_special,
+                              peer_bound)
+from detectors.base import Detector, Namespace, check_positive
+from stream.events import Settlement, iso
+
+LUA = LUA_LIB + r"""
+-- ARGV: peer prefix, K, {window m|y, mask (1 outpatient, 2 emergency), min} * K,
+--       J, {kind v|i, per_day_min, min_days} * J, peer config (see pk_config),
+--       per event: idx, t, event_id, day of month, YYYY-MM, ttl month, ttl year, o|e, special 0|1,
+--                  visit key, institution, group base, diagnosis key, reference day of month
+-- KEYS: {month hash, year hash} per event
+-- returns the events after which the card is over a threshold: {idx, counts, peer|0, evidence}
+local prefix = ARGV[1]
+local a = 2
+local K = tonumber(ARGV[a]); a = a + 1
+local subs = {}
+for j = 1, K do subs[j] = {ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])}; a = a + 3 end
+local J = tonumber(ARGV[a]); a = a + 1
+local days = {}
+for j = 1, J do days[j] = {ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])}; a = a + 3 end
+local pc
+pc, a = pk_config(a)
+local fields = {'o', 'e', 'pv', 'gb', 'gd'}
+for j = 1, J do fields[#fields + 1] = 'dd:' .. j end
+local out = {}
+local k = 1
+while a <= #ARGV do
+  local idx, t, eid, dom, ym = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local ttl_m, ttl_y, vt, special = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8]
+  local vkey, inst, eb, ed, rdom = ARGV[a + 9], ARGV[a + 10], ARGV[a + 11], ARGV[a + 12], tonumber(ARGV[a + 13])
+  a = a + 14
+  local mk, yk = KEYS[k], KEYS[k + 1]
+  k = k + 2
+  if redis.call('HSETNX', mk, 'e:' .. eid, t) == 1 then
+    if redis.call('HSETNX', mk, 'v:' .. dom .. ':' .. vkey, 1) == 1 then
+      local pv = redis.call('HINCRBY', mk, 'pv', 1)
+      if special == '0' then
+        redis.call('HINCRBY', mk, vt, 1)
+        redis.call('HINCRBY', yk, vt, 1)
+        redis.call('EXPIRE', yk, ttl_y)
+        if J > 0 then
+          local dc = redis.call('HINCRBY', mk, 'd:' .. dom, 1)
+          local ic = -1
+          if redis.call('HSETNX', mk, 'i:' .. dom .. ':' .. inst, 1) == 1 then
+            ic = redis.call('HINCRBY', mk, 'n:' .. dom, 1)
+          end
+          for j = 1, J do
+            if (days[j][1] == 'v' and dc == days[j][2]) or (days[j][1] == 'i' and ic == days[j][2]) then
+              redis.call('HINCRBY', mk, 'dd:' .. j, 1)
+            end
+          end
+        end
+      end
+      if pc.enabled then
+        local st = redis.call('HMGET', mk, 'gb', 'gd')
+        local nb, nd = pk_regroup(st[1], st[2], eb, ed)
+        pk_update(prefix, ym, dom, ttl_m, pc, st[1], st[2], pv - 1, nb, nd, pv)
+        redis.call('HSET', mk, 'gb', nb, 'gd', nd, 'h:' .. dom, pv .. '\t' .. nb .. '\t' .. nd)
+      end
+    end
+    redis.call('EXPIRE', mk, ttl_m)
+  end
+  local v = redis.call('HMGET', mk, unpack(fields))
+  local yv = redis.call('HMGET', yk, 'o', 'e')
+  local counts = {tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(yv[1]) or 0, tonumber(yv[2]) or 0,
+                  tonumber(v[3]) or 0}
+  for j = 1, J do counts[5 + j] = tonumber(v[5 + j]) or 0 end
+  local fired = false
+  for j = 1, K do
+    local s = subs[j]
+    local off = (s[1] == 'm') and 0 or 2
+    local n = 0
+    if s[2] ~= 2 then n = n + counts[off + 1] end
+    if s[2] ~= 1 then n = n + counts[off + 2] end
+    if n >= s[3] then fired = true end
+  end
+  for j = 1, J do
+    if counts[5 + j] >= days[j][3] then fired = true end
+  end
+  local peer = 0
+  if pc.enabled and v[4] and counts[5] >= pc.floor then
+    local p = pk_peers(prefix, ym, rdom, pc, mk, v[4], v[5])
+    if p then
+      peer = p
+      if pk_fires(pc, counts[5], p) then fired = true end
+    end
+  end
+  if fired then
+    local all = redis.call('HGETALL', mk)
+    local ev = {}
+    for i = 1, #all, 2 do
+      if string.sub(all[i], 1, 2) == 'e:' then
+        ev[#ev + 1] = string.sub(all[i], 3)
+        ev[#ev + 1] = all[i + 1]
+      end
+    end
+    out[#out + 1] = {idx, counts, peer, ev}
+  end
+end
+return out
+"""
+
+VISIT_TYPES = ("outpatient", "emergency")
+_TYPES_ZH = {("outpatient",): "门诊", ("emergency",): "急诊", ("emergency", "outpatient"): "门急诊"}
+_TYPES_EN = {("outpatient",): "outpatient", ("emergency",): "emergency",
+             ("emergency", "outpatient"): "outpatient and emergency"}
+
+
+def _dec(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _num(x: float) -> str:
+    return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
+
+
+class VisitFrequency(Detector):
+    """Visits per card per calendar month/year, daily patterns and peers (see module docstring)."""
+
+    rule = "visit_frequency"
+    subject_type = "card"
+    scripts = (LUA,)
+
+    def __init__(self, sub_rules: Sequence[dict[str, Any]], *, special_dx_prefixes: Sequence[str] = (),
+                 peers: dict[str, Any] | None = None, max_evidence: int = 200, lateness_s: int = 3600,
+                 lang: str = "zh", version: str = "") -> None:
+        super().__init__(lateness_s=lateness_s, lang=lang, version=version)
+        owner = self.rule
+        if not isinstance(sub_rules, (list, tuple)) or not sub_rules:
+            raise ValueError(f"{owner}: sub_rules must be a non-empty list, got {sub_rules!r}")
+        counts: list[dict[str, Any]] = []
+        days: list[dict[str, Any]] = []
+        names: list[str] = []
+        for i, s in enumerate(sub_rules):
+            where = f"{owner}: sub_rules[{i}]"
+            if not isinstance(s, dict):
+                raise ValueError(f"{where} must be a mapping, got {s!r}")
+            unknown = set(s) - {"name", "window", "min_visits", "visit_types", "min_days", "min_visits_per_day",
+                                "min_institutions_per_day"}
+            if unknown:
+                raise ValueError(f"{where} has unknown field(s) {sorted(unknown)}")
+            name = s.get("name")
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"{where}.name must be a non-empty string, got {name!r}")
+            names.append(name)
+            window = s.get("window")
+            if window not in ("month", "year"):
+                raise ValueError(f"{where}.window must be 'month' or 'year', got {window!r}")
+            if ("min_visits" in s) == ("min_days" in s):
+                raise ValueError(f"{where} must have exactly one of min_visits, min_days")
+            if "min_visits" in s:
+                if set(s) & {"min_visits_per_day", "min_institutions_per_day"}:
+                    raise ValueError(f"{where}: min_visits_per_day / min_institutions_per_day go with min_days")
+                check_positive(owner, f"sub_rules[{i}].min_visits", s["min_visits"], integer=True)
+                vt = s.get("visit_types", ["outpatient"])
+                if (not isinstance(vt, (list, tuple)) or not vt or not all(v in VISIT_TYPES for v in vt)
+                        or len(set(vt)) != len(vt)):
+                    raise ValueError(f"{where}.visit_types must be a non-empty list of 'outpatient' and/or "
+                                     f"'emergency', got {vt!r}")
+                counts.append({"name": name, "window": window, "min_visits": s["min_visits"],
+                               "visit_types": sorted(vt)})
+            else:
+                if "visit_types" in s:
+                    raise ValueError(f"{where}: day sub-rules count outpatient and emergency visits; "
+                                     f"visit_types is not allowed")
+                if window != "month":
+                    raise ValueError(f"{where}.window must be 'month' for a min_days sub-rule, got {window!r}")
+                check_positive(owner, f"sub_rules[{i}].min_days", s["min_days"], integer=True)
+                per = [f for f in ("min_visits_per_day", "min_institutions_per_day") if f in s]
+                if len(per) != 1:
+                    raise ValueError(f"{where} must have exactly one of min_visits_per_day, min_institutions_per_day")
+                check_positive(owner, f"sub_rules[{i}].{per[0]}", s[per[0]], integer=True)
+                if s["min_days"] > 31:
+                    raise ValueError(f"{where}.min_days must be <= 31, got {s['min_days']}")
+                days.append({"name": name, "window": "month", "min_days": s["min_days"],
+                             "kind": "visits" if per[0] == "min_visits_per_day" else "institutions",
+                             "per_day": s[per[0]]})
+        if len(set(names)) != len(names):
+            raise ValueError(f"{owner}: sub_rules must have distinct names, got {names}")
+        self.sub_rules = [dict(s) for s in sub_rules]
+        self.counts = counts
+        self.days = days
+        self.special = check_prefixes(owner, "special_dx_prefixes", special_dx_prefixes)
+        self.peers = PeerSpec(owner, peers if peers is not None else {"enabled": False, "min_visits": 8},
+                              floor_field="min_visits", integer=True)
+        check_positive(owner, "max_evidence", max_evidence, integer=True)
+        self.max_evidence = max_evidence
+        self._sha = self.sha(LUA)
+        head: list[Any] = [len(counts)]
+        for c in counts:
+            mask = (1 if "outpatient" in c["visit_types"] else 0) + (2 if "emergency" in c["visit_types"] else 0)
+            head += ["m" if c["window"] == "month" else "y", mask, c["min_visits"]]
+        head.append(len(days))
+        for d in days:
+            head += ["v" if d["kind"] == "visits" else "i", d["per_day"], d["min_days"]]
+        head += self.peers.argv()
+        self._head = head
+
+    def params(self) -> dict[str, Any]:
+        return {"sub_rules": [s["name"] for s in self.sub_rules], "special_dx_prefixes": list(self.special),
+                "peers": self.peers}
+
+    # -- Redis ---------------------------------------------------------------------------
+    def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
+        argv: list[Any] = [self.key(ns, "peer"), *self._head]
+        keys: list[str] = []
+        late = self.lateness_s
+        for i, ev in enumerate(events):
+            if ev.visit_type not in VISIT_TYPES or ev.institution_type == "pharmacy":
+                continue
+            c = Calendar(ev.ts, late)
+            dx = dx_key(ev.diagnoses[0] if ev.diagnoses else None, self.special)
+            argv += [i, repr(ev.ts), ev.event_id, c.dom, c.month, max(1, int(c.month_end - ev.ts) + late),
+                     max(1, int(c.year_end - ev.ts) + late), "o" if ev.visit_type == "outpatient" else "e",
+                     "1" if is_special(dx) else "0", f"{ev.institution_id}|{ev.department or '-'}",
+                     ev.institution_id, self.peers.base(ev), dx, c.ref_dom]
+            keys += [self.key(ns, "month", ev.card_id, c.month), self.key(ns, "year", ev.card_id, c.year)]
+        if not keys:
+            return 0
+        pipe.evalsha(self._sha, len(keys), *keys, *argv)
+        return 1
+
+    def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:
+        if not replies:
+            return []
+        out: dict[str, Alert] = {}
+        for idx, counts, peer, flat in replies[0]:
+            ev = events[int(idx)]
+            counts = [int(x) for x in counts]
+            ids = [_dec(x) for x in flat[0::2]]
+            times = [float(_dec(x)) for x in flat[1::2]]
+            order = sorted(range(len(ids)), key=lambda j: (times[j], ids[j]))[-self.max_evidence:]
+            ids, times = [ids[j] for j in order], [times[j] for j in order]
+            pinfo = None if not peer else (int(peer[0]), int(peer[1]), float(_dec(peer[2])), float(_dec(peer[3])))
+            for a in self._alerts(ns, ev, counts, pinfo, ids, times):
+                out[a.alert_id] = a
+        return list(out.values())
+
+    # -- alerts --------------------------------------------------------------------------
+    def _alerts(self, ns: Namespace, ev: Settlement, counts: list[int], peer: tuple | None, ids: list[str],
+                times: list[float]) -> list[Alert]:
+        o, e, yo, ye, pv = counts[:5]
+        dd = counts[5:]
+        cal = Calendar(ev.ts, self.lateness_s)
+        fired: dict[str, list[tuple[str, float, str, str]]] = {"month": [], "year": []}
+        metrics: dict[str, dict[str, Any]] = {"month": {}, "year": {}}
+        for c in self.counts:
+            mo, em = (o, e) if c["window"] == "month" else (yo, ye)
+            n = (mo if "outpatient" in c["visit_types"] else 0) + (em if "emergency" in c["visit_types"] else 0)
+            metrics[c["window"]][c["name"]] = n
+            if n >= c["min_visits"]:
+                key = tuple(c["visit_types"])
+                when_zh = f"{cal.month}" if c["window"] == "month" else f"{cal.year} 年"
+                when_en = f"in {cal.month}" if c["window"] == "month" else f"in {cal.year}"
+                zh = f"{when_zh}{_TYPES_ZH[key]}就诊 {n} 次（阈值 {c['min_visits']} 次）"
+                en = f"{n} {_TYPES_EN[key]} visits {when_en} (threshold {c['min_visits']})"
+                fired[c["window"]].append((c["name"], n / c["min_visits"], zh, en))
+        for d, n in zip(self.days, dd):
+            metrics["month"][d["name"]] = n
+            if n >= d["min_days"]:
+                if d["kind"] == "visits":
+                    zh = f"{n} 天单日就诊超过 {d['per_day'] - 1} 次（阈值 {d['min_days']} 天）"
+                    en = f"more than {d['per_day'] - 1} visits a day on {n} days (threshold {d['min_days']} days)"
+                else:
+                    zh = f"{n} 天单日就诊超过 {d['per_day'] - 1} 家机构（阈值 {d['min_days']} 天）"
+                    en = f"more than {d['per_day'] - 1} institutions a day on {n} days (threshold {d['min_days']} days)"
+                fired["month"].append((d["name"], n / d["min_days"], zh, en))
+        metrics["month"]["visits_incl_major_disease"] = pv
+        if peer is not None:
+            lvl, members, med, qv = peer
+            bound = peer_bound(self.peers, qv)
+            base_now = self.peers.base(ev) if lvl == 1 else "*|*"
+            pm = {"peer_group": ("category_age_diagnosis" if lvl == 1 else "diagnosis"), "peers": members,
+                  "peer_median_visits": med, f"peer_p{round(self.peers.quantile * 100)}_visits": qv,
+                  "peer_bound_visits": bound}
+            metrics["month"].update(pm)
+            if pv >= bound - 1e-9:
+                qn = round(self.peers.quantile * 100)
+                dxk = dx_key(ev.diagnoses[0] if ev.diagnoses else None, self.special)
+                glz, gle = group_label(base_now, dxk, "zh"), group_label(base_now, dxk, "en")
+                zh = (f"本月就诊 {pv} 次，同类参保人（{glz}，{members} 人）第 {qn} 百分位 {_num(qv)} 次、"
+                      f"中位数 {_num(med)} 次，界限 {_num(bound)} 次")
+                en = (f"{pv} visits this month against peers ({gle}, {members} cards): p{qn} {_num(qv)}, "
+                      f"median {_num(med)}, bound {_num(bound)}")
+                fired["month"].append(("peers", pv / bound, zh, en))
+        alerts = []
+        for window, items in fired.items():
+            if not items:
+                continue
+            bucket, b_start, b_end = cal.bounds(window)
+            ratio = max(r for _, r, _, _ in items)
+            zh = f"卡 {ev.card_id} " + "；".join(z for _, _, z, _ in items)
+            en = f"Card {ev.card_id}: " + "; ".join(x for _, _, _, x in items)
+            m = {"bucket": bucket, "window": window, "fired": [n for n, _, _, _ in items], **metrics[window]}
+            alerts.append(Alert(
+                alert_id=alert_id(ns.run_id, self.rule, "card", ev.card_id, window, bucket),
+                rule=self.rule, rule_version=self.version, severity=severity_for(ratio), score=round(ratio, 4),
+                subject_type="card", subject_id=ev.card_id, window_start=iso(min(times)), window_end=iso(max(times)),
+                evidence_event_ids=ids, run_id=ns.run_id, summary=zh if self.lang == "zh" else en, summary_en=en,
+                detected_at=now_iso(), window_s=b_end - b_start,
+                metrics=m,
+            ))
+        return alerts
+
