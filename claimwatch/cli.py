@@ -240,6 +240,35 @@ def demo(rate: float = typer.Option(50.0, min=0.1, help="settlements per second 
         pass
 
 
+@app.command("rebuild-state")
+def rebuild_state_cmd(since: str = typer.Option(..., "--from", help="ISO time: rebuild from settlements appended "
+                                                "since then (at least one longest window back)"),
+                      run_id: str = typer.Option("live", "--run-id"),
+                      topic: Optional[str] = typer.Option(None, help="default: the settlements topic")) -> None:
+    """Rebuild the Redis windows from the settlements log (after Redis state was lost)."""
+    from datetime import datetime
+
+    from replay.rebuild import run as rebuild
+
+    s = load_settings()
+    if not s.kafka_url or not s.redis_url:
+        fail("rebuild-state needs CLAIMWATCH_KAFKA_URL and CLAIMWATCH_REDIS_URL (the log and the Redis to rebuild)")
+    try:
+        dt = datetime.fromisoformat(since)
+    except ValueError:
+        fail(f"--from must be an ISO date or date-time, got {since!r}")
+    if dt.tzinfo is None:
+        from datetime import timedelta, timezone
+
+        dt = dt.replace(tzinfo=timezone(timedelta(hours=8)))
+    with _progress() as prog:
+        task = prog.add_task("rebuilding from the log", total=None)
+        st = rebuild(s, dt.timestamp(), run_id=run_id, topic=topic,
+                     progress=lambda done, total: prog.update(task, completed=done, total=total))
+    console.print(f"rebuilt state of run {run_id} from {st.messages:,} messages ({st.events:,} settlements, "
+                  f"{st.invalid:,} invalid skipped) in {st.seconds:.1f} s")
+
+
 def _need_redis(s: Settings) -> None:
     if not s.redis_url:
         fail("this command needs CLAIMWATCH_REDIS_URL (the Redis the workers use); "

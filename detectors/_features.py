@@ -36,8 +36,8 @@ State (all keys expire, all idempotent on ``event_id``):
   ``institution\\tdistrict\\tdays_supply\\tevent_id``, score = event time, 7 d + lateness;
   a redelivered event re-adds the same member (no-op) and is reported as not new.
 * ``cw:{run}:ml_outlier:p{partition}:phys:{physician}`` and ``…:inst:{institution}`` —
-  hash ``d`` (current local day), ``n`` (settlements that day), ``b`` (baseline per day),
-  ``k`` (completed days seen), 14 d.
+  string ``"d n b k"``: current local day, settlements that day, baseline per day,
+  completed days seen; 14 d.
 
 >>> from stream.events import parse_event
 >>> ev = parse_event(b'{"event_id":"E1","event_time":"2026-11-24T09:30:00+08:00","card_id":"C1",'
@@ -89,33 +89,38 @@ FEATURES: dict[str, tuple[str, str]] = {
 
 LUA = r"""
 -- Card windows and per-partition physician / institution volumes, one call per batch.
--- ARGV: lateness, week_s, card_ttl, vol_ttl, base_days, then per event:
---       t, day, event_id, institution, district, days_supply, has_phys
--- KEYS per event: card zset, institution volume hash, [physician volume hash if has_phys]
+-- ARGV: lateness, week_s, card_ttl, vol_ttl, base_days, then one per event:
+--       "t \t day \t institution \t district \t days_supply \t event_id \t has_phys"
+--       (institution \t district \t days_supply \t event_id is the card window's member)
+-- KEYS per event: card zset, institution volume, [physician volume if has_phys]
+-- Reply per event: one string of 17 numbers (see Window.from_reply).
 local lateness = tonumber(ARGV[1])
 local week = tonumber(ARGV[2])
 local card_ttl = tonumber(ARGV[3])
 local vol_ttl = tonumber(ARGV[4])
 local base_days = tonumber(ARGV[5])
+local horizon = week + lateness
+local find, sub, match, fmt = string.find, string.sub, string.match, string.format
 
-local function volume(key, day, new)
-  local h = redis.call('HMGET', key, 'd', 'n', 'b', 'k')
-  local d = tonumber(h[1])
-  local n = tonumber(h[2]) or 0
-  local b = tonumber(h[3]) or 0
-  local k = tonumber(h[4]) or 0
+-- volume state "d n b k": local day, settlements that day, baseline per day, completed days
+local function roll(v, day, new)
+  local d, n, b, k
+  if v then
+    local s1, s2, s3, s4 = match(v, '^(%S+) (%S+) (%S+) (%S+)$')
+    d = tonumber(s1); n = tonumber(s2); b = tonumber(s3); k = tonumber(s4)
+  end
   local changed = false
-  if not d then d = day; n = 0; changed = true end
+  if not d then d = day; n = 0; b = 0; k = 0; changed = true end
   if day > d then
     local gap = day - d
     if gap > 3 * base_days then gap = 3 * base_days end
     for j = 1, gap do
-      local v = 0
-      if j == 1 then v = n end
+      local x = 0
+      if j == 1 then x = n end
       k = k + 1
       local a = 1 / k
       if a < 1 / base_days then a = 1 / base_days end
-      b = b + a * (v - b)
+      b = b + a * (x - b)
     end
     d = day; n = 0; changed = true
   end
@@ -124,67 +129,75 @@ local function volume(key, day, new)
     if new then n = n + 1; changed = true end
     today = n
   end
-  if changed then
-    redis.call('HSET', key, 'd', d, 'n', n, 'b', string.format('%.6f', b), 'k', k)
-    redis.call('EXPIRE', key, vol_ttl)
-  end
-  return {today, string.format('%.6f', b), k}
+  local val = false
+  if changed then val = fmt('%d %d %.6f %d', d, n, b, k) end
+  return today, b, k, val
 end
 
 local out = {}
-local a = 6
-local k = 1
-local i = 0
-while a <= #ARGV do
-  i = i + 1
-  local t = tonumber(ARGV[a]); local day = tonumber(ARGV[a + 1]); local eid = ARGV[a + 2]
-  local inst = ARGV[a + 3]; local dist = ARGV[a + 4]; local sup = ARGV[a + 5]; local has_phys = ARGV[a + 6]
-  a = a + 7
-  local ck = KEYS[k]
-  local added = redis.call('ZADD', ck, t, inst .. '\t' .. dist .. '\t' .. sup .. '\t' .. eid)
-  local new = added == 1
-  if new then
-    redis.call('ZREMRANGEBYSCORE', ck, '-inf', '(' .. tostring(t - week - lateness))
-    redis.call('EXPIRE', ck, card_ttl)
-  end
-  local members = redis.call('ZRANGEBYSCORE', ck, t - week, t, 'WITHSCORES')
-  local cnt = {0, 0, 0}
-  local ni = {0, 0, 0}
-  local nd = {0, 0, 0}
-  local si = {{}, {}, {}}
-  local sd = {{}, {}, {}}
+local kk = 1
+for i = 6, #ARGV do
+  local ts, sday, member, _, eid, ph = match(ARGV[i], '^([^\t]*)\t([^\t]*)\t(([^\t]*\t[^\t]*\t[^\t]*)\t(.*))\t(%d)$')
+  local t = tonumber(ts); local day = tonumber(sday)
+  local has_phys = ph == '1'
+  local ck = KEYS[kk]
+  local new = redis.call('ZADD', ck, t, member) == 1
+  if new then redis.call('EXPIRE', ck, card_ttl) end
+  local members = redis.call('ZRANGEBYSCORE', ck, '-inf', t, 'WITHSCORES')
+  local c1, c2, c3 = 0, 0, 0
+  local li, ld = {}, {}      -- institution / district -> youngest age
   local on_hand = 0
+  local stale = false
   for m = 1, #members, 2 do
-    local s = members[m]
-    local tm = tonumber(members[m + 1])
-    local p1 = string.find(s, '\t', 1, true)
-    local p2 = string.find(s, '\t', p1 + 1, true)
-    local p3 = string.find(s, '\t', p2 + 1, true)
-    local ins = string.sub(s, 1, p1 - 1)
-    local dis = string.sub(s, p1 + 1, p2 - 1)
-    local age = t - tm
-    for w = 1, 3 do
-      if (w == 1 and age <= 3600) or (w == 2 and age <= 86400) or w == 3 then
-        cnt[w] = cnt[w] + 1
-        if not si[w][ins] then si[w][ins] = true; ni[w] = ni[w] + 1 end
-        if not sd[w][dis] then sd[w][dis] = true; nd[w] = nd[w] + 1 end
+    local age = t - tonumber(members[m + 1])
+    if age > horizon then
+      stale = true
+    elseif age <= week then
+      local ins, dis, sup, id = match(members[m], '^([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$')
+      c3 = c3 + 1
+      if age <= 86400 then c2 = c2 + 1; if age <= 3600 then c1 = c1 + 1 end end
+      local x = li[ins]
+      if not x or age < x then li[ins] = age end
+      x = ld[dis]
+      if not x or age < x then ld[dis] = age end
+      if id ~= eid then
+        local left = tonumber(sup) - age / 86400
+        if left > 0 then on_hand = on_hand + left end
       end
     end
-    if string.sub(s, p3 + 1) ~= eid then
-      local left = tonumber(string.sub(s, p2 + 1, p3 - 1)) - age / 86400
-      if left > 0 then on_hand = on_hand + left end
-    end
   end
-  local iv = volume(KEYS[k + 1], day, new)
-  local pv = {-1, '0', 0}
-  if has_phys == '1' then
-    pv = volume(KEYS[k + 2], day, new)
-    k = k + 3
+  if stale then redis.call('ZREMRANGEBYSCORE', ck, '-inf', '(' .. tostring(t - horizon)) end
+  local i1, i2, i3, d1, d2, d3 = 0, 0, 0, 0, 0, 0
+  for _, age in pairs(li) do
+    i3 = i3 + 1
+    if age <= 86400 then i2 = i2 + 1; if age <= 3600 then i1 = i1 + 1 end end
+  end
+  for _, age in pairs(ld) do
+    d3 = d3 + 1
+    if age <= 86400 then d2 = d2 + 1; if age <= 3600 then d1 = d1 + 1 end end
+  end
+  local ik = KEYS[kk + 1]
+  local vals
+  if has_phys then
+    vals = redis.call('MGET', ik, KEYS[kk + 2])
   else
-    k = k + 2
+    vals = {redis.call('GET', ik)}
   end
-  out[i] = {new and 1 or 0, cnt[1], cnt[2], cnt[3], ni[1], ni[2], ni[3], nd[1], nd[2], nd[3],
-            string.format('%.4f', on_hand), pv[1], pv[2], pv[3], iv[1], iv[2], iv[3]}
+  local it, ib, ikd, iv = roll(vals[1], day, new)
+  if iv then redis.call('SET', ik, iv, 'EX', vol_ttl) end
+  local pt, pb, pkd = -1, 0, 0
+  if has_phys then
+    local pv
+    pt, pb, pkd, pv = roll(vals[2], day, new)
+    if pv then redis.call('SET', KEYS[kk + 2], pv, 'EX', vol_ttl) end
+    kk = kk + 3
+  else
+    kk = kk + 2
+  end
+  local nw = 0
+  if new then nw = 1 end
+  out[i - 5] = fmt('%d %d %d %d %d %d %d %d %d %d %.4f %d %.6f %d %d %.6f %d', nw, c1, c2, c3, i1, i2, i3,
+                   d1, d2, d3, on_hand, pt, pb, pkd, it, ib, ikd)
 end
 return out
 """
@@ -206,10 +219,16 @@ class Window(NamedTuple):
     inst_days: int
 
     @classmethod
-    def from_reply(cls, r: Sequence[Any]) -> "Window":
-        return cls(r[0] == 1, (int(r[1]), int(r[2]), int(r[3])), (int(r[4]), int(r[5]), int(r[6])),
-                   (int(r[7]), int(r[8]), int(r[9])), float(r[10]), int(r[11]), float(r[12]), int(r[13]),
-                   int(r[14]), float(r[15]), int(r[16]))
+    def from_reply(cls, reply: bytes | str) -> "Window":
+        """Parse one event's reply: 17 numbers separated by spaces.
+
+        >>> Window.from_reply(b"1 1 2 3 1 2 2 1 1 1 12.5000 -1 0.000000 0 4 2.500000 3").inst
+        (1, 2, 2)
+        """
+        r = reply.split()
+        return cls(r[0] == b"1" or r[0] == "1", (int(r[1]), int(r[2]), int(r[3])),
+                   (int(r[4]), int(r[5]), int(r[6])), (int(r[7]), int(r[8]), int(r[9])), float(r[10]),
+                   int(r[11]), float(r[12]), int(r[13]), int(r[14]), float(r[15]), int(r[16]))
 
 
 def local_day(ts: float) -> int:
@@ -261,6 +280,18 @@ def _untab(s: str) -> str:
     return s.replace("\t", " ") if "\t" in s else s
 
 
+_placeholders: dict[str, bool] = {}
+
+
+def _placeholder(v: str) -> bool:
+    hit = _placeholders.get(v)
+    if hit is None:
+        hit = is_placeholder(v)
+        if len(_placeholders) < 200_000:
+            _placeholders[v] = hit
+    return hit
+
+
 def queue_windows(pipe: Any, sha: str, events: Sequence[Settlement], prefix: str, *, lateness_s: int) -> int:
     """Queue one ``EVALSHA`` of :data:`LUA` for ``events`` (keys under ``prefix`` = ``cw:{run}:ml_outlier``).
 
@@ -272,9 +303,9 @@ def queue_windows(pipe: Any, sha: str, events: Sequence[Settlement], prefix: str
     for ev in events:
         part = f"{prefix}:p{ev.partition}"
         phys = ev.physician_id
-        has_phys = phys is not None and not is_placeholder(phys)
-        argv += [repr(ev.ts), local_day(ev.ts), ev.event_id, _untab(ev.institution_id), _untab(ev.district),
-                 days_supply(ev), "1" if has_phys else "0"]
+        has_phys = phys is not None and not _placeholder(phys)
+        argv.append(f"{ev.ts!r}\t{local_day(ev.ts)}\t{_untab(ev.institution_id)}\t{_untab(ev.district)}\t"
+                    f"{days_supply(ev)}\t{_untab(ev.event_id)}\t{'1' if has_phys else '0'}")
         keys += [f"{prefix}:card:{ev.card_id}", f"{part}:inst:{ev.institution_id}"]
         if has_phys:
             keys.append(f"{part}:phys:{phys}")

@@ -16,9 +16,10 @@ legitimately bills identical registration lines. Placeholder card or institution
 
 State (Redis, all keys expire):
 
-* ``cw:{run}:duplicate_billing:{window_s}:{card}:{fingerprint}`` — sorted set of the
-  settlements with that fingerprint, member ``event_id``, score = event time (``window_s`` +
-  lateness);
+* ``cw:{run}:duplicate_billing:{window_s}:{card}:{fingerprint}`` — the first settlement with
+  that fingerprint (``time event_id``, one ``SET NX``: the common, unique bill costs one
+  command); only when the fingerprint comes again, ``…:z``, a sorted set of its settlements,
+  member ``event_id``, score = event time (both ``window_s`` + lateness);
 * ``cw:{run}:duplicate_billing:{window_s}:inst:{institution}:{day}:ev`` — the day's evidence;
   ``…:bills`` — one field per duplicated bill (``card\\tfingerprint\\tfirst event id``) with
   the number of settlements and the amount (one day + ``window_s`` + lateness).
@@ -45,7 +46,8 @@ TZ_S = 8 * 3600  # episodes are local (UTC+08:00) calendar days, as the events a
 
 LUA = r"""
 -- ARGV: W, lateness, ttl, day_ttl, tz_s, then per event: index, t, event_id, card, total, day_a, day_b
--- KEYS per event: fingerprint zset, {evidence zset, bills hash} of day_a (= day of t - W), of day_b (= day of t)
+-- KEYS per event: fingerprint key, fingerprint zset, {evidence zset, bills hash} of day_a (= day of t - W) and,
+--   when it differs, of day_b (= day of t)
 -- returns only the events that found a duplicate: {index, day, evidence (id, time)*, bills (field, value)*, n, gap}
 local W = tonumber(ARGV[1]); local lateness = tonumber(ARGV[2]); local ttl = tonumber(ARGV[3])
 local day_ttl = tonumber(ARGV[4]); local tz = tonumber(ARGV[5])
@@ -53,17 +55,31 @@ local out = {}
 local a = 6
 local k = 1
 while a <= #ARGV do
-  local idx = ARGV[a]; local t = tonumber(ARGV[a + 1]); local eid = ARGV[a + 2]; local card = ARGV[a + 3]
+  local idx = ARGV[a]; local ts = ARGV[a + 1]; local t = tonumber(ts); local eid = ARGV[a + 2]; local card = ARGV[a + 3]
   local total = ARGV[a + 4]; local day_a = ARGV[a + 5]; local day_b = ARGV[a + 6]
   a = a + 7
-  local fk = KEYS[k]
-  local keys_by_day = {[day_a] = {KEYS[k + 1], KEYS[k + 2]}, [day_b] = {KEYS[k + 3], KEYS[k + 4]}}
-  k = k + 5
-  redis.call('ZADD', fk, t, eid)
-  local top = redis.call('ZRANGE', fk, -1, -1, 'WITHSCORES')
-  redis.call('ZREMRANGEBYSCORE', fk, '-inf', '(' .. tostring(tonumber(top[2]) - W - lateness))
-  redis.call('EXPIRE', fk, ttl)
-  local m = redis.call('ZRANGEBYSCORE', fk, t - W, t + W, 'WITHSCORES')
+  local sk, fk = KEYS[k], KEYS[k + 1]
+  local keys_by_day = {[day_a] = {KEYS[k + 2], KEYS[k + 3]}}
+  k = k + 4
+  if day_b ~= day_a then
+    keys_by_day[day_b] = {KEYS[k], KEYS[k + 1]}
+    k = k + 2
+  end
+  local m = {}
+  local prev = redis.call('SET', sk, ts .. ' ' .. eid, 'NX', 'EX', ttl)
+  if not prev then
+    -- the fingerprint was seen before (or this is a redelivery): keep all its settlements in a zset
+    prev = redis.call('GET', sk)
+    local sp = string.find(prev, ' ', 1, true)
+    local peid = string.sub(prev, sp + 1)
+    if peid ~= eid or redis.call('EXISTS', fk) == 1 then
+      redis.call('ZADD', fk, tonumber(string.sub(prev, 1, sp - 1)), peid, t, eid)
+      redis.call('ZREMRANGEBYSCORE', fk, '-inf', '(' .. tostring(t - W - lateness))
+      redis.call('EXPIRE', fk, ttl)
+      redis.call('EXPIRE', sk, ttl)
+      m = redis.call('ZRANGEBYSCORE', fk, t - W, t + W, 'WITHSCORES')
+    end
+  end
   if #m >= 4 then
     local first_t = tonumber(m[2])
     local day = tostring(math.floor((first_t + tz) / 86400))
@@ -73,7 +89,7 @@ while a <= #ARGV do
     local zargs = {}
     for j = 1, #m, 2 do zargs[#zargs + 1] = m[j + 1]; zargs[#zargs + 1] = m[j] end
     redis.call('ZADD', ek, unpack(zargs))
-    local fp = string.sub(fk, #fk - 15)
+    local fp = string.sub(sk, #sk - 15)
     redis.call('HSET', bk, card .. '\t' .. fp .. '\t' .. m[1], tostring(#m / 2) .. '\t' .. total)
     redis.call('EXPIRE', ek, day_ttl)
     redis.call('EXPIRE', bk, day_ttl)
@@ -126,22 +142,22 @@ class DuplicateBilling(Detector):
     def _eligible(ev: Settlement) -> bool:
         return bool(ev.items) and not is_placeholder(ev.card_id) and not is_placeholder(ev.institution_id)
 
-    def _day_keys(self, ns: Namespace, inst: str, day: int) -> list[str]:
-        base = self.key(ns, self.window_s, "inst", inst, day)
-        return [base + ":ev", base + ":bills"]
-
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
         W = self.window_s
         argv: list[Any] = [W, self.lateness_s, W + self.lateness_s, 86400 + W + self.lateness_s, TZ_S]
         keys: list[str] = []
+        prefix = self.key(ns, W, "")
         for i, ev in enumerate(events):
             if not self._eligible(ev):
                 continue
             t = ev.ts
             day_a, day_b = int((t - W + TZ_S) // 86400), int((t + TZ_S) // 86400)
             argv += [i, repr(t), ev.event_id, ev.card_id, f"{ev.total_amount:.2f}", day_a, day_b]
-            keys.append(self.key(ns, W, ev.card_id, fingerprint(ev)))
-            keys += self._day_keys(ns, ev.institution_id, day_a) + self._day_keys(ns, ev.institution_id, day_b)
+            fk = f"{prefix}{ev.card_id}:{fingerprint(ev)}"
+            keys += [fk, fk + ":z", f"{prefix}inst:{ev.institution_id}:{day_a}:ev",
+                     f"{prefix}inst:{ev.institution_id}:{day_a}:bills"]
+            if day_b != day_a:
+                keys += [f"{prefix}inst:{ev.institution_id}:{day_b}:ev", f"{prefix}inst:{ev.institution_id}:{day_b}:bills"]
         if not keys:
             return 0
         pipe.evalsha(self._sha, len(keys), *keys, *argv)

@@ -35,7 +35,7 @@ so a redelivered batch never trains twice; after a crash, what the model learned
 its last checkpoint is lost (at most ``checkpoint_every`` settlements plus one batch).
 
 >>> MlOutlier(target_alert_rate=0.001, checkpoint_every=5000)
-MlOutlier(target_alert_rate=0.001, warmup_events=200, checkpoint_every=5000, checkpoint_ttl_s=2592000, bins_per_unit=3.0, forget_every=200000, learn_every=1, top_features=3, snapshot=None)
+MlOutlier(target_alert_rate=0.001, warmup_events=1000, checkpoint_every=5000, checkpoint_ttl_s=2592000, bins_per_unit=3.0, forget_every=200000, learn_every=1, top_features=3, snapshot=None)
 >>> MlOutlier(target_alert_rate=0.7)
 Traceback (most recent call last):
 ...
@@ -96,16 +96,25 @@ class TailHBOS(base.AnomalyDetector):
         self._n = 0.0
         self._learned = 0
 
-    def _bin(self, v: float) -> int:
-        if not v > 0:  # also NaN
-            return 0
-        b = int(math.log1p(v) * self.bins_per_unit)
-        return b if b < self.MAX_BINS else self.MAX_BINS - 1
+    def bins(self, x: dict, names: Iterable[str] | None = None) -> list[tuple[str, int]]:
+        """``(feature, bin)`` pairs of ``x`` (of its ``names`` only, when given): compute once, then
+        :meth:`score_bins` / :meth:`learn_bins`."""
+        bpu = self.bins_per_unit
+        top = self.MAX_BINS - 1
+        log1p = math.log1p
+        out = []
+        for k in (x if names is None else names):
+            v = x[k]
+            if v > 0:  # also rules out NaN
+                b = int(log1p(v) * bpu)
+                out.append((k, b if b < top else top))
+            else:
+                out.append((k, 0))
+        return out
 
-    def learn_one(self, x: dict) -> None:
+    def learn_bins(self, bins: list[tuple[str, int]]) -> None:
         counts = self._counts
-        for k, v in x.items():
-            b = self._bin(v)
+        for k, b in bins:
             c = counts.get(k)
             if c is None:
                 c = counts[k] = []
@@ -119,27 +128,38 @@ class TailHBOS(base.AnomalyDetector):
                 counts[k] = [v / 2 for v in c]
             self._n /= 2
 
-    def contributions(self, x: dict) -> dict[str, float]:
+    def terms(self, bins: list[tuple[str, int]]) -> dict[str, float]:
         """Each feature's term of the score (0 = common value … 1 = never seen this high)."""
         ln, norm = math.log(self._n + 1), math.log(self._n + 2)
         out = {}
-        for k, v in x.items():
+        for k, b in bins:
             c = self._counts.get(k)
-            b = self._bin(v)
             m = sum(c[b:]) if c else 0.0
             out[k] = round((ln - math.log(m + 1)) / norm, 6)
         return out
 
-    def score_one(self, x: dict) -> float:
-        ln, norm = math.log(self._n + 1), math.log(self._n + 2)
-        log = math.log
-        bin_ = self._bin
+    def score_bins(self, bins: list[tuple[str, int]]) -> float:
+        if not bins:
+            return 0.0
         counts = self._counts
+        log = math.log
         s = 0.0
-        for k, v in x.items():
+        for k, b in bins:
             c = counts.get(k)
-            s += ln - log((sum(c[bin_(v):]) if c else 0.0) + 1)
-        return s / (norm * len(x)) if x else 0.0
+            if c is not None and b < len(c):
+                s += log(sum(c[b:]) + 1)
+        return (len(bins) * log(self._n + 1) - s) / (log(self._n + 2) * len(bins))
+
+    # -- river's AnomalyDetector contract --------------------------------------------------
+    def learn_one(self, x: dict) -> None:
+        self.learn_bins(self.bins(x))
+
+    def score_one(self, x: dict) -> float:
+        return self.score_bins(self.bins(x))
+
+    def contributions(self, x: dict) -> dict[str, float]:
+        """Each feature's term of the score of ``x``."""
+        return self.terms(self.bins(x))
 
 
 class PartitionModel:
@@ -239,7 +259,7 @@ class MlOutlier(Detector):
     subject_type = "card"
     scripts = (F.LUA,)
 
-    def __init__(self, *, target_alert_rate: float = 0.001, warmup_events: int = 200, checkpoint_every: int = 5000,
+    def __init__(self, *, target_alert_rate: float = 0.001, warmup_events: int = 1000, checkpoint_every: int = 5000,
                  checkpoint_ttl_s: int = 30 * 86400, bins_per_unit: float = 3.0, forget_every: int = 200_000,
                  learn_every: int = 1, top_features: int = 3, snapshot: str | None = None,
                  features: Sequence[str] | None = None, resale_prone: DrugList = EMPTY, lateness_s: int = 3600,
@@ -289,8 +309,8 @@ class MlOutlier(Detector):
         self._layout: dict[int, tuple[dict[str, bytes], list[int]]] = {}
         #: called as ``score_sink(event, score, features)`` for every scored settlement (evaluation, tests)
         self.score_sink: Callable[[Settlement, float, dict[str, float]], None] | None = None
-        #: wall time spent in this detector's Python (queue + collect) and the settlements it covered
-        self.cost = {"python_s": 0.0, "events": 0}
+        #: wall and CPU time spent in this detector's Python (queue + collect), settlements covered
+        self.cost = {"python_s": 0.0, "python_cpu_s": 0.0, "events": 0}
 
     def params(self) -> dict[str, Any]:
         p: dict[str, Any] = {"target_alert_rate": self.target_alert_rate, "warmup_events": self.warmup_events,
@@ -359,7 +379,7 @@ class MlOutlier(Detector):
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
         if not events:
             return 0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         pending = dict(self._pending.get(ns.run_id, {}))
         for key, blob in pending.items():
             pipe.set(key, blob, ex=self.checkpoint_ttl_s)
@@ -374,12 +394,13 @@ class MlOutlier(Detector):
             self._layout.clear()
         self._layout[id(events)] = (pending, parts)
         self.cost["python_s"] += time.perf_counter() - t0
+        self.cost["python_cpu_s"] += time.thread_time() - c0
         return n + 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:
         if not events:
             return []
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         run = ns.run_id
         pending, parts = self._layout.pop(id(events))
         written = self._pending.get(run)
@@ -408,15 +429,15 @@ class MlOutlier(Detector):
             w = from_reply(r)
             x = featurize(ev, w, resale)
             m = models[ev.partition]
-            xm = {k: x[k] for k in feats}
             det = m.filter.anomaly_detector
-            score = det.score_one(xm)
+            bins = det.bins(x, feats)
+            score = det.score_bins(bins)
             thr = m.threshold()
             hit = m.seen >= self.warmup_events and score >= thr
             if w.new:
                 m.seen += 1
                 if not hit and m.seen % self.learn_every == 0:
-                    det.learn_one(xm)
+                    det.learn_bins(bins)
                     m.learned += 1
                 m.filter.quantile.update(score)
                 m.since_checkpoint += 1
@@ -424,12 +445,13 @@ class MlOutlier(Detector):
             if sink is not None:
                 sink(ev, score, x)
             if hit:
-                flagged.append((ev, score, thr, x, det.contributions(xm)))
+                flagged.append((ev, score, thr, x, det.terms(bins)))
         for p, m in models.items():
             if m.since_checkpoint >= self.checkpoint_every:
                 self.checkpoint(run, p)
         alerts = self._alerts(ns, flagged)
         self.cost["python_s"] += time.perf_counter() - t0
+        self.cost["python_cpu_s"] += time.thread_time() - c0
         self.cost["events"] += len(events)
         return alerts
 

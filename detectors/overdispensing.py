@@ -75,11 +75,15 @@ while a <= #ARGV do
     zargs[#zargs + 1] = t
     zargs[#zargs + 1] = ing .. '\t' .. days .. '\t' .. eid .. '\t' .. inst
   end
+  local known = redis.call('EXISTS', zk) == 1
   redis.call('ZADD', zk, unpack(zargs))
-  local top = redis.call('ZRANGE', zk, -1, -1, 'WITHSCORES')
-  redis.call('ZREMRANGEBYSCORE', zk, '-inf', '(' .. tostring(tonumber(top[2]) - W - lateness))
   redis.call('EXPIRE', zk, ttl)
-  local members = redis.call('ZRANGEBYSCORE', zk, t - W, t, 'WITHSCORES')
+  local members = {}
+  if known then
+    -- a card's events arrive in order: this event is (about) its newest, so trim relative to it
+    redis.call('ZREMRANGEBYSCORE', zk, '-inf', '(' .. tostring(t - W - lateness))
+    members = redis.call('ZRANGEBYSCORE', zk, t - W, t, 'WITHSCORES')
+  end
   -- fills of each of this event's ingredients, up to and including this event, by (time, event id)
   local want = {}
   for j = 1, nl do want[lines[j][1]] = {} end
@@ -245,6 +249,7 @@ class Overdispensing(Detector):
                            self.early_refill_share, self.min_early_refills, self.early_refill_min_left_days,
                            self.min_fills]
         keys: list[str] = []
+        prefix = self.key(ns, self.window_s, "")
         for i, ev in enumerate(events):
             lines = self._lines(ev)
             if not lines:
@@ -252,7 +257,7 @@ class Overdispensing(Detector):
             argv += [i, repr(ev.ts), ev.event_id, ev.institution_id, len(lines)]
             for ing, days, *_ in lines:
                 argv += [ing, days]
-            base = self.key(ns, self.window_s, ev.card_id)
+            base = prefix + ev.card_id
             keys += [base, base + ":ep", base + ":ev"]
         if not keys:
             return 0

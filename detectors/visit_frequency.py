@@ -52,7 +52,8 @@ LUA = LUA_LIB + r"""
 -- ARGV: peer prefix, K, {window m|y, mask (1 outpatient, 2 emergency), min} * K,
 --       J, {kind v|i, per_day_min, min_days} * J, peer config (see pk_config),
 --       per event: idx, t, event_id, day of month, YYYY-MM, ttl month, ttl year, o|e, special 0|1,
---                  visit key, institution, group base, diagnosis key, reference day of month
+--                  institution, department, bill key ('' without a registration line), group base,
+--                  diagnosis key, reference day of month
 -- KEYS: {month hash, year hash} per event
 -- returns the events after which the card is over a threshold: {idx, counts, peer|0, evidence}
 local prefix = ARGV[1]
@@ -72,12 +73,23 @@ local k = 1
 while a <= #ARGV do
   local idx, t, eid, dom, ym = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local ttl_m, ttl_y, vt, special = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8]
-  local vkey, inst, eb, ed, rdom = ARGV[a + 9], ARGV[a + 10], ARGV[a + 11], ARGV[a + 12], tonumber(ARGV[a + 13])
-  a = a + 14
+  local inst, dept, bill, eb, ed = ARGV[a + 9], ARGV[a + 10], ARGV[a + 11], ARGV[a + 12], ARGV[a + 13]
+  local rdom = tonumber(ARGV[a + 14])
+  a = a + 15
   local mk, yk = KEYS[k], KEYS[k + 1]
   k = k + 2
   if redis.call('HSETNX', mk, 'e:' .. eid, t) == 1 then
-    if redis.call('HSETNX', mk, 'v:' .. dom .. ':' .. vkey, 1) == 1 then
+    -- a settlement with a registration (挂号) is a visit unless the same bill was settled there before that
+    -- day; one without (tests or drugs paid separately) is part of that day's visit there, if there is one
+    local place = dom .. ':' .. inst .. '|' .. dept
+    local newvisit
+    if bill ~= '' then
+      newvisit = redis.call('HSETNX', mk, 'v:' .. place .. '|' .. bill, 1) == 1
+      if newvisit then redis.call('HSET', mk, 'x:' .. place, 1) end
+    else
+      newvisit = redis.call('HSETNX', mk, 'x:' .. place, 1) == 1
+    end
+    if newvisit then
       local pv = redis.call('HINCRBY', mk, 'pv', 1)
       if special == '0' then
         redis.call('HINCRBY', mk, vt, 1)
@@ -149,6 +161,18 @@ VISIT_TYPES = ("outpatient", "emergency")
 _TYPES_ZH = {("outpatient",): "门诊", ("emergency",): "急诊", ("emergency", "outpatient"): "门急诊"}
 _TYPES_EN = {("outpatient",): "outpatient", ("emergency",): "emergency",
              ("emergency", "outpatient"): "outpatient and emergency"}
+
+
+def _bill_key(ev: Settlement) -> str:
+    """What makes two settlements of one card, institution, department and day the same visit.
+
+    A bill with a registration line is a visit of its own, unless it is the same bill again
+    (same amount and lines: settled twice); a bill without one is part of that day's visit there.
+    """
+    regs = [it for it in ev.items if it.category == "registration"]
+    if not regs:
+        return ""
+    return f"{ev.total_amount:.2f}|{len(ev.items)}|{regs[0].code}"
 
 
 def _dec(x: Any) -> str:
@@ -257,8 +281,8 @@ class VisitFrequency(Detector):
             dx = dx_key(ev.diagnoses[0] if ev.diagnoses else None, self.special)
             argv += [i, repr(ev.ts), ev.event_id, c.dom, c.month, max(1, int(c.month_end - ev.ts) + late),
                      max(1, int(c.year_end - ev.ts) + late), "o" if ev.visit_type == "outpatient" else "e",
-                     "1" if is_special(dx) else "0", f"{ev.institution_id}|{ev.department or '-'}",
-                     ev.institution_id, self.peers.base(ev), dx, c.ref_dom]
+                     "1" if is_special(dx) else "0", ev.institution_id, ev.department or "-", _bill_key(ev),
+                     self.peers.base(ev), dx, c.ref_dom]
             keys += [self.key(ns, "month", ev.card_id, c.month), self.key(ns, "year", ev.card_id, c.year)]
         if not keys:
             return 0
@@ -295,7 +319,7 @@ class VisitFrequency(Detector):
             metrics[c["window"]][c["name"]] = n
             if n >= c["min_visits"]:
                 key = tuple(c["visit_types"])
-                when_zh = f"{cal.month}" if c["window"] == "month" else f"{cal.year} 年"
+                when_zh = f"{cal.month} " if c["window"] == "month" else f"{cal.year} 年"
                 when_en = f"in {cal.month}" if c["window"] == "month" else f"in {cal.year}"
                 zh = f"{when_zh}{_TYPES_ZH[key]}就诊 {n} 次（阈值 {c['min_visits']} 次）"
                 en = f"{n} {_TYPES_EN[key]} visits {when_en} (threshold {c['min_visits']})"

@@ -48,6 +48,7 @@ def eof_key(run_id: str) -> str:
 
 def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.App:
     data_dir = Path(settings.data_dir).resolve()
+    (data_dir / "faust").mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.app_id,
         broker=settings.kafka_url,

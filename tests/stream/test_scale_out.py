@@ -137,6 +137,9 @@ def test_two_workers_share_the_partitions_and_alert_like_one(two_workers, scale_
     one, t_one = _replay(path, "scale-one", cli_env, tmp_path / "one.jsonl")  # the single session worker
     print(f"\n{n} settlements: two workers {t_two:.1f} s, one worker {t_one:.1f} s (CLI wall clock); "
           f"split {done}")
+    from collections import Counter
+    print("two:", Counter(a["rule"] for a in two), "one:", Counter(a["rule"] for a in one))
+    print("only two:", sorted(_key(two) - _key(one))[:5], "only one:", sorted(_key(one) - _key(two))[:5])
 
     assert two, "the replay raised no alert"
     assert _key(two) == _key(one)

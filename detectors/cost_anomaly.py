@@ -1,0 +1,271 @@
+"""``cost_anomaly``: 就诊费用异常, the second of Shanghai's "two anomalies" (两个异常).
+
+Inspectors review insured persons whose outpatient spending is far beyond need: expensive
+drugs bought to resell (贩卖医保药品), a lent card paying for someone else's treatment,
+institutions billing expensive items that were never given. The default sub-rules are the
+published thresholds in calendar terms (local +08:00): outpatient cost >= ¥5,000 in a calendar
+month or >= ¥20,000 in a calendar year. *Outpatient cost* is ``total_amount`` (fund and self
+paid together, as the review counts it; ``fund_paid`` is reported beside it) of settlements
+whose ``visit_type`` is in ``visit_types`` — by default outpatient, emergency and pharmacy
+purchases (定点药店购药 is outpatient spending paid by the same card), never inpatient bills.
+Settlements whose primary diagnosis is a 门诊大病 (``special_dx_prefixes``: dialysis, cancer
+treatment, transplant …) are approved heavy treatment: they do not count towards the
+absolute thresholds but do count in the peer comparison, where the card is judged against
+its peers (same insured category, age band and diagnosis group, see :mod:`detectors._peers`)
+and fires when its month's cost reaches ``max(min_amount_cny, factor x the peers'
+quantile)`` with at least ``min_peer_size`` other members — a dialysis patient's ¥9,000 a
+month is compared with dialysis patients, and chronic patients' refills with theirs. One
+alert per card and calendar month (and per card and year); later settlements extend it.
+
+State per card (Redis hashes, expiring at the end of the bucket + lateness):
+
+* ``cw:{run}:cost_anomaly:month:{card}:{YYYY-MM}`` — ``e:{event_id}`` (event time; written
+  with HSETNX, so amounts are summed only the first time an event is seen), ``a``/``f``
+  (cost and fund paid counted for the thresholds, in fen), ``sa`` (门诊大病 cost), ``pa``/``gb``/
+  ``gd``/``h:{day}`` (peer value and group, see :mod:`detectors._peers`);
+* ``…:year:{card}:{YYYY}`` — ``a``/``f`` of the year;
+* ``…:peer:{YYYY-MM}:{group}:{day}`` — daily deltas of the peer histograms.
+
+>>> CostAnomaly(sub_rules=[{"name": "month_5000", "window": "month", "min_amount_cny": 5000}],
+...             peers={"min_amount_cny": 3000, "buckets": [100, 1000, 10000]})
+CostAnomaly(sub_rules=['month_5000'], visit_types=['emergency', 'outpatient', 'pharmacy'], special_dx_prefixes=[], peers=PeerSpec(floor=3000, quantile=0.99, factor=2.0, min_peer_size=30))
+>>> CostAnomaly(sub_rules=[{"name": "m", "window": "month", "min_amount_cny": -1}])
+Traceback (most recent call last):
+...
+ValueError: cost_anomaly: sub_rules[0].min_amount_cny must be a positive number, got -1
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from alerts.model import Alert, alert_id, now_iso, severity_for
+from detectors._peers import LUA_LIB, Calendar, PeerSpec, check_prefixes, dx_key, group_label, is_special, peer_bound
+from detectors.base import Detector, Namespace, check_positive
+from stream.events import Settlement, iso
+
+LUA = LUA_LIB + r"""
+-- ARGV: peer prefix, K, {window m|y, min fen} * K, peer config (see pk_config),
+--       per event: idx, t, event_id, day of month, YYYY-MM, ttl month, ttl year, amount fen, fund fen,
+--                  special 0|1, group base, diagnosis key, reference day of month
+-- KEYS: {month hash, year hash} per event
+-- returns the events after which the card is over a threshold: {idx, sums, peer|0, evidence}
+local prefix = ARGV[1]
+local a = 2
+local K = tonumber(ARGV[a]); a = a + 1
+local subs = {}
+for j = 1, K do subs[j] = {ARGV[a], tonumber(ARGV[a + 1])}; a = a + 2 end
+local pc
+pc, a = pk_config(a)
+local out = {}
+local k = 1
+while a <= #ARGV do
+  local idx, t, eid, dom, ym = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local ttl_m, ttl_y, amt, fund, special = ARGV[a + 5], ARGV[a + 6], tonumber(ARGV[a + 7]), ARGV[a + 8], ARGV[a + 9]
+  local eb, ed, rdom = ARGV[a + 10], ARGV[a + 11], tonumber(ARGV[a + 12])
+  a = a + 13
+  local mk, yk = KEYS[k], KEYS[k + 1]
+  k = k + 2
+  if redis.call('HSETNX', mk, 'e:' .. eid, t) == 1 then
+    local pa = redis.call('HINCRBY', mk, 'pa', amt)
+    if special == '0' then
+      redis.call('HINCRBY', mk, 'a', amt)
+      redis.call('HINCRBY', mk, 'f', fund)
+      redis.call('HINCRBY', yk, 'a', amt)
+      redis.call('HINCRBY', yk, 'f', fund)
+      redis.call('EXPIRE', yk, ttl_y)
+    else
+      redis.call('HINCRBY', mk, 'sa', amt)
+    end
+    if pc.enabled then
+      local st = redis.call('HMGET', mk, 'gb', 'gd')
+      local nb, nd = pk_regroup(st[1], st[2], eb, ed)
+      pk_update(prefix, ym, dom, ttl_m, pc, st[1], st[2], (pa - amt) / 100, nb, nd, pa / 100)
+      redis.call('HSET', mk, 'gb', nb, 'gd', nd, 'h:' .. dom, tostring(pa / 100) .. '\t' .. nb .. '\t' .. nd)
+    end
+    redis.call('EXPIRE', mk, ttl_m)
+  end
+  local v = redis.call('HMGET', mk, 'a', 'f', 'pa', 'sa', 'gb', 'gd')
+  local yv = redis.call('HMGET', yk, 'a', 'f')
+  local sums = {tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(yv[1]) or 0, tonumber(yv[2]) or 0,
+                tonumber(v[3]) or 0, tonumber(v[4]) or 0}
+  local fired = false
+  for j = 1, K do
+    local n = (subs[j][1] == 'm') and sums[1] or sums[3]
+    if n >= subs[j][2] then fired = true end
+  end
+  local peer = 0
+  if pc.enabled and v[5] and sums[5] / 100 >= pc.floor then
+    local p = pk_peers(prefix, ym, rdom, pc, mk, v[5], v[6])
+    if p then
+      peer = p
+      if pk_fires(pc, sums[5] / 100, p) then fired = true end
+    end
+  end
+  if fired then
+    local all = redis.call('HGETALL', mk)
+    local ev = {}
+    for i = 1, #all, 2 do
+      if string.sub(all[i], 1, 2) == 'e:' then
+        ev[#ev + 1] = string.sub(all[i], 3)
+        ev[#ev + 1] = all[i + 1]
+      end
+    end
+    out[#out + 1] = {idx, sums, peer, ev}
+  end
+end
+return out
+"""
+
+VISIT_TYPES = ("outpatient", "emergency", "pharmacy")
+
+
+def _dec(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _cny(fen: float) -> str:
+    return f"¥{fen / 100:,.0f}"
+
+
+class CostAnomaly(Detector):
+    """Outpatient cost per card per calendar month/year, and peers (see module docstring)."""
+
+    rule = "cost_anomaly"
+    subject_type = "card"
+    scripts = (LUA,)
+
+    def __init__(self, sub_rules: Sequence[dict[str, Any]], *, visit_types: Sequence[str] = VISIT_TYPES,
+                 special_dx_prefixes: Sequence[str] = (), peers: dict[str, Any] | None = None,
+                 max_evidence: int = 200, lateness_s: int = 3600, lang: str = "zh", version: str = "") -> None:
+        super().__init__(lateness_s=lateness_s, lang=lang, version=version)
+        owner = self.rule
+        if not isinstance(sub_rules, (list, tuple)) or not sub_rules:
+            raise ValueError(f"{owner}: sub_rules must be a non-empty list, got {sub_rules!r}")
+        subs = []
+        for i, s in enumerate(sub_rules):
+            where = f"{owner}: sub_rules[{i}]"
+            if not isinstance(s, dict):
+                raise ValueError(f"{where} must be a mapping, got {s!r}")
+            unknown = set(s) - {"name", "window", "min_amount_cny"}
+            if unknown:
+                raise ValueError(f"{where} has unknown field(s) {sorted(unknown)}")
+            name = s.get("name")
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"{where}.name must be a non-empty string, got {name!r}")
+            if s.get("window") not in ("month", "year"):
+                raise ValueError(f"{where}.window must be 'month' or 'year', got {s.get('window')!r}")
+            if "min_amount_cny" not in s:
+                raise ValueError(f"{where}.min_amount_cny is required")
+            check_positive(owner, f"sub_rules[{i}].min_amount_cny", s["min_amount_cny"])
+            subs.append({"name": name, "window": s["window"], "min_amount_cny": s["min_amount_cny"]})
+        names = [s["name"] for s in subs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{owner}: sub_rules must have distinct names, got {names}")
+        if (isinstance(visit_types, str) or not isinstance(visit_types, (list, tuple)) or not visit_types
+                or not all(v in VISIT_TYPES for v in visit_types) or len(set(visit_types)) != len(visit_types)):
+            raise ValueError(f"{owner}: visit_types must be a non-empty list of 'outpatient', 'emergency' and/or "
+                             f"'pharmacy', got {visit_types!r}")
+        self.sub_rules = subs
+        self.visit_types = frozenset(visit_types)
+        self.special = check_prefixes(owner, "special_dx_prefixes", special_dx_prefixes)
+        self.peers = PeerSpec(owner, peers if peers is not None else {"enabled": False, "min_amount_cny": 3000},
+                              floor_field="min_amount_cny", integer=False)
+        check_positive(owner, "max_evidence", max_evidence, integer=True)
+        self.max_evidence = max_evidence
+        self._sha = self.sha(LUA)
+        head: list[Any] = [len(subs)]
+        for s in subs:
+            head += ["m" if s["window"] == "month" else "y", int(round(s["min_amount_cny"] * 100))]
+        self._head = head + self.peers.argv()
+
+    def params(self) -> dict[str, Any]:
+        return {"sub_rules": [s["name"] for s in self.sub_rules], "visit_types": sorted(self.visit_types),
+                "special_dx_prefixes": list(self.special), "peers": self.peers}
+
+    def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
+        argv: list[Any] = [self.key(ns, "peer"), *self._head]
+        keys: list[str] = []
+        late = self.lateness_s
+        for i, ev in enumerate(events):
+            if ev.visit_type not in self.visit_types:
+                continue
+            c = Calendar(ev.ts, late)
+            dx = dx_key(ev.diagnoses[0] if ev.diagnoses else None, self.special)
+            argv += [i, repr(ev.ts), ev.event_id, c.dom, c.month, max(1, int(c.month_end - ev.ts) + late),
+                     max(1, int(c.year_end - ev.ts) + late), int(round(ev.total_amount * 100)),
+                     int(round(ev.fund_paid * 100)), "1" if is_special(dx) else "0", self.peers.base(ev), dx,
+                     c.ref_dom]
+            keys += [self.key(ns, "month", ev.card_id, c.month), self.key(ns, "year", ev.card_id, c.year)]
+        if not keys:
+            return 0
+        pipe.evalsha(self._sha, len(keys), *keys, *argv)
+        return 1
+
+    def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:
+        if not replies:
+            return []
+        out: dict[str, Alert] = {}
+        for idx, sums, peer, flat in replies[0]:
+            ev = events[int(idx)]
+            ids = [_dec(x) for x in flat[0::2]]
+            times = [float(_dec(x)) for x in flat[1::2]]
+            order = sorted(range(len(ids)), key=lambda j: (times[j], ids[j]))[-self.max_evidence:]
+            ids, times = [ids[j] for j in order], [times[j] for j in order]
+            pinfo = None if not peer else (int(peer[0]), int(peer[1]), float(_dec(peer[2])), float(_dec(peer[3])))
+            for a in self._alerts(ns, ev, [int(x) for x in sums], pinfo, ids, times):
+                out[a.alert_id] = a
+        return list(out.values())
+
+    def _alerts(self, ns: Namespace, ev: Settlement, sums: list[int], peer: tuple | None, ids: list[str],
+                times: list[float]) -> list[Alert]:
+        ma, mf, ya, yf, pa, sa = sums
+        cal = Calendar(ev.ts, self.lateness_s)
+        fired: dict[str, list[tuple[str, float, str, str]]] = {"month": [], "year": []}
+        metrics: dict[str, dict[str, Any]] = {
+            "month": {"outpatient_cost_cny": ma / 100, "fund_paid_cny": mf / 100, "major_disease_cost_cny": sa / 100},
+            "year": {"outpatient_cost_cny": ya / 100, "fund_paid_cny": yf / 100},
+        }
+        for s in self.sub_rules:
+            w = s["window"]
+            amount, fund = (ma, mf) if w == "month" else (ya, yf)
+            thr = s["min_amount_cny"] * 100
+            if amount >= thr - 1e-6:
+                when_zh = f"{cal.month} " if w == "month" else f"{cal.year} 年"
+                when_en = f"in {cal.month}" if w == "month" else f"in {cal.year}"
+                zh = f"{when_zh}门诊费用 {_cny(amount)}（阈值 {_cny(thr)}），其中统筹基金支付 {_cny(fund)}"
+                en = f"outpatient cost {_cny(amount)} {when_en} (threshold {_cny(thr)}), fund paid {_cny(fund)}"
+                fired[w].append((s["name"], amount / thr, zh, en))
+        if peer is not None:
+            lvl, members, med, qv = peer
+            bound = peer_bound(self.peers, qv)
+            qn = round(self.peers.quantile * 100)
+            metrics["month"].update({"peer_group": "category_age_diagnosis" if lvl == 1 else "diagnosis",
+                                     "peers": members, "peer_median_cny": med, f"peer_p{qn}_cny": qv,
+                                     "peer_bound_cny": bound, "cost_incl_major_disease_cny": pa / 100})
+            if pa / 100 >= bound - 1e-6:
+                dxk = dx_key(ev.diagnoses[0] if ev.diagnoses else None, self.special)
+                base = self.peers.base(ev) if lvl == 1 else "*|*"
+                glz, gle = group_label(base, dxk, "zh"), group_label(base, dxk, "en")
+                zh = (f"本月门诊费用 {_cny(pa)}，同类参保人（{glz}，{members} 人）第 {qn} 百分位 {_cny(qv * 100)}、"
+                      f"中位数 {_cny(med * 100)}，界限 {_cny(bound * 100)}")
+                en = (f"outpatient cost {_cny(pa)} this month against peers ({gle}, {members} cards): "
+                      f"p{qn} {_cny(qv * 100)}, median {_cny(med * 100)}, bound {_cny(bound * 100)}")
+                fired["month"].append(("peers", pa / 100 / bound, zh, en))
+        alerts = []
+        for window, items in fired.items():
+            if not items:
+                continue
+            bucket, b_start, b_end = cal.bounds(window)
+            ratio = max(r for _, r, _, _ in items)
+            zh = f"卡 {ev.card_id} " + "；".join(z for _, _, z, _ in items)
+            en = f"Card {ev.card_id}: " + "; ".join(x for _, _, _, x in items)
+            alerts.append(Alert(
+                alert_id=alert_id(ns.run_id, self.rule, "card", ev.card_id, window, bucket),
+                rule=self.rule, rule_version=self.version, severity=severity_for(ratio), score=round(ratio, 4),
+                subject_type="card", subject_id=ev.card_id, window_start=iso(min(times)), window_end=iso(max(times)),
+                evidence_event_ids=ids, run_id=ns.run_id, summary=zh if self.lang == "zh" else en, summary_en=en,
+                detected_at=now_iso(), window_s=b_end - b_start,
+                metrics={"bucket": bucket, "window": window, "fired": [n for n, _, _, _ in items], **metrics[window]},
+            ))
+        return alerts

@@ -1,0 +1,507 @@
+"""``prescriber_volume``: a physician whose day jumps far above their own baseline and their peers.
+
+Inspectors hunt physicians who lend their prescribing rights to drug dealers or run a
+prescription mill for a day or two: suddenly many more settlements than usual (开药量异常),
+worth much more, with a much larger share of resale-prone drugs (回流药). For each physician
+and local calendar day (+08:00) the rule measures three things over the day's non-inpatient
+settlements attributed to the physician: **settlements**, **amount** (``total_amount``) and
+**resale-prone share** (settlements with a drug of ``resale_prone_drugs``). A measure *jumps*
+when it is far above the physician's OWN baseline — the robust median over the active days
+(days with any settlement, inpatient bills included) of the trailing ``baseline_days``, or of
+the same weekday if that is higher (clinic days, dialysis sessions), with at least
+``min_baseline_days`` active days of history: settlements >= ``own_factor`` x the median and
+>= median + ``poisson_z`` x sqrt(median) (a significant jump for counts); amount >=
+``own_factor`` x the median; share >= the baseline share + ``min_increase`` — AND above the
+``peer_quantile`` of their PEERS' physician-days over the trailing ``peer_days`` (same
+institution type, level and department; the department alone when that group has fewer than
+``min_peers`` other physicians; never judged without peers). Every measure also has an
+absolute floor. The rule fires when at least ``min_measures`` measures jump, including every
+measure in ``require`` (by default the volume jump corroborated by value or share: a single
+noisy measure at small volumes is not enough). A steadily busy level-3 physician has a high
+baseline and does not fire; placeholder physician ids (未知, 0000 …) are never subjects.
+
+Because one physician's settlements come from many partitions (cards), the verdict is made
+on complete days: every baseline and peer figure comes from days before ``D`` only, a day is
+evaluated once an event past ``D``'s end + lateness has been seen (a sweep of pending
+physician-days, at most ``sweep_per_batch`` per batch), and a day still in progress is
+evaluated against the same bound once the previous day is complete (``D``'s start +
+lateness), so it fires early when it is already over the bound and the two verdicts agree.
+One alert per physician and day (episode = the day); later evidence extends it.
+
+State (Redis, all keys expire):
+
+* ``cw:{run}:prescriber_volume:86400:{physician}:{YYYY-MM-DD}`` — the day's evidence
+  ``e:{event_id}`` (event time; a redelivered event is a no-op) and institution;
+* ``…:{baseline_days x 86400}:{physician}`` — history: ``t:{day}`` (all settlements),
+  ``n:{day}``, ``a:{day}`` (fen), ``r:{day}`` per local day number, and the physician's group;
+* ``…:peer:{group}:{day}`` — physician -> ``n,a,r`` of that day, for the peer statistics;
+* ``…:pending`` (physician-days to evaluate, score = day end + lateness), ``…:wm`` (newest event time).
+
+>>> PrescriberVolume(baseline_days=28, min_baseline_days=3)  # doctest: +ELLIPSIS
+PrescriberVolume(baseline_days=28, min_baseline_days=3, peer_days=7, min_peers=5, peer_quantile=0.9, ...)
+>>> PrescriberVolume(baseline_days=0)
+Traceback (most recent call last):
+...
+ValueError: prescriber_volume: baseline_days must be a positive integer, got 0
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from alerts.model import Alert, alert_id, now_iso, severity_for
+from detectors._peers import day_label, day_start, local_day
+from detectors.base import Detector, Namespace, check_positive
+from detectors.drugs import EMPTY, DrugList, is_placeholder
+from stream.events import Settlement, iso
+
+LUA = r"""
+-- ARGV: prefix, W, min_base, Wp, min_peers, q, n_min, n_factor, n_z, a_min (fen), a_factor, s_min_r, s_inc,
+--       require mask (1 settlements, 2 amount, 4 share), min_measures, lateness, sweep_max, batch max t,
+--       ttl history, ttl wm, max evidence, then per event: idx, t, event_id, physician, day, day label,
+--       day start, o|i, amount fen, resale 0|1, group, coarse group, institution, in-progress 0|1
+-- KEYS: pending zset, watermark, then {day hash, history hash} per event
+-- returns {verdict…}: {physician, day label, institution, group, level, values, baseline, peers, fired, evidence}
+local P = ARGV[1]
+local W, MINB, WP, MINP = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local Q = tonumber(ARGV[6])
+local N_MIN, N_F, N_Z = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local A_MIN, A_F = tonumber(ARGV[10]), tonumber(ARGV[11])
+local S_MIN, S_INC = tonumber(ARGV[12]), tonumber(ARGV[13])
+local REQ, MINM = tonumber(ARGV[14]), tonumber(ARGV[15])
+local LATE, SWEEP, MAXT = tonumber(ARGV[16]), tonumber(ARGV[17]), tonumber(ARGV[18])
+local TTL_H, TTL_WM, MAXEV = tonumber(ARGV[19]), tonumber(ARGV[20]), tonumber(ARGV[21])
+local pending, wmk = KEYS[1], KEYS[2]
+
+local function bit(mask, b) return math.floor(mask / b) % 2 == 1 end
+
+local function median(xs)
+  local m = #xs
+  if m == 0 then return nil end
+  table.sort(xs)
+  if m % 2 == 1 then return xs[(m + 1) / 2] end
+  return (xs[m / 2] + xs[m / 2 + 1]) / 2
+end
+
+local function quantile(xs, q)
+  local m = #xs
+  if m == 0 then return nil end
+  table.sort(xs)
+  local r = math.ceil(q * m - 1e-9)
+  if r < 1 then r = 1 end
+  return xs[r]
+end
+
+local function count_ok(ok)
+  local c = 0
+  for b = 1, 3 do if ok[b] then c = c + 1 end end
+  if c < MINM then return false end
+  if bit(REQ, 1) and not ok[1] then return false end
+  if bit(REQ, 2) and not ok[2] then return false end
+  if bit(REQ, 4) and not ok[3] then return false end
+  return true
+end
+
+-- own baseline from the history of days D-W .. D-1: {lam_n, lam_a, share, active days}
+local function baseline(hk, D)
+  local f = {}
+  for i = 1, W do
+    local d = D - i
+    f[#f + 1] = 't:' .. d; f[#f + 1] = 'n:' .. d; f[#f + 1] = 'a:' .. d; f[#f + 1] = 'r:' .. d
+  end
+  local v = redis.call('HMGET', hk, unpack(f))
+  local ns, as, wn, wa = {}, {}, {}, {}
+  local sn, sr = 0, 0
+  for i = 1, W do
+    local o = (i - 1) * 4
+    if v[o + 1] then
+      local n, am, r = tonumber(v[o + 2]) or 0, tonumber(v[o + 3]) or 0, tonumber(v[o + 4]) or 0
+      ns[#ns + 1] = n; as[#as + 1] = am
+      sn = sn + n; sr = sr + r
+      if i % 7 == 0 then wn[#wn + 1] = n; wa[#wa + 1] = am end
+    end
+  end
+  local days = #ns
+  if days < MINB then return nil end
+  local ln, la = median(ns), median(as)
+  local wln, wla = median(wn), median(wa)
+  if wln and wln > ln then ln = wln end
+  if wla and wla > la then la = wla end
+  local share = 0
+  if sn > 0 then share = sr / sn end
+  return {ln, la, share, days}
+end
+
+-- peers' physician-days over D-WP .. D-1 in the group (else the coarse group): {level, peers, qn, qa, qs}
+local function peers(phys, D, g, c)
+  local groups = {g, c}
+  for lvl = 1, 2 do
+    local ns, as, ss, who = {}, {}, {}, {}
+    local np = 0
+    for i = 1, WP do
+      local f = redis.call('HGETALL', P .. ':peer:' .. groups[lvl] .. ':' .. (D - i))
+      for j = 1, #f, 2 do
+        if f[j] ~= phys then
+          if not who[f[j]] then who[f[j]] = true; np = np + 1 end
+          local x = f[j + 1]
+          local p1 = string.find(x, ',', 1, true)
+          local p2 = string.find(x, ',', p1 + 1, true)
+          local n = tonumber(string.sub(x, 1, p1 - 1))
+          local r = tonumber(string.sub(x, p2 + 1))
+          ns[#ns + 1] = n
+          as[#as + 1] = tonumber(string.sub(x, p1 + 1, p2 - 1))
+          if n > 0 then ss[#ss + 1] = r / n end
+        end
+      end
+    end
+    if np >= MINP then
+      return {lvl, np, quantile(ns, Q), quantile(as, Q), quantile(ss, Q) or 0}
+    end
+  end
+  return nil
+end
+
+-- verdict on (phys, D) with the day's values n, am, r; cache = use/keep figures in the day hash
+local function judge(phys, D, label, dk, hk, g, c, n, am, r, cache)
+  local cand = {n >= N_MIN, am >= A_MIN, r >= S_MIN}
+  if not count_ok(cand) then return nil end
+  local b
+  if cache then
+    local x = redis.call('HGET', dk, 'ob')
+    if x then b = cjson.decode(x) end
+  end
+  if not b then
+    b = baseline(hk, D) or {}
+    if cache then redis.call('HSET', dk, 'ob', cjson.encode(b)) end
+  end
+  if not b[1] then return nil end
+  local ln, la, sb = b[1], b[2], b[3]
+  local lnf = ln
+  if lnf < 1 then lnf = 1 end
+  local share = 0
+  if n > 0 then share = r / n end
+  local own = {cand[1] and n >= N_F * lnf and n >= lnf + N_Z * math.sqrt(lnf),
+               cand[2] and am >= A_F * la,
+               cand[3] and share >= sb + S_INC}
+  if not count_ok(own) then return nil end
+  local p
+  if cache then
+    local x = redis.call('HGET', dk, 'op')
+    if x then p = cjson.decode(x) end
+  end
+  if not p then
+    p = peers(phys, D, g, c) or {}
+    if cache then redis.call('HSET', dk, 'op', cjson.encode(p)) end
+  end
+  if not p[1] then return nil end
+  local ok = {own[1] and n > p[3], own[2] and am > p[4], own[3] and share > p[5]}
+  if not count_ok(ok) then return nil end
+  local fired = 0
+  if ok[1] then fired = fired + 1 end
+  if ok[2] then fired = fired + 2 end
+  if ok[3] then fired = fired + 4 end
+  local all = redis.call('HGETALL', dk)
+  local ev, inst = {}, ''
+  for i = 1, #all, 2 do
+    local k = all[i]
+    if string.sub(k, 1, 2) == 'e:' then
+      ev[#ev + 1] = string.sub(k, 3); ev[#ev + 1] = all[i + 1]
+    elseif k == 'inst' then inst = all[i + 1] end
+  end
+  return {phys, label, inst, g, p[1], {n, am, r}, {tostring(ln), tostring(la), tostring(sb), b[4]},
+          {p[2], tostring(p[3]), tostring(p[4]), tostring(p[5])}, fired, ev}
+end
+
+local out = {}
+local k = 3
+local a = 22
+while a <= #ARGV do
+  local idx, t, eid, phys, D, label = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 5]
+  local dstart, kind, amt, res = tonumber(ARGV[a + 6]), ARGV[a + 7], tonumber(ARGV[a + 8]), tonumber(ARGV[a + 9])
+  local eg, ec, inst, inprog = ARGV[a + 10], ARGV[a + 11], ARGV[a + 12], ARGV[a + 13]
+  a = a + 14
+  local dk, hk = KEYS[k], KEYS[k + 1]
+  k = k + 2
+  local dend = dstart + 86400
+  local st = redis.call('HMGET', hk, 'g', 'c', 'lo')
+  local g, c = st[1], st[2]
+  local n, am, r
+  if redis.call('HSETNX', dk, 'e:' .. eid, t) == 1 then
+    if g and not c then g = false end
+  if not g or (string.find(g, '?', 1, true) and not string.find(eg, '?', 1, true)) then
+      if g and g ~= eg then
+        redis.call('HDEL', P .. ':peer:' .. g .. ':' .. D, phys)
+        redis.call('HDEL', P .. ':peer:' .. c .. ':' .. D, phys)
+      end
+      g, c = eg, ec
+      redis.call('HSET', hk, 'g', g, 'c', c)
+    end
+    local tn = redis.call('HINCRBY', hk, 't:' .. D, 1)
+    if kind == 'o' then
+      n = redis.call('HINCRBY', hk, 'n:' .. D, 1)
+      am = redis.call('HINCRBY', hk, 'a:' .. D, amt)
+      r = redis.call('HINCRBY', hk, 'r:' .. D, res)
+    else
+      local v = redis.call('HMGET', hk, 'n:' .. D, 'a:' .. D, 'r:' .. D)
+      n, am, r = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0
+    end
+    local pttl = math.floor(dend - tonumber(t)) + (WP + 1) * 86400 + LATE
+    local val = n .. ',' .. am .. ',' .. r
+    local pk1, pk2 = P .. ':peer:' .. g .. ':' .. D, P .. ':peer:' .. c .. ':' .. D
+    redis.call('HSET', pk1, phys, val); redis.call('EXPIRE', pk1, pttl)
+    redis.call('HSET', pk2, phys, val); redis.call('EXPIRE', pk2, pttl)
+    if tn == 1 then
+      redis.call('HSET', dk, 'inst', inst)
+      local lo = tonumber(st[3])
+      if not lo then
+        redis.call('HSET', hk, 'lo', D)
+      elseif lo < D - W - 2 then
+        local f = {}
+        for d = lo, math.min(D - W - 2, lo + 60) do
+          f[#f + 1] = 't:' .. d; f[#f + 1] = 'n:' .. d; f[#f + 1] = 'a:' .. d; f[#f + 1] = 'r:' .. d
+        end
+        redis.call('HDEL', hk, unpack(f))
+        redis.call('HSET', hk, 'lo', math.min(D - W - 1, lo + 61))
+      end
+    end
+    redis.call('ZADD', pending, dend + LATE, phys .. '\t' .. D .. '\t' .. label)
+    redis.call('EXPIRE', dk, math.floor(dend - tonumber(t)) + LATE + 2 * 86400)
+    redis.call('EXPIRE', hk, TTL_H)
+  elseif kind == 'o' and inprog == '1' then
+    local v = redis.call('HMGET', hk, 'n:' .. D, 'a:' .. D, 'r:' .. D)
+    n, am, r = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0
+  end
+  if kind == 'o' and inprog == '1' and g then
+    local res = judge(phys, D, label, dk, hk, g, c, n, am, r, true)
+    if res then out[#out + 1] = res end
+  end
+end
+
+-- complete days: evaluate pending physician-days whose end + lateness has been passed
+local wm = tonumber(redis.call('GET', wmk) or '0')
+if MAXT > wm then wm = MAXT; redis.call('SET', wmk, tostring(wm)) end
+redis.call('EXPIRE', wmk, TTL_WM)
+local due = redis.call('ZRANGEBYSCORE', pending, '-inf', wm, 'LIMIT', 0, SWEEP)
+for _, m in ipairs(due) do
+  local i1 = string.find(m, '\t', 1, true)
+  local i2 = string.find(m, '\t', i1 + 1, true)
+  local phys, D, label = string.sub(m, 1, i1 - 1), tonumber(string.sub(m, i1 + 1, i2 - 1)), string.sub(m, i2 + 1)
+  local dk, hk = P .. ':86400:' .. phys .. ':' .. label, P .. ':' .. (W * 86400) .. ':' .. phys
+  local v = redis.call('HMGET', hk, 'n:' .. D, 'a:' .. D, 'r:' .. D, 'g', 'c')
+  if v[4] then
+    local res = judge(phys, D, label, dk, hk, v[4], v[5], tonumber(v[1]) or 0, tonumber(v[2]) or 0,
+                      tonumber(v[3]) or 0, false)
+    if res then out[#out + 1] = res end
+  end
+  redis.call('ZREM', pending, m)
+end
+if #due > 0 or redis.call('EXISTS', pending) == 1 then redis.call('EXPIRE', pending, TTL_WM) end
+return out
+"""
+
+_MEASURES = ("settlements", "amount_cny", "resale_share")
+_MEASURE_ZH = {"settlements": "结算量", "amount_cny": "金额", "resale_share": "回流风险药品占比"}
+_MEASURE_EN = {"settlements": "volume", "amount_cny": "value", "resale_share": "resale-prone share"}
+_LEVEL_ZH = {"L1": "一级", "L2": "二级", "L3": "三级"}
+_TYPE_ZH = {"hospital": "医院", "community": "社区卫生服务中心", "pharmacy": "药店"}
+_DEFAULTS: dict[str, dict[str, float]] = {
+    "settlements": {"min_per_day": 5, "own_factor": 3.0, "poisson_z": 3.0},
+    "amount_cny": {"min_per_day": 1000, "own_factor": 3.0},
+    "resale_share": {"min_resale_settlements": 3, "min_increase": 0.3},
+}
+
+
+def _dec(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def group_label(group: str, lang: str) -> str:
+    """``三级医院 心血管内科`` for ``hospital|L3|心血管内科``."""
+    itype, _, rest = group.partition("|")
+    level, _, dept = rest.partition("|")
+    dept = "" if dept == "?" else dept
+    if itype == "*":
+        return f"department {dept}" if lang == "en" else f"{dept}（各级机构）"
+    if lang == "en":
+        return f"{itype} {level if level != 'L?' else ''} {dept}".replace("  ", " ").strip()
+    return f"{_LEVEL_ZH.get(level, '')}{_TYPE_ZH.get(itype, itype)} {dept}".strip()
+
+
+class PrescriberVolume(Detector):
+    """Physician-day volume, value and resale-prone share against own baseline and peers."""
+
+    rule = "prescriber_volume"
+    subject_type = "physician"
+    scripts = (LUA,)
+
+    def __init__(self, *, baseline_days: int = 28, min_baseline_days: int = 3, peer_days: int = 7,
+                 min_peers: int = 5, peer_quantile: float = 0.9, measures: dict[str, Any] | None = None,
+                 require: Sequence[str] = ("settlements",), min_measures: int = 2, sweep_per_batch: int = 500,
+                 max_evidence: int = 200, resale_prone: DrugList = EMPTY, lateness_s: int = 3600, lang: str = "zh",
+                 version: str = "") -> None:
+        super().__init__(lateness_s=lateness_s, lang=lang, version=version)
+        owner = self.rule
+        for name, v in (("baseline_days", baseline_days), ("min_baseline_days", min_baseline_days),
+                        ("peer_days", peer_days), ("min_peers", min_peers), ("min_measures", min_measures),
+                        ("sweep_per_batch", sweep_per_batch), ("max_evidence", max_evidence)):
+            check_positive(owner, name, v, integer=True)
+        if min_baseline_days > baseline_days:
+            raise ValueError(f"{owner}: min_baseline_days must be <= baseline_days ({baseline_days}), "
+                             f"got {min_baseline_days}")
+        if baseline_days > 366 or peer_days > 366:
+            raise ValueError(f"{owner}: baseline_days and peer_days must be <= 366, got {baseline_days}, {peer_days}")
+        if not _num(peer_quantile) or not 0.5 <= peer_quantile < 1:
+            raise ValueError(f"{owner}: peer_quantile must be a number in [0.5, 1), got {peer_quantile!r}")
+        if min_measures > 3:
+            raise ValueError(f"{owner}: min_measures must be <= 3, got {min_measures}")
+        if isinstance(require, str) or not isinstance(require, (list, tuple)) or \
+                not all(r in _MEASURES for r in require):
+            raise ValueError(f"{owner}: require must be a list of measures from {list(_MEASURES)}, got {require!r}")
+        if measures is None:
+            measures = {}
+        if not isinstance(measures, dict):
+            raise ValueError(f"{owner}: measures must be a mapping, got {measures!r}")
+        unknown = set(measures) - set(_MEASURES)
+        if unknown:
+            raise ValueError(f"{owner}: measures has unknown measure(s) {sorted(unknown)}")
+        ms: dict[str, dict[str, float]] = {}
+        for m in _MEASURES:
+            given = measures.get(m) or {}
+            if not isinstance(given, dict):
+                raise ValueError(f"{owner}: measures.{m} must be a mapping, got {given!r}")
+            bad = set(given) - set(_DEFAULTS[m])
+            if bad:
+                raise ValueError(f"{owner}: measures.{m} has unknown field(s) {sorted(bad)}")
+            cfg = {**_DEFAULTS[m], **given}
+            for f, v in cfg.items():
+                check_positive(owner, f"measures.{m}.{f}", v, integer=(f == "min_resale_settlements"))
+            if "own_factor" in cfg and cfg["own_factor"] < 1:
+                raise ValueError(f"{owner}: measures.{m}.own_factor must be >= 1, got {cfg['own_factor']!r}")
+            if m == "resale_share" and cfg["min_increase"] >= 1:
+                raise ValueError(f"{owner}: measures.resale_share.min_increase must be < 1, got {cfg['min_increase']!r}")
+            ms[m] = cfg
+        if not isinstance(resale_prone, DrugList):
+            raise ValueError(f"{owner}: resale_prone must be a DrugList, got {resale_prone!r}")
+        self.baseline_days = baseline_days
+        self.min_baseline_days = min_baseline_days
+        self.peer_days = peer_days
+        self.min_peers = min_peers
+        self.peer_quantile = float(peer_quantile)
+        self.measures = ms
+        self.require = tuple(dict.fromkeys(require))
+        self.min_measures = min_measures
+        self.sweep_per_batch = sweep_per_batch
+        self.max_evidence = max_evidence
+        self.resale_prone = resale_prone
+        self._sha = self.sha(LUA)
+        req = sum(b for m, b in zip(_MEASURES, (1, 2, 4)) if m in self.require)
+        s, am, sh = ms["settlements"], ms["amount_cny"], ms["resale_share"]
+        self._head = [baseline_days, min_baseline_days, peer_days, min_peers, repr(self.peer_quantile),
+                      repr(float(s["min_per_day"])), repr(float(s["own_factor"])), repr(float(s["poisson_z"])),
+                      int(round(am["min_per_day"] * 100)), repr(float(am["own_factor"])),
+                      int(sh["min_resale_settlements"]), repr(float(sh["min_increase"])), req, min_measures,
+                      lateness_s, sweep_per_batch]
+
+    def params(self) -> dict[str, Any]:
+        return {"baseline_days": self.baseline_days, "min_baseline_days": self.min_baseline_days,
+                "peer_days": self.peer_days, "min_peers": self.min_peers, "peer_quantile": self.peer_quantile,
+                "measures": self.measures, "require": list(self.require), "min_measures": self.min_measures,
+                "sweep_per_batch": self.sweep_per_batch, "lateness_s": self.lateness_s}
+
+    # -- Redis ---------------------------------------------------------------------------
+    def _resale(self, ev: Settlement) -> int:
+        m = self.resale_prone.matches
+        return int(any(it.category == "drug" and m(it.code, it.name) for it in ev.items))
+
+    def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
+        if not events:
+            return 0
+        prefix = self.key(ns)
+        late = self.lateness_s
+        argv: list[Any] = []
+        keys: list[str] = [self.key(ns, "pending"), self.key(ns, "wm")]
+        max_t = 0.0
+        for i, ev in enumerate(events):
+            max_t = max(max_t, ev.ts)
+            phys = ev.physician_id
+            if is_placeholder(phys):
+                continue
+            d = local_day(ev.ts)
+            ds = day_start(d)
+            label = day_label(d)
+            inpatient = ev.visit_type == "inpatient"
+            argv += [i, repr(ev.ts), ev.event_id, phys, d, label, ds, "i" if inpatient else "o",
+                     0 if inpatient else int(round(ev.total_amount * 100)), 0 if inpatient else self._resale(ev),
+                     f"{ev.institution_type}|L{ev.institution_level or '?'}|{ev.department or '?'}",
+                     f"*|*|{ev.department or '?'}", ev.institution_id, "1" if ev.ts >= ds + late else "0"]
+            keys += [self.key(ns, 86400, phys, label), self.key(ns, self.baseline_days * 86400, phys)]
+        head = [prefix, *self._head, repr(max_t), (self.baseline_days + 1) * 86400 + late, 2 * 86400 + late,
+                self.max_evidence]
+        pipe.evalsha(self._sha, len(keys), *keys, *head, *argv)
+        return 1
+
+    def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:
+        if not replies:
+            return []
+        out: dict[str, Alert] = {}
+        for res in replies[0]:
+            a = self._alert(ns, res)
+            out[a.alert_id] = a
+        return list(out.values())
+
+    # -- alerts --------------------------------------------------------------------------
+    def _alert(self, ns: Namespace, res: list[Any]) -> Alert:
+        phys, label, inst, group = (_dec(x) for x in res[:4])
+        level = int(res[4])
+        n, fen, r = (int(x) for x in res[5])
+        ln, la_fen, sb, bdays = float(_dec(res[6][0])), float(_dec(res[6][1])), float(_dec(res[6][2])), int(res[6][3])
+        npeers, qn, qa_fen, qs = int(res[7][0]), float(_dec(res[7][1])), float(_dec(res[7][2])), float(_dec(res[7][3]))
+        fired = int(res[8])
+        flat = res[9]
+        ids = [_dec(x) for x in flat[0::2]]
+        times = [float(_dec(x)) for x in flat[1::2]]
+        order = sorted(range(len(ids)), key=lambda j: (times[j], ids[j]))[-self.max_evidence:]
+        ids, times = [ids[j] for j in order], [times[j] for j in order]
+        share = r / n if n else 0.0
+        names = [m for m, b in zip(_MEASURES, (1, 2, 4)) if fired & b]
+        ms = self.measures
+        lnf = max(ln, 1.0)
+        bounds = {"settlements": max(ms["settlements"]["min_per_day"], ms["settlements"]["own_factor"] * lnf,
+                                     lnf + ms["settlements"]["poisson_z"] * lnf ** 0.5, qn),
+                  "amount_cny": max(ms["amount_cny"]["min_per_day"], ms["amount_cny"]["own_factor"] * la_fen / 100,
+                                    qa_fen / 100),
+                  "resale_share": max(sb + ms["resale_share"]["min_increase"], qs)}
+        values = {"settlements": n, "amount_cny": fen / 100, "resale_share": share}
+        ratio = max([values[m] / bounds[m] for m in names if bounds[m] > 0] + [1.0])
+        qp = round(self.peer_quantile * 100)
+        peer_zh = group_label(group, "zh") if level == 1 else group_label("*|*|" + group.rsplit("|", 1)[-1], "zh")
+        peer_en = group_label(group, "en") if level == 1 else group_label("*|*|" + group.rsplit("|", 1)[-1], "en")
+        zh = (f"医师 {phys}（{inst} {group_label(group, 'zh')}）{label} 结算 {n} 笔，"
+              f"为本人近 {self.baseline_days} 天日中位数 {ln:g} 笔的 {n / max(ln, 1.0):.1f} 倍"
+              f"（同类医师 {peer_zh} {npeers} 人日结算第 {qp} 百分位 {qn:g} 笔）；"
+              f"金额 ¥{fen / 100:,.0f}（本人中位数 ¥{la_fen / 100:,.0f}，同类第 {qp} 百分位 ¥{qa_fen / 100:,.0f}）；"
+              f"回流风险药品处方占 {share:.0%}（本人基线 {sb:.0%}）；触发：" + "、".join(_MEASURE_ZH[m] for m in names))
+        en = (f"Physician {phys} ({inst} {group_label(group, 'en')}) settled {n} on {label}, "
+              f"{n / max(ln, 1.0):.1f}x their {self.baseline_days}-day daily median of {ln:g} "
+              f"(peers {peer_en}, {npeers} physicians: p{qp} {qn:g}); amount ¥{fen / 100:,.0f} "
+              f"(own median ¥{la_fen / 100:,.0f}, peers p{qp} ¥{qa_fen / 100:,.0f}); resale-prone share {share:.0%} "
+              f"(baseline {sb:.0%}); jumped: " + ", ".join(_MEASURE_EN[m] for m in names))
+        d0 = min(times) if times else 0.0
+        return Alert(
+            alert_id=alert_id(ns.run_id, self.rule, "physician", phys, "86400", label),
+            rule=self.rule, rule_version=self.version, severity=severity_for(ratio), score=round(ratio, 4),
+            subject_type="physician", subject_id=phys, window_start=iso(d0), window_end=iso(max(times, default=d0)),
+            evidence_event_ids=ids, run_id=ns.run_id, summary=zh if self.lang == "zh" else en, summary_en=en,
+            detected_at=now_iso(), window_s=86400,
+            metrics={"day": label, "institution_id": inst, "peer_group": group if level == 1 else "*|*|" +
+                     group.rsplit("|", 1)[-1], "fired": names, "settlements": n, "amount_cny": fen / 100,
+                     "resale_prone_settlements": r, "resale_share": round(share, 4),
+                     "baseline_median_settlements": ln, "baseline_median_amount_cny": la_fen / 100,
+                     "baseline_resale_share": round(sb, 4), "baseline_active_days": bdays, "peers": npeers,
+                     f"peer_p{qp}_settlements": qn, f"peer_p{qp}_amount_cny": qa_fen / 100,
+                     f"peer_p{qp}_resale_share": round(qs, 4)},
+        )

@@ -1,0 +1,70 @@
+"""Fixtures for fault tests: an isolated consumer group and a Redis that can be restarted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+from stream.embedded import EmbeddedStack, redis_binary
+
+
+def wait_ready(w, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert w.alive(), "worker exited:\n" + w.log_tail()
+        try:
+            body = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{w.web_port}/readyz", timeout=2).read())
+            if body.get("partitions_assigned"):
+                return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    pytest.fail("worker not ready:\n" + w.log_tail())
+
+
+@pytest.fixture
+def isolated(settings, tmp_path):
+    """Settings with their own consumer group and replay topic, so the session worker stays out."""
+    tag = uuid.uuid4().hex[:8]
+    return settings.model_copy(update={"app_id": f"cw-{tag}", "topic_replay": f"settlements-replay-{tag}",
+                                       "data_dir": tmp_path / "data", "session_timeout_s": 8.0,
+                                       "store_url": f"sqlite:///{tmp_path / 'alerts.db'}"})
+
+
+class RestartableRedis:
+    """A real redis-server with AOF (appendfsync everysec) that a test can stop and start again."""
+
+    def __init__(self, workdir):
+        self.stack = EmbeddedStack(workdir=workdir, kafka=False).start()
+        self.redis_url = self.stack.redis_url
+        self.proc = self.stack._procs[0]
+        self.argv = self.proc.proc.args
+
+    def restart_redis(self, down_s: float) -> None:
+        self.proc.stop()
+        time.sleep(down_s)
+        log = open(self.proc.log, "ab")
+        self.proc.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.stack.workdir,
+                                          start_new_session=True)
+        port = int(self.redis_url.rsplit(":", 1)[1].split("/")[0])
+        from stream.embedded import _wait_port
+
+        _wait_port(port, self.proc.proc, "redis", self.proc.log)
+
+    def stop(self):
+        self.stack.stop()
+
+
+@pytest.fixture
+def stack_restartable(tmp_path):
+    r = RestartableRedis(tmp_path / "redis")
+    yield r
+    r.stop()
+
+
+__all__ = ["wait_ready", "redis_binary"]
