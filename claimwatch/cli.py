@@ -410,6 +410,23 @@ def bench_quality(cards: int = typer.Option(20_000, min=100), days: int = typer.
         console.print(f"results written to {json_out}")
 
 
+@bench_app.command("soak")
+def bench_soak(minutes: float = typer.Option(20.0, min=0.1), rate: float = typer.Option(2000.0, min=1),
+               cards: int = typer.Option(50_000, min=1000),
+               json_out: Optional[Path] = typer.Option(Path("bench-results/soak.json"), "--json-out")) -> None:
+    """Steady offered load for a long time; print worker RSS, Redis memory and lag at start and end."""
+    from replay.bench import dump
+    from replay.soak import soak
+
+    s = load_settings()
+    rep = soak(s, seconds=minutes * 60, rate=rate, cards=cards, log=lambda m: console.print(m, markup=False))
+    out = Console()
+    for k in ("start", "end"):
+        out.print(f"{k}: " + json.dumps(rep[k]))
+    out.print(f"sent {rep['sent']:,}, processed {rep['processed']:,}, worker alive: {rep['worker_alive']}")
+    dump(rep, json_out)
+
+
 def main() -> None:
     app()
 

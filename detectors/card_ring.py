@@ -243,16 +243,18 @@ class CardRing(Detector):
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:
         if not replies:
             return []
-        out: dict[str, Alert] = {}
+        # the ring's last reply in the batch holds all its purchases so far: build one alert from it
+        last: dict[tuple[str, str, str], tuple[str, Any]] = {}
         for (ev, code, name), res in zip(self._entries(events), replies[0]):
-            if not res:
-                continue
-            first, flat, stored_name = res
+            if res:   # one per ring and episode
+                last[(ev.institution_id, code, _s(res[0]))] = (name, res)
+        out: dict[str, Alert] = {}
+        for (inst, code, _), (name, (first, flat, stored_name)) in last.items():
             members = []
             for j in range(0, len(flat), 2):
                 card, _, eid = _s(flat[j]).partition(_SEP)
                 members.append((float(flat[j + 1]), card, eid))
-            a = self._alert(ns, ev.institution_id, code, _s(stored_name) or name or code, float(_s(first)), members)
+            a = self._alert(ns, inst, code, _s(stored_name) or name or code, float(_s(first)), members)
             out[a.alert_id] = a
         return list(out.values())
 

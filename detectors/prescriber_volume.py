@@ -165,14 +165,22 @@ end
 local function judge(phys, D, label, dk, hk, g, c, n, am, r, cache)
   local cand = {n >= N_MIN, am >= A_MIN, r >= S_MIN}
   if not count_ok(cand) then return nil end
+  -- the own baseline is kept for the day while no event of an earlier day of this physician arrives
+  -- (history version 'lv'); under the lateness contract that is as soon as the previous day is complete
   local b
   if cache then
     local x = redis.call('HGET', dk, 'ob')
-    if x then b = cjson.decode(x) end
+    if x then
+      b = cjson.decode(x)
+      if b[5] ~= cache then b = nil end
+    end
   end
   if not b then
-    b = baseline(hk, D) or {}
-    if cache then redis.call('HSET', dk, 'ob', cjson.encode(b)) end
+    b = baseline(hk, D) or {false, false, false, false}
+    if cache then
+      b[5] = cache
+      redis.call('HSET', dk, 'ob', cjson.encode(b))
+    end
   end
   if not b[1] then return nil end
   local ln, la, sb = b[1], b[2], b[3]
@@ -184,16 +192,8 @@ local function judge(phys, D, label, dk, hk, g, c, n, am, r, cache)
                cand[2] and am >= A_F * la,
                cand[3] and share >= sb + S_INC}
   if not count_ok(own) then return nil end
-  local p
-  if cache then
-    local x = redis.call('HGET', dk, 'op')
-    if x then p = cjson.decode(x) end
-  end
-  if not p then
-    p = peers(phys, D, g, c) or {}
-    if cache then redis.call('HSET', dk, 'op', cjson.encode(p)) end
-  end
-  if not p[1] then return nil end
+  local p = peers(phys, D, g, c)
+  if not p then return nil end
   local ok = {own[1] and n > p[3], own[2] and am > p[4], own[3] and share > p[5]}
   if not count_ok(ok) then return nil end
   local fired = 0
@@ -223,10 +223,14 @@ while a <= #ARGV do
   local dk, hk = KEYS[k], KEYS[k + 1]
   k = k + 2
   local dend = dstart + 86400
-  local st = redis.call('HMGET', hk, 'g', 'c', 'lo')
+  local st = redis.call('HMGET', hk, 'g', 'c', 'lo', 'mx', 'lv')
   local g, c = st[1], st[2]
+  local lv = tonumber(st[5]) or 0
   local n, am, r
   if redis.call('HSETNX', dk, 'e:' .. eid, t) == 1 then
+    local mx = tonumber(st[4])
+    if not mx or D > mx then redis.call('HSET', hk, 'mx', D)
+    elseif D < mx then lv = redis.call('HINCRBY', hk, 'lv', 1) end
     if g and not c then g = false end
   if not g or (string.find(g, '?', 1, true) and not string.find(eg, '?', 1, true)) then
       if g and g ~= eg then
@@ -272,7 +276,7 @@ while a <= #ARGV do
     n, am, r = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0
   end
   if kind == 'o' and inprog == '1' and g then
-    local res = judge(phys, D, label, dk, hk, g, c, n, am, r, true)
+    local res = judge(phys, D, label, dk, hk, g, c, n, am, r, lv + 1)
     if res then out[#out + 1] = res end
   end
 end

@@ -399,15 +399,16 @@ class SharedCard(Detector):
             return []
         kept = [ev for ev in events
                 if not (is_placeholder(ev.card_id) or _SEP in ev.card_id or _SEP in ev.event_id)]
-        out: dict[str, Alert] = {}
+        last: dict[tuple[str, str], Any] = {}
         for ev, res in zip(kept, replies[0]):
-            if not res:
-                continue
-            start, flat, details = res
+            if res:   # the card's last reply of the batch holds the whole episode so far
+                last[(ev.card_id, _s(res[0]))] = res
+        out: dict[str, Alert] = {}
+        for (card, _), (start, flat, details) in last.items():
             ids = [_s(x) for x in flat[0::2]]
             times = [float(x) for x in flat[1::2]]
             det = {_s(details[j]): _s(details[j + 1]) for j in range(0, len(details), 2)}
-            a = self._alert(ns, ev.card_id, float(_s(start)), ids, times, det)
+            a = self._alert(ns, card, float(_s(start)), ids, times, det)
             out[a.alert_id] = a
         return list(out.values())
 

@@ -23,17 +23,18 @@ are the field, other bits pick one of ``buckets`` buckets; buckets are per event
   settlement; expires ``retention_s`` + lateness after its last write, so a code lives between
   ``retention_s`` and ``retention_s`` + ``period_s``. A code is looked up in every period
   bucket of the retention: ``retention_s / period_s`` + 1 lookups (one more near a period's
-  end). Quarters (the default) cost 9 lookups a code and keep codes 6 % longer on average
-  than needed; months would cost 25 lookups for 2 %.
+  end). Half years (the default) cost 5 lookups a code and keep codes 12.5 % longer on
+  average than needed; months would cost 25 lookups (each a scan of a bucket) for 2 %.
 
-Measured on Redis 6.2 (libc malloc): 69 bytes per code with 18-character event ids,
+Measured on Redis 6.2 (libc malloc): 69 bytes per stored code with 18-character event ids,
 16-character card ids and 11-character institution ids when buckets hold 40-90 codes (177
-when they hold one or two). Size ``buckets`` to about codes per period / 80 and keep
-``hash-max-listpack-entries`` >= 128 and ``hash-max-listpack-value`` >= 64 (the defaults);
-Shanghai's ~1 M packages a day make ~90 M codes a quarter: 1,048,576 buckets.
+when they hold one or two), so about 78 bytes per code of retention. Size ``buckets`` to
+about codes per period / 85 and keep ``hash-max-listpack-entries`` >= 128 and
+``hash-max-listpack-value`` >= 64 (the defaults): Shanghai's ~1 M packages a day make
+~180 M codes a half year, 2,097,152 buckets (and ~55 GB for two years).
 
->>> TraceCodeReuse(retention_s=63072000, period_s=7884000, buckets=1024)
-TraceCodeReuse(retention_s=63072000, period_s=7884000, buckets=1024, min_code_len=12, lateness_s=3600)
+>>> TraceCodeReuse(retention_s=63072000, period_s=15768000, buckets=1024)
+TraceCodeReuse(retention_s=63072000, period_s=15768000, buckets=1024, min_code_len=12, lateness_s=3600)
 >>> TraceCodeReuse(period_s=0)
 Traceback (most recent call last):
 ...
@@ -133,7 +134,7 @@ class TraceCodeReuse(Detector):
     subject_type = "institution"
     scripts = (LUA,)
 
-    def __init__(self, retention_s: int = 63072000, *, period_s: int = 7884000, buckets: int = 1048576,
+    def __init__(self, retention_s: int = 63072000, *, period_s: int = 15768000, buckets: int = 2097152,
                  min_code_len: int = 12, lateness_s: int = 3600, lang: str = "zh", version: str = "") -> None:
         super().__init__(lateness_s=lateness_s, lang=lang, version=version)
         r = self.rule

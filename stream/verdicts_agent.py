@@ -6,7 +6,8 @@
   :mod:`alerts.verdicts`) that validates each verdict (a bad one is logged and counted,
   never fatal), looks its alert up in the store and records the verdict there
   (``AlertStore.set_verdict``), teaches the :class:`~alerts.verdicts.PriorityModel`, and
-  saves the model in Redis (``cw:priority_model``, version in ``cw:priority_model:version``);
+  saves the model in Redis (``cw:priority_model``, version in ``cw:priority_model:version``, verdicts learned in
+  the hash ``cw:verdicts``);
   a verdict already learned (same alert, same content) is not learned again;
 * a task that restores the model on start, a timer that adopts the model another worker
   saved (every 30 s), and a timer that re-ranks the live open alerts of the last 7 days
@@ -33,7 +34,6 @@ from alerts.verdicts import REDIS_KEY, SEEN_KEY, InvalidVerdict, PriorityModel, 
 
 log = logging.getLogger("claimwatch.verdicts")
 
-VERSION_KEY = REDIS_KEY + ":version"
 REFRESH_S = 30.0
 RERANK_S = 300.0
 RERANK_WINDOW_S = 7 * 86400
@@ -62,13 +62,18 @@ VERDICTS_TOTAL = _counter()
 class VerdictService:
     """Learns from verdicts and prioritises alerts; transport-free (the agent and tests drive it)."""
 
-    def __init__(self, store: Any, redis: Any, model: PriorityModel | None = None) -> None:
+    def __init__(self, store: Any, redis: Any, model: PriorityModel | None = None, *,
+                 model_key: str = REDIS_KEY, seen_key: str = SEEN_KEY) -> None:
         self.store = store
         self.redis = redis
         self.model = model or PriorityModel()
+        self.model_key = model_key
+        self.version_key = model_key + ":version"
+        self.seen_key = seen_key
         self.counts: Counter[str] = Counter()
         self.version = 0          # of the model in Redis that self.model corresponds to
         self._ranked_version = -1
+        self._learned: dict[str, bytes] = {}   # alert id -> verdict learned in memory (retry-safe)
 
     def _count(self, outcome: str) -> str:
         self.counts[outcome] += 1
@@ -78,18 +83,18 @@ class VerdictService:
 
     async def load(self) -> None:
         """Restore the persisted model (fresh when there is none)."""
-        raw = await self.redis.get(VERSION_KEY)
-        self.model = await PriorityModel.load(self.redis)
+        raw = await self.redis.get(self.version_key)
+        self.model = await PriorityModel.load(self.redis, self.model_key)
         self.version = int(raw or 0)
         log.info("priority model restored: %d verdicts learned (version %d)", self.model.n_learned, self.version)
 
     async def refresh(self) -> bool:
         """Adopt the model another worker saved since; True when it changed."""
-        raw = await self.redis.get(VERSION_KEY)
+        raw = await self.redis.get(self.version_key)
         v = int(raw or 0)
         if v == self.version:
             return False
-        self.model = await PriorityModel.load(self.redis)
+        self.model = await PriorityModel.load(self.redis, self.model_key)
         self.version = v
         return True
 
@@ -102,24 +107,28 @@ class VerdictService:
             log.warning("invalid verdict refused (%s): %r", exc, shown)
             return self._count("invalid")
         payload = verdict_json(v)
-        prev = await self.redis.hget(SEEN_KEY, v.alert_id)
+        prev = await self.redis.hget(self.seen_key, v.alert_id)
         if prev == payload:
             return self._count("duplicate")
-        alert = await asyncio.to_thread(self.store.set_verdict, v.alert_id, v.verdict, v.author,
-                                        v.time.isoformat(), v.note)
-        if alert is None:
-            log.warning("verdict for unknown alert %s by %s ignored", v.alert_id, v.author)
-            return self._count("unknown_alert")
-        self.model.learn(alert, v.fraud)
+        if self._learned.get(v.alert_id) != payload:  # not when retrying a save that failed
+            alert = await asyncio.to_thread(self.store.set_verdict, v.alert_id, v.verdict, v.author,
+                                            v.time.isoformat(), v.note)
+            if alert is None:
+                log.warning("verdict for unknown alert %s by %s ignored", v.alert_id, v.author)
+                return self._count("unknown_alert")
+            self.model.learn(alert, v.fraud)
+            self._learned[v.alert_id] = payload
+            if len(self._learned) > 10_000:
+                self._learned.pop(next(iter(self._learned)))
+            log.info("verdict %s on %s (%s) by %s learned; %d verdicts so far", v.verdict, v.alert_id, alert.rule,
+                     v.author, self.model.n_learned)
         blob = self.model.dumps()
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(SEEN_KEY, v.alert_id, payload)
-            pipe.set(REDIS_KEY, blob)
-            pipe.incr(VERSION_KEY)
+            pipe.hset(self.seen_key, v.alert_id, payload)
+            pipe.set(self.model_key, blob)
+            pipe.incr(self.version_key)
             res = await pipe.execute()
         self.version = int(res[-1])
-        log.info("verdict %s on %s (%s) by %s learned; %d verdicts so far", v.verdict, v.alert_id, alert.rule,
-                 v.author, self.model.n_learned)
         return self._count("learned")
 
     def prioritise(self, alerts: Sequence[Alert]) -> list[Alert]:

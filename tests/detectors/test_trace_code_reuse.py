@@ -17,7 +17,7 @@ lateness_s: 3600
 rules:
   trace_code_reuse:
     retention_s: 63072000
-    period_s: 7884000
+    period_s: 15768000
     buckets: 64
     min_code_len: 12
 """

@@ -68,3 +68,36 @@ def stack_restartable(tmp_path):
 
 
 __all__ = ["wait_ready", "redis_binary"]
+
+
+class RestartableBroker:
+    """A real Tansu broker that a test can stop and start again on the same port (memory storage:
+    topics and offsets are gone after the restart, as after losing a single-node broker's disk)."""
+
+    def __init__(self, workdir):
+        self.stack = EmbeddedStack(workdir=workdir, redis=False).start()
+        self.kafka_url = self.stack.kafka_url
+        self.proc = self.stack._procs[0]
+        self.argv = self.proc.proc.args
+
+    def stop_broker(self) -> None:
+        self.proc.stop()
+
+    def start_broker(self) -> None:
+        from stream.embedded import _wait_port
+
+        log = open(self.proc.log, "ab")
+        self.proc.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.stack.workdir,
+                                          start_new_session=True)
+        port = int(self.kafka_url.rsplit(":", 1)[1])
+        _wait_port(port, self.proc.proc, "tansu", self.proc.log)
+
+    def stop(self):
+        self.stack.stop()
+
+
+@pytest.fixture
+def broker_restartable(tmp_path):
+    b = RestartableBroker(tmp_path / "broker")
+    yield b
+    b.stop()
