@@ -116,9 +116,9 @@ async def publish_verdict(bootstrap: str, topic: str, alert_id: str, verdict: st
     from aiokafka import AIOKafkaProducer
 
     v = make_verdict(alert_id, verdict, author, note, at)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
-    await producer.start()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     try:
+        await producer.start()
         await producer.send_and_wait(topic, verdict_json(v), key=v.alert_id.encode())
     finally:
         await producer.stop()

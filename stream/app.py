@@ -312,5 +312,8 @@ def run_worker(settings: Settings, *, web_port: int, loglevel: str = "warn") -> 
     """Run one worker until SIGINT/SIGTERM."""
     rules = load_rules(settings.rules_path, lang=settings.lang)
     app = create_app(settings, rules, web_port=web_port)
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    from stream.logs import logging_config
+
+    level = {"crit": "CRITICAL", "warn": "WARNING"}.get(loglevel, loglevel.upper())
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True, logging_config=logging_config(level))
     worker.execute_from_commandline()
