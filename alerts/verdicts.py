@@ -92,7 +92,8 @@ def make_verdict(alert_id: str, verdict: str, author: str, note: str | None = No
                  at: datetime | None = None) -> Verdict:
     """A validated verdict (``at`` defaults to now, UTC).
 
-    >>> make_verdict("A-1", "false_positive", "li", at=datetime(2026, 11, 24, 2, 0, tzinfo=timezone.utc)).time.isoformat()
+    >>> at = datetime(2026, 11, 24, 2, 0, tzinfo=timezone.utc)
+    >>> make_verdict("A-1", "false_positive", "li", at=at).time.isoformat()
     '2026-11-24T02:00:00+00:00'
     >>> make_verdict("A-1", "yes", "li")
     Traceback (most recent call last):
@@ -228,8 +229,8 @@ def default_model() -> Any:
 class _Unpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module == "builtins" and name in {"dict", "list", "tuple", "set", "float", "int", "bool", "str",
-                                               "object", "frozenset"}) \
-                or module == __name__ or module.startswith("river.") \
+                                               "frozenset"}) \
+                or module.startswith("river.") \
                 or (module == "collections" and name in ("defaultdict", "OrderedDict", "Counter", "deque")) \
                 or (module == "functools" and name == "partial") or module == "copyreg" and name == "_reconstructor":
             return super().find_class(module, name)
@@ -281,21 +282,27 @@ class PriorityModel:
         return out
 
     def rank(self, alerts: Iterable[Alert | Mapping[str, Any]]) -> list:
-        """Alerts by priority, highest first (ties: earliest ``window_end`` first, then alert id)."""
+        """Alerts by priority, highest first (ties: earliest ``window_end`` first, then rule and subject)."""
         def key(a):
             d = a if isinstance(a, Mapping) else msgspec.structs.asdict(a)
-            return (-self.priority(a), str(d.get("window_end", "")), str(d.get("alert_id", "")))
+            return (-self.priority(a), str(d.get("window_end", "")), str(d.get("rule", "")),
+                    str(d.get("subject_id", "")), str(d.get("alert_id", "")))
         return sorted(alerts, key=key)
 
     # -- persistence ----------------------------------------------------------------------
     def dumps(self) -> bytes:
-        return pickle.dumps(self, protocol=5)
+        """Pickle of plain data and the river model (no class of this module: loads wherever it is imported)."""
+        return pickle.dumps({"format": 1, "model": self.model, "n_learned": self.n_learned, "n_fraud": self.n_fraud,
+                             "version": self.version}, protocol=5)
 
-    @staticmethod
-    def loads(blob: bytes) -> "PriorityModel":
-        m = _Unpickler(io.BytesIO(blob)).load()
-        if not isinstance(m, PriorityModel):
-            raise pickle.UnpicklingError(f"{REDIS_KEY} holds a {type(m).__name__}, not a PriorityModel")
+    @classmethod
+    def loads(cls, blob: bytes) -> "PriorityModel":
+        st = _Unpickler(io.BytesIO(blob)).load()
+        if not isinstance(st, dict) or st.get("format") != 1 or type(st.get("model")).__module__.split(".")[0] \
+                != "river":
+            raise pickle.UnpicklingError(f"{REDIS_KEY} does not hold a priority model")
+        m = cls(st["model"])
+        m.n_learned, m.n_fraud, m.version = int(st["n_learned"]), int(st["n_fraud"]), int(st["version"])
         return m
 
     async def save(self, redis: Any, key: str = REDIS_KEY) -> None:

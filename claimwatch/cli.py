@@ -410,6 +410,63 @@ def bench_quality(cards: int = typer.Option(20_000, min=100), days: int = typer.
         console.print(f"results written to {json_out}")
 
 
+@bench_app.command("throughput")
+def bench_throughput(events: int = typer.Option(200_000, min=1000, help="settlements to push through"),
+                     workers: int = typer.Option(1, min=1, max=8),
+                     rate: float = typer.Option(2000.0, min=1, help="offered load for the latency measurement"),
+                     latency_s: float = typer.Option(30.0, "--latency-seconds", min=0,
+                                                     help="how long to measure latency (0 = skip)"),
+                     json_out: Optional[Path] = typer.Option(Path("bench-results/throughput.json"), "--json-out")) -> None:
+    """Raw transport rate vs the full pipeline (all detectors), their ratio, latency at a fixed load,
+    Redis memory per active card and worker RSS."""
+    from rich.table import Table
+
+    from replay.bench import dump, latency, throughput
+
+    s = load_settings()
+    rep = throughput(s, events=events, workers=workers, log=lambda m: console.print(m))
+    if latency_s > 0:
+        rep["latency"] = latency(s, rate=rate, seconds=latency_s, log=lambda m: console.print(m))
+    t = Table(title=f"claimwatch throughput — {events:,} settlements, {workers} worker(s), "
+                    f"{rep['machine']['cores']} cores, {rep['machine']['date']}")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    t.add_row("raw transport: produce (events/s)", f"{rep['raw']['produce_per_s']:,.0f}")
+    t.add_row("raw transport: consume + JSON parse (events/s)", f"{rep['raw']['consume_parse_per_s']:,.0f}")
+    t.add_row("full pipeline, all detectors, first produce → last alert stored (events/s)",
+              f"{rep['pipeline']['per_s']:,.0f}")
+    t.add_row("pipeline / raw", f"{rep['ratio_pipeline_to_raw']:.2f}")
+    if "latency" in rep and rep["latency"]["p50_ms"] is not None:
+        L = rep["latency"]
+        t.add_row(f"event → alert latency at {L['offered_rate']:,.0f}/s: p50 / p95 / p99 (ms)",
+                  f"{L['p50_ms']} / {L['p95_ms']} / {L['p99_ms']}")
+    t.add_row("Redis bytes per active card", str(rep["redis_bytes_per_active_card"]))
+    t.add_row("worker RSS start → end (MB)", f"{rep['worker_rss_mb']['start']} → {rep['worker_rss_mb']['end']}")
+    Console().print(t)
+    dump(rep, json_out)
+
+
+@bench_app.command("day")
+def bench_day(events: int = typer.Option(1_200_000, min=1000), workers: int = typer.Option(1, min=1, max=8),
+              json_out: Optional[Path] = typer.Option(Path("bench-results/day.json"), "--json-out")) -> None:
+    """Replay a generated 1.2-million-settlement city day at maximum speed and report the time."""
+    from replay.bench import day, dump
+
+    s = load_settings()
+    with _progress() as prog:
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, done: int, total: int | None) -> None:
+            if stage not in tasks:
+                tasks[stage] = prog.add_task(stage, total=total)
+            prog.update(tasks[stage], completed=done, total=total)
+
+        rep = day(s, events=events, workers=workers, progress=on_progress, log=lambda m: console.print(m))
+    Console().print(f"{rep['events']:,} settlements in {rep['seconds']} s ({rep['per_s']:,}/s) with "
+                    f"{workers} worker(s); target ≤ 180 s")
+    dump(rep, json_out)
+
+
 @bench_app.command("soak")
 def bench_soak(minutes: float = typer.Option(20.0, min=0.1), rate: float = typer.Option(2000.0, min=1),
                cards: int = typer.Option(50_000, min=1000),

@@ -55,6 +55,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Sequence
 
+import orjson
+
 from detectors.drugs import EMPTY, DrugList, is_placeholder
 from stream.events import Settlement
 
@@ -89,18 +91,16 @@ FEATURES: dict[str, tuple[str, str]] = {
 
 LUA = r"""
 -- Card windows and per-partition physician / institution volumes, one call per batch.
--- ARGV: lateness, week_s, card_ttl, vol_ttl, base_days, then one per event:
---       "t \t day \t institution \t district \t days_supply \t event_id \t has_phys"
---       (institution \t district \t days_supply \t event_id is the card window's member)
--- KEYS per event: card zset, institution volume, [physician volume if has_phys]
--- Reply per event: one string of 17 numbers (see Window.from_reply).
-local lateness = tonumber(ARGV[1])
-local week = tonumber(ARGV[2])
-local card_ttl = tonumber(ARGV[3])
-local vol_ttl = tonumber(ARGV[4])
-local base_days = tonumber(ARGV[5])
+-- ARGV[1] key prefix (cw:{run}:ml_outlier), ARGV[2] JSON [lateness, week_s, card_ttl, vol_ttl, base_days],
+-- ARGV[3] JSON [[t, day, card, institution, district, days_supply, event_id, physician or "", partition], ...]
+-- (institution and district carry no tab). Keys are built here from the prefix (standalone Redis).
+-- Returns one string: a line of 17 numbers per event (see Window.from_reply), lines joined by "\n".
+local prefix = ARGV[1]
+local cfg = cjson.decode(ARGV[2])
+local evs = cjson.decode(ARGV[3])
+local lateness, week, card_ttl, vol_ttl, base_days = cfg[1], cfg[2], cfg[3], cfg[4], cfg[5]
 local horizon = week + lateness
-local find, sub, match, fmt = string.find, string.sub, string.match, string.format
+local match, fmt = string.match, string.format
 
 -- volume state "d n b k": local day, settlements that day, baseline per day, completed days
 local function roll(v, day, new)
@@ -109,8 +109,8 @@ local function roll(v, day, new)
     local s1, s2, s3, s4 = match(v, '^(%S+) (%S+) (%S+) (%S+)$')
     d = tonumber(s1); n = tonumber(s2); b = tonumber(s3); k = tonumber(s4)
   end
-  local changed = false
-  if not d then d = day; n = 0; b = 0; k = 0; changed = true end
+  local fresh = false
+  if not d then d = day; n = 0; b = 0; k = 0; fresh = true end
   if day > d then
     local gap = day - d
     if gap > 3 * base_days then gap = 3 * base_days end
@@ -122,26 +122,33 @@ local function roll(v, day, new)
       if a < 1 / base_days then a = 1 / base_days end
       b = b + a * (x - b)
     end
-    d = day; n = 0; changed = true
+    d = day; n = 0; fresh = true
   end
   local today = -1
+  local changed = fresh
   if day == d then
     if new then n = n + 1; changed = true end
     today = n
   end
   local val = false
   if changed then val = fmt('%d %d %.6f %d', d, n, b, k) end
-  return today, b, k, val
+  return today, b, k, val, fresh
+end
+
+local function save(key, val, fresh)
+  if fresh then
+    redis.call('SET', key, val, 'EX', vol_ttl)
+  else
+    redis.call('SET', key, val, 'KEEPTTL')
+  end
 end
 
 local out = {}
-local kk = 1
-for i = 6, #ARGV do
-  local ts, sday, member, _, eid, ph = match(ARGV[i], '^([^\t]*)\t([^\t]*)\t(([^\t]*\t[^\t]*\t[^\t]*)\t(.*))\t(%d)$')
-  local t = tonumber(ts); local day = tonumber(sday)
-  local has_phys = ph == '1'
-  local ck = KEYS[kk]
-  local new = redis.call('ZADD', ck, t, member) == 1
+for i = 1, #evs do
+  local e = evs[i]
+  local t, day, card, inst, dist, sup, eid, phys, part = e[1], e[2], e[3], e[4], e[5], e[6], e[7], e[8], e[9]
+  local ck = prefix .. ':card:' .. card
+  local new = redis.call('ZADD', ck, t, inst .. '\t' .. dist .. '\t' .. sup .. '\t' .. eid) == 1
   if new then redis.call('EXPIRE', ck, card_ttl) end
   local members = redis.call('ZRANGEBYSCORE', ck, '-inf', t, 'WITHSCORES')
   local c1, c2, c3 = 0, 0, 0
@@ -153,7 +160,7 @@ for i = 6, #ARGV do
     if age > horizon then
       stale = true
     elseif age <= week then
-      local ins, dis, sup, id = match(members[m], '^([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$')
+      local ins, dis, s, id = match(members[m], '^([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$')
       c3 = c3 + 1
       if age <= 86400 then c2 = c2 + 1; if age <= 3600 then c1 = c1 + 1 end end
       local x = li[ins]
@@ -161,7 +168,7 @@ for i = 6, #ARGV do
       x = ld[dis]
       if not x or age < x then ld[dis] = age end
       if id ~= eid then
-        local left = tonumber(sup) - age / 86400
+        local left = tonumber(s) - age / 86400
         if left > 0 then on_hand = on_hand + left end
       end
     end
@@ -176,30 +183,30 @@ for i = 6, #ARGV do
     d3 = d3 + 1
     if age <= 86400 then d2 = d2 + 1; if age <= 3600 then d1 = d1 + 1 end end
   end
-  local ik = KEYS[kk + 1]
+  local pp = prefix .. ':p' .. part
+  local ik = pp .. ':inst:' .. inst
+  local pk = nil
   local vals
-  if has_phys then
-    vals = redis.call('MGET', ik, KEYS[kk + 2])
+  if phys ~= '' then
+    pk = pp .. ':phys:' .. phys
+    vals = redis.call('MGET', ik, pk)
   else
     vals = {redis.call('GET', ik)}
   end
-  local it, ib, ikd, iv = roll(vals[1], day, new)
-  if iv then redis.call('SET', ik, iv, 'EX', vol_ttl) end
+  local it, ib, ikd, iv, ifresh = roll(vals[1], day, new)
+  if iv then save(ik, iv, ifresh) end
   local pt, pb, pkd = -1, 0, 0
-  if has_phys then
-    local pv
-    pt, pb, pkd, pv = roll(vals[2], day, new)
-    if pv then redis.call('SET', KEYS[kk + 2], pv, 'EX', vol_ttl) end
-    kk = kk + 3
-  else
-    kk = kk + 2
+  if pk then
+    local pv, pfresh
+    pt, pb, pkd, pv, pfresh = roll(vals[2], day, new)
+    if pv then save(pk, pv, pfresh) end
   end
   local nw = 0
   if new then nw = 1 end
-  out[i - 5] = fmt('%d %d %d %d %d %d %d %d %d %d %.4f %d %.6f %d %d %.6f %d', nw, c1, c2, c3, i1, i2, i3,
-                   d1, d2, d3, on_hand, pt, pb, pkd, it, ib, ikd)
+  out[i] = fmt('%d %d %d %d %d %d %d %d %d %d %.4f %d %.6f %d %d %.6f %d', nw, c1, c2, c3, i1, i2, i3,
+               d1, d2, d3, on_hand, pt, pb, pkd, it, ib, ikd)
 end
-return out
+return table.concat(out, '\n')
 """
 
 
@@ -295,19 +302,24 @@ def _placeholder(v: str) -> bool:
 def queue_windows(pipe: Any, sha: str, events: Sequence[Settlement], prefix: str, *, lateness_s: int) -> int:
     """Queue one ``EVALSHA`` of :data:`LUA` for ``events`` (keys under ``prefix`` = ``cw:{run}:ml_outlier``).
 
-    The reply is one list per event, in order, for :meth:`Window.from_reply`. Returns 1.
+    The reply is one string, a line per event in order: :func:`parse_windows`. Returns 1.
     """
     week = WINDOWS_S[2]
-    argv: list[Any] = [lateness_s, week, week + lateness_s, VOLUME_TTL_S, BASELINE_DAYS]
-    keys: list[str] = []
+    cfg = [lateness_s, week, week + lateness_s, VOLUME_TTL_S, BASELINE_DAYS]
+    rows = []
     for ev in events:
-        part = f"{prefix}:p{ev.partition}"
         phys = ev.physician_id
-        has_phys = phys is not None and not _placeholder(phys)
-        argv.append(f"{ev.ts!r}\t{local_day(ev.ts)}\t{_untab(ev.institution_id)}\t{_untab(ev.district)}\t"
-                    f"{days_supply(ev)}\t{_untab(ev.event_id)}\t{'1' if has_phys else '0'}")
-        keys += [f"{prefix}:card:{ev.card_id}", f"{part}:inst:{ev.institution_id}"]
-        if has_phys:
-            keys.append(f"{part}:phys:{phys}")
-    pipe.evalsha(sha, len(keys), *keys, *argv)
+        if phys is None or _placeholder(phys):
+            phys = ""
+        rows.append([ev.ts, local_day(ev.ts), ev.card_id, _untab(ev.institution_id), _untab(ev.district),
+                     days_supply(ev), ev.event_id, phys, ev.partition])
+    pipe.evalsha(sha, 0, prefix, orjson.dumps(cfg), orjson.dumps(rows))
     return 1
+
+
+def parse_windows(reply: bytes | str) -> list[Window]:
+    """The :class:`Window` of every event of a batch from :data:`LUA`'s reply."""
+    if not reply:
+        return []
+    sep = b"\n" if isinstance(reply, bytes) else "\n"
+    return [Window.from_reply(line) for line in reply.split(sep)]

@@ -2,26 +2,26 @@
 
 ``visit_frequency`` (就诊次数异常) and ``cost_anomaly`` (就诊费用异常) compare a card's
 month-to-date value (visits, CNY) with its *peers*: cards of the same insured category
-(在职/退休/居民/少儿) and age band with the same kind of primary diagnosis, where a
-门诊大病 (major outpatient disease: dialysis N18.5, cancer treatment, transplant …) diagnosis
-defines its own group, so a dialysis patient going three times a week is compared with
-dialysis patients, never with young employees with a cold. Small groups fall back to the
-diagnosis alone (all dialysis patients); a group still smaller than ``min_peer_size`` is not
-judged at all.
+(在职/退休/居民/少儿), age band and ICD-10 chapter of the primary diagnosis. A 门诊大病
+(major outpatient disease: dialysis N18.5, cancer treatment, transplant …) diagnosis defines a
+group of its own across categories and ages, so a dialysis patient going three times a week
+is compared with dialysis patients, never with young employees with a cold. A group with
+fewer than ``min_peer_size`` other members is not judged at all.
 
-The peer distribution is a fixed-bucket histogram kept incrementally in Redis, as *daily
+The peer distribution is a fixed-bucket histogram kept incrementally in Redis as *daily
 deltas*: when a card's month-to-date value moves from bucket ``b0`` to ``b1`` on day ``d``,
-the delta hash of (month, group, d) gets ``b0 -= 1, b1 += 1`` (``_n`` counts members joining
-or leaving the group). The histogram of every member's value *as of the end of day R* is the
-sum of the deltas of days 1..R. An event at time ``t`` is compared with the snapshot of the
-last day ``R`` that was complete at ``t`` (``R``'s end + lateness <= ``t``), so the verdict is
-a function of event time only and never of how partitions interleave; the card's own value
-as of ``R`` is taken out of the snapshot. The bound is
-``max(floor, factor x the peers' q-quantile)``: the top of the group, times a margin.
+the delta hash ``…:peer:{YYYY-MM}:{group}:{d}`` gets ``b0 -= 1, b1 += 1`` (one ``HINCRBY``
+when the card joins). The histogram of every member's value *as of the end of day R* is the
+sum of the deltas of days 1..R (its member count is the sum of its buckets). An event at
+time ``t`` is compared with the snapshot of the last day ``R`` that was complete at ``t``
+(``R``'s end + lateness <= ``t``), so the verdict is a function of event time only, never of
+how partitions interleave; the card's own value as of ``R`` is taken out of the snapshot. The
+bound is ``max(floor, factor x the peers' q-quantile)`` — the top of the group times a margin —
+with the quantile read as the upper edge of its bucket (exact for unit buckets).
 
-Cards of one month hash ``…:month:{card}:{YYYY-MM}`` (expires after the month + lateness) keep
-``gb``/``gd`` (their group: base ``category|band`` and diagnosis key) and ``h:{day}`` (their
-value and group after that day) for this.
+A card's month state (one JSON value per card and month) keeps its group (``gb`` base
+``category|band``, ``gd`` diagnosis key; unknown parts are filled in later and a 门诊大病
+diagnosis always wins, moving the card) and ``h[day]`` = its value and group after that day.
 
 >>> dx_key("N18.500", ("N18.5", "C")), dx_key("J06.9", ("N18.5",)), dx_key(None, ())
 ('S:N18.5', 'C:X', '?')
@@ -334,39 +334,27 @@ local function pk_regroup(ob, od, eb, ed)
   return nb, nd
 end
 
-local function pk_hist_add(k, b, by, ttl)
-  redis.call('HINCRBY', k, b, by)
-  redis.call('EXPIRE', k, ttl)
+-- the histogram a card is counted in: a 门诊大病 group holds all its patients, others are split by base
+local function pk_group(b, d)
+  if string.sub(d, 1, 2) == 'S:' then return 'g:*|*|' .. d end
+  return 'g:' .. b .. '|' .. d
 end
 
--- move a card's contribution from (g0, v0) to (g1, v1) in the delta histogram of day dom
-local function pk_move(prefix, ym, dom, ttl, c, g0, v0, g1, v1)
+-- move a card's contribution from (group g0, value v0) to (g1, v1) in the delta histogram of day dom;
+-- a histogram's member count is the sum of its buckets
+local function pk_update(prefix, ym, dom, ttl, c, ob, od, v0, nb, nd, v1)
+  local g1 = pk_group(nb, nd)
   local b1 = pk_bucket(c.edges, v1)
-  if g0 == g1 then
-    local b0 = pk_bucket(c.edges, v0)
-    if b0 ~= b1 then
-      local k = pk_key(prefix, ym, g1, dom)
-      redis.call('HINCRBY', k, b0, -1)
-      pk_hist_add(k, b1, 1, ttl)
-    end
-    return
-  end
+  local g0 = false
+  if ob then g0 = pk_group(ob, od) end
   if g0 then
+    local b0 = pk_bucket(c.edges, v0)
+    if g0 == g1 and b0 == b1 then return end
     local k0 = pk_key(prefix, ym, g0, dom)
-    redis.call('HINCRBY', k0, pk_bucket(c.edges, v0), -1)
-    pk_hist_add(k0, '_n', -1, ttl)
+    if redis.call('HINCRBY', k0, b0, -1) == -1 then redis.call('EXPIRE', k0, ttl) end
   end
   local k1 = pk_key(prefix, ym, g1, dom)
-  redis.call('HINCRBY', k1, b1, 1)
-  pk_hist_add(k1, '_n', 1, ttl)
-end
-
--- update both group levels (fine 'g:base|dx', coarse 'd:dx') for a value change of a card
-local function pk_update(prefix, ym, dom, ttl, c, ob, od, ov, nb, nd, nv)
-  local f0, c0 = false, false
-  if ob then f0 = 'g:' .. ob .. '|' .. od; c0 = 'd:' .. od end
-  pk_move(prefix, ym, dom, ttl, c, f0, ov, 'g:' .. nb .. '|' .. nd, nv)
-  pk_move(prefix, ym, dom, ttl, c, c0, ov, 'd:' .. nd, nv)
+  if redis.call('HINCRBY', k1, b1, 1) == 1 then redis.call('EXPIRE', k1, ttl) end
 end
 
 local function pk_quantile(hist, nb, total, q)
@@ -386,69 +374,53 @@ local function pk_value(c, b)
   return c.edges[b + 1]
 end
 
--- the card's own (value, base, dx) after day rdom (from its h:{day} fields), or nil
-local function pk_own(mk, rdom)
+-- peers' snapshot as of day rdom for the card's group (h = the card's {value, base, dx} after each day):
+-- nil when fewer than min_peer other members, else {peers, median, q-quantile} (numbers as strings)
+local function pk_peers(prefix, ym, rdom, c, h, gb, gd)
   if rdom < 1 then return nil end
-  local f = {}
-  for d = 1, rdom do f[d] = 'h:' .. d end
-  local v = redis.call('HMGET', mk, unpack(f))
-  for d = rdom, 1, -1 do
-    if v[d] then
-      local x = v[d]
-      local i = string.find(x, '\t', 1, true)
-      local j = string.find(x, '\t', i + 1, true)
-      return {tonumber(string.sub(x, 1, i - 1)), string.sub(x, i + 1, j - 1), string.sub(x, j + 1)}
+  local g = pk_group(gb, gd)
+  local hist = {}
+  for b = 0, c.nb do hist[b] = 0 end
+  for d = 1, rdom do
+    local f = redis.call('HGETALL', pk_key(prefix, ym, g, d))
+    for i = 1, #f, 2 do
+      local b = tonumber(f[i])
+      hist[b] = hist[b] + tonumber(f[i + 1])
     end
   end
-  return nil
-end
-
--- peers' snapshot as of day rdom for the card's group (fine, then coarse): nil when too few peers,
--- else {level (1 group, 2 diagnosis only), peers, median, q-quantile} (numbers as strings)
-local function pk_peers(prefix, ym, rdom, c, mk, nb, nd)
-  if rdom < 1 then return nil end
-  local own = pk_own(mk, rdom)
-  local groups = {'g:' .. nb .. '|' .. nd, 'd:' .. nd}
-  for lvl = 1, 2 do
-    local hist = {}
-    for b = 0, c.nb do hist[b] = 0 end
-    local members = 0
-    for d = 1, rdom do
-      local f = redis.call('HGETALL', pk_key(prefix, ym, groups[lvl], d))
-      for i = 1, #f, 2 do
-        if f[i] == '_n' then members = members + tonumber(f[i + 1])
-        else
-          local b = tonumber(f[i])
-          hist[b] = hist[b] + tonumber(f[i + 1])
-        end
-      end
-    end
+  for d = rdom, 1, -1 do
+    local own = h[tostring(d)]
     if own then
-      local og = {'g:' .. own[2] .. '|' .. own[3], 'd:' .. own[3]}
-      if og[lvl] == groups[lvl] then
+      if pk_group(own[2], own[3]) == g then
         local b = pk_bucket(c.edges, own[1])
         hist[b] = hist[b] - 1
-        members = members - 1
       end
-    end
-    if members >= c.min_peer then
-      local total = 0
-      for b = 0, c.nb do total = total + hist[b] end
-      if total >= 1 then
-        local med = pk_value(c, pk_quantile(hist, c.nb, total, 0.5))
-        local qv = pk_value(c, pk_quantile(hist, c.nb, total, c.q))
-        return {lvl, members, tostring(med), tostring(qv)}
-      end
+      break
     end
   end
-  return nil
+  local total = 0
+  for b = 0, c.nb do total = total + hist[b] end
+  if total < c.min_peer or total < 1 then return nil end
+  local med = pk_value(c, pk_quantile(hist, c.nb, total, 0.5))
+  local qv = pk_value(c, pk_quantile(hist, c.nb, total, c.q))
+  return {total, tostring(med), tostring(qv)}
 end
 
 -- does value v reach the peer bound max(floor, factor x q-quantile)?
 local function pk_fires(c, v, peer)
   if not peer then return false end
-  local bound = c.factor * tonumber(peer[4])
+  local bound = c.factor * tonumber(peer[3])
   if bound < c.floor then bound = c.floor end
   return v >= bound - 1e-9
+end
+
+-- the evidence of a card state: flat {event_id, time, …}
+local function pk_evidence(ev)
+  local out = {}
+  for id, t in pairs(ev) do
+    out[#out + 1] = id
+    out[#out + 1] = t
+  end
+  return out
 end
 """

@@ -4,11 +4,15 @@ A dealer (药贩子) who has collected or rented insurance cards takes them to o
 settles the same resale-prone drug on each (贩卖医保药品 / 收集医保卡集中购药), often on
 several days with much the same stack of cards. The rule counts the distinct cards that
 settle one drug code (from ``resale_prone``) at one institution, in ``visit_types``
-(retail pharmacy purchases and outpatient prescriptions; ward bills are batch-posted and
-never count), within ``window_s``: a burst of at least ``min_cards`` cards that is also at
+(retail pharmacy purchases, where no physician sees the patient: a morning rush of
+chronic refills at a community centre — 长处方, 家庭医生 — easily puts a dozen statin
+patients in an hour, and collected cards pushed through one physician are
+``prescriber_volume``'s pattern; ward bills are batch-posted), within ``window_s``: a burst of at least ``min_cards`` cards that is also at
 least ``min_lift`` times the institution's usual rate for that drug (mean per ``window_s``
 over the preceding ``baseline_s``, which ends ``window_s + lateness_s`` before the burst)
-makes every purchase in it a ring purchase. A family of 2–4 cards is far below
+qualifies; its purchases are the ring's, except a lone customer's: a ring purchase has
+another card's purchase within ``member_gap_s`` (the stack of cards is swiped in one
+sitting, so the buyer who came in alone 40 minutes earlier is not listed). A family of 2–4 cards is far below
 ``min_cards``; a busy pharmacy's ordinary stream of statin buyers is below ``min_lift``
 times its own rate. When a later burst at the same place and drug reuses at least
 ``recur_share`` of the cards seen on earlier days, the day is a recurrence and the severity
@@ -24,13 +28,16 @@ condition, so any arrival order within ``lateness_s`` ends with the same members
 State per (institution, drug) (Redis, all keys expire):
 
 * ``cw:{run}:card_ring:{window_s}:{institution}:{drug}`` — sorted set, member
-  ``card\\tevent_id``, score = event time, kept ``baseline_s + window_s + lateness_s``;
-* ``…:m`` — the episode's ring purchases (same members), ``…:ep`` — ``anchor`` (first ring
-  purchase of the episode), ``last``, drug ``name``.
+  ``card\\tevent_id``, score = event time, kept ``history_s`` behind each new purchase (at least
+  ``baseline_s + window_s + lateness_s``; longer, so that a partition that falls further behind
+  than ``lateness_s`` — a replay of sparse data — still meets the rest of its burst);
+* ``…:c`` — purchases in a qualifying window, ``…:m`` — those with a neighbour within
+  ``member_gap_s`` (the ring's), ``…:ep`` — ``first`` and ``anchor`` (earliest ring purchase
+  of the episode), ``last``, ``peak`` (most cards in one window), drug ``name``.
 
 >>> from detectors.drugs import DrugList
 >>> CardRing(resale_prone=DrugList(["XC10AA"]))
-CardRing(window_s=3600, min_cards=8, min_lift=8, baseline_s=86400, recur_s=2592000, recur_share=0.5, visit_types=['outpatient', 'pharmacy'], lateness_s=3600)
+CardRing(window_s=3600, min_cards=8, min_lift=8, baseline_s=86400, recur_s=2592000, recur_share=0.5, member_gap_s=900, history_s=604800, visit_types=['pharmacy'], lateness_s=3600)
 >>> ring_id("P001", "XC10AAA003")
 'RING-2a2d461993c41084'
 >>> CardRing(min_cards=1)
@@ -51,91 +58,136 @@ from detectors.drugs import EMPTY, DrugList, is_placeholder
 from stream.events import Settlement, iso
 
 LUA = r"""
--- ARGV: window, min_cards, baseline, gap, min_lift, keep, ttl_z, recur, ttl_ring,
+-- ARGV: window, min_cards, baseline, gap, min_lift, keep, ttl_z, recur, ttl_ring, member_gap,
 --       then per entry: t, card, event_id, drug name
--- KEYS per entry: purchases zset, ring purchases zset, episode hash
+-- KEYS per entry: purchases zset, ring members zset, candidates zset, episode hash
 local SEP = '\t'
 local W = tonumber(ARGV[1]); local minc = tonumber(ARGV[2]); local C = tonumber(ARGV[3])
 local gap = tonumber(ARGV[4]); local lift = tonumber(ARGV[5]); local keep = tonumber(ARGV[6])
 local ttl_z = tonumber(ARGV[7]); local recur = tonumber(ARGV[8]); local ttl_r = tonumber(ARGV[9])
+local G = tonumber(ARGV[10])
 local blen = C - gap
 local out = {}
 local k = 1
 local i = 0
-local a = 10
+local a = 11
 while a <= #ARGV do
   i = i + 1
   local t = tonumber(ARGV[a]); local card = ARGV[a + 1]; local eid = ARGV[a + 2]; local name = ARGV[a + 3]
   a = a + 4
-  local zk, mk, ek = KEYS[k], KEYS[k + 1], KEYS[k + 2]
-  k = k + 3
+  local zk, mk, ck, ek = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  k = k + 4
   redis.call('ZADD', zk, t, card .. SEP .. eid)
-  local top = redis.call('ZRANGE', zk, -1, -1, 'WITHSCORES')
-  redis.call('ZREMRANGEBYSCORE', zk, '-inf', '(' .. tostring(tonumber(top[2]) - keep))
+  -- pruned relative to this purchase, not the newest: a partition that lags still meets its cluster-mates
+  redis.call('ZREMRANGEBYSCORE', zk, '-inf', '(' .. tostring(t - keep))
   redis.call('EXPIRE', zk, ttl_z)
   local res = 0
-  if redis.call('ZCOUNT', zk, tostring(t - W), tostring(t + W)) >= minc then
-    -- every window [s, s + W] that contains t starts at a purchase s in [t - W, t]
-    local evs = redis.call('ZRANGEBYSCORE', zk, tostring(t - W), tostring(t + W), 'WITHSCORES')
+  local pre = redis.call('ZCOUNT', zk, tostring(t - W), tostring(t + W)) >= minc
+  -- ring candidates near t: this purchase may be the neighbour one of them was missing
+  local nc = redis.call('ZCOUNT', ck, tostring(t - G), tostring(t + G))
+  if pre or nc > 0 then
+    local evs = redis.call('ZRANGEBYSCORE', zk, tostring(t - W - G), tostring(t + W + G), 'WITHSCORES')
     local n = #evs / 2
-    local cs, ts = {}, {}
+    local cs, ts, idx = {}, {}, {}
+    local j0 = n + 1
     for j = 1, n do
       local s = evs[2 * j - 1]
       cs[j] = string.sub(s, 1, string.find(s, SEP, 1, true) - 1)
       ts[j] = tonumber(evs[2 * j])
+      idx[s] = j
+      if j0 > n and ts[j] >= t - W then j0 = j end
     end
-    local cnt = {}
-    local distinct = 0
-    local e = 1
-    local lo, hi = nil, nil
-    for j = 1, n do
-      local s = ts[j]
-      if s > t then break end
-      while e <= n and ts[e] <= s + W do
-        local c = cs[e]
-        local x = cnt[c] or 0
-        if x == 0 then distinct = distinct + 1 end
-        cnt[c] = x + 1
-        e = e + 1
-      end
-      if distinct >= minc then
-        local need = minc
-        if lift > 0 then
-          local nb = redis.call('ZCOUNT', zk, tostring(s - C), '(' .. tostring(s - gap))
-          if lift * nb * W / blen > need then need = lift * nb * W / blen end
+    local lo, hi, peak = nil, nil, 0
+    if pre then
+      -- every window [s, s + W] that contains t starts at a purchase s in [t - W, t]
+      local cnt = {}
+      local distinct = 0
+      local e = j0
+      for j = j0, n do
+        local s = ts[j]
+        if s > t then break end
+        while e <= n and ts[e] <= s + W do
+          local c = cs[e]
+          local x = cnt[c] or 0
+          if x == 0 then distinct = distinct + 1 end
+          cnt[c] = x + 1
+          e = e + 1
         end
-        if distinct >= need then
-          if not lo then lo = j end
-          hi = e - 1
+        if distinct >= minc then
+          local need = minc
+          if lift > 0 then
+            local nb = redis.call('ZCOUNT', zk, tostring(s - C), '(' .. tostring(s - gap))
+            if lift * nb * W / blen > need then need = lift * nb * W / blen end
+          end
+          if distinct >= need then
+            if not lo then lo = j end
+            hi = e - 1
+            if distinct > peak then peak = distinct end
+          end
         end
+        local c = cs[j]
+        cnt[c] = cnt[c] - 1
+        if cnt[c] == 0 then distinct = distinct - 1 end
       end
-      local c = cs[j]
-      cnt[c] = cnt[c] - 1
-      if cnt[c] == 0 then distinct = distinct - 1 end
     end
+    local check = {}
+    local take = false
     if lo then
-      local ep = redis.call('HMGET', ek, 'anchor', 'last')
-      local anchor = tonumber(ep[1]); local last = tonumber(ep[2])
+      local ep = redis.call('HMGET', ek, 'anchor', 'last', 'peak')
+      local anchor = tonumber(ep[1]); local last = tonumber(ep[2]); local oldpeak = tonumber(ep[3]) or 0
       local qmin, qmax = ts[lo], ts[hi]
-      local take, fresh = true, false
+      take = true
       if anchor and qmin <= last + recur and qmax >= anchor - recur then
         if qmax > last then last = qmax end
         if qmin < anchor then anchor = qmin end
       elseif (not anchor) or qmin > last + recur then
-        redis.call('DEL', mk)
-        anchor = qmin; last = qmax; fresh = true
+        redis.call('DEL', mk, ck)
+        anchor = qmin; last = qmax; oldpeak = 0
+        redis.call('HSET', ek, 'first', tostring(anchor))
       else
         take = false   -- belongs to an older episode that is no longer kept
       end
       if take then
-        for q = lo, hi do redis.call('ZADD', mk, ts[q], evs[2 * q - 1]) end
-        redis.call('HSET', ek, 'anchor', tostring(anchor), 'last', tostring(last))
-        if fresh then redis.call('HSET', ek, 'first', tostring(anchor)) end
+        -- candidates: purchases in a qualifying window
+        for q = lo, hi do
+          redis.call('ZADD', ck, ts[q], evs[2 * q - 1])
+          check[q] = true
+        end
+        if peak < oldpeak then peak = oldpeak end
+        redis.call('HSET', ek, 'anchor', tostring(anchor), 'last', tostring(last), 'peak', peak)
         if name ~= '' then redis.call('HSETNX', ek, 'name', name) end
-        redis.call('EXPIRE', mk, ttl_r)
+        redis.call('EXPIRE', ck, ttl_r)
         redis.call('EXPIRE', ek, ttl_r)
-        local info = redis.call('HMGET', ek, 'first', 'name')
-        res = {info[1], redis.call('ZRANGE', mk, 0, -1, 'WITHSCORES'), info[2] or ''}
+      end
+    end
+    if take or nc > 0 then
+      for _, m in ipairs(redis.call('ZRANGEBYSCORE', ck, tostring(t - G), tostring(t + G))) do
+        local j = idx[m]
+        if j then check[j] = true end
+      end
+    end
+    -- members: candidates with another card's purchase of the drug there within member_gap
+    -- (the stack of cards is swiped in one sitting; a lone customer within the hour is not one)
+    local added = 0
+    for j in pairs(check) do
+      local ok = false
+      local l = j - 1
+      while not ok and l >= 1 and ts[j] - ts[l] <= G do
+        if cs[l] ~= cs[j] then ok = true end
+        l = l - 1
+      end
+      l = j + 1
+      while not ok and l <= n and ts[l] - ts[j] <= G do
+        if cs[l] ~= cs[j] then ok = true end
+        l = l + 1
+      end
+      if ok then added = added + redis.call('ZADD', mk, ts[j], evs[2 * j - 1]) end
+    end
+    if added > 0 then redis.call('EXPIRE', mk, ttl_r) end
+    if (take or added > 0) and redis.call('ZCARD', mk) > 0 then
+      local info = redis.call('HMGET', ek, 'first', 'name', 'peak')
+      if info[1] then
+        res = {info[1], redis.call('ZRANGE', mk, 0, -1, 'WITHSCORES'), info[2] or '', info[3] or '0'}
       end
     end
   end
@@ -172,13 +224,14 @@ class CardRing(Detector):
     scripts = (LUA,)
 
     def __init__(self, *, window_s: int = 3600, min_cards: int = 8, min_lift: float = 8, baseline_s: int = 86400,
-                 recur_s: int = 30 * 86400, recur_share: float = 0.5,
-                 visit_types: Sequence[str] = ("pharmacy", "outpatient"), resale_prone: DrugList = EMPTY,
+                 recur_s: int = 30 * 86400, recur_share: float = 0.5, member_gap_s: int = 900,
+                 history_s: int = 7 * 86400,
+                 visit_types: Sequence[str] = ("pharmacy",), resale_prone: DrugList = EMPTY,
                  lateness_s: int = 3600, lang: str = "zh", version: str = "") -> None:
         super().__init__(lateness_s=lateness_s, lang=lang, version=version)
         r = self.rule
         for name, val in (("window_s", window_s), ("min_cards", min_cards), ("baseline_s", baseline_s),
-                          ("recur_s", recur_s)):
+                          ("recur_s", recur_s), ("member_gap_s", member_gap_s), ("history_s", history_s)):
             check_positive(r, name, val, integer=True)
         if min_cards < 3:
             raise ValueError(f"{r}: min_cards must be >= 3, got {min_cards}")
@@ -188,6 +241,11 @@ class CardRing(Detector):
             raise ValueError(f"{r}: recur_share must be a number in (0, 1], got {recur_share!r}")
         if baseline_s <= window_s + lateness_s:
             raise ValueError(f"{r}: baseline_s must exceed window_s + lateness_s ({window_s + lateness_s}), got {baseline_s}")
+        if history_s < baseline_s + window_s + lateness_s:
+            raise ValueError(f"{r}: history_s must cover baseline_s + window_s + lateness_s "
+                             f"({baseline_s + window_s + lateness_s}), got {history_s}")
+        if member_gap_s > window_s:
+            raise ValueError(f"{r}: member_gap_s must be <= window_s ({window_s}), got {member_gap_s}")
         if recur_s < window_s:
             raise ValueError(f"{r}: recur_s must be >= window_s ({window_s}), got {recur_s}")
         allowed = ("outpatient", "emergency", "pharmacy", "inpatient")
@@ -201,16 +259,18 @@ class CardRing(Detector):
         self.baseline_s = baseline_s
         self.recur_s = recur_s
         self.recur_share = recur_share
+        self.history_s = history_s
+        self.member_gap_s = member_gap_s
         self.visit_types = tuple(sorted(set(visit_types)))
         self.resale_prone = resale_prone
-        keep = baseline_s + window_s + lateness_s
-        self._head = [window_s, min_cards, baseline_s, window_s + lateness_s, min_lift, keep, keep,
-                      recur_s, recur_s + window_s + lateness_s]
+        self._head = [window_s, min_cards, baseline_s, window_s + lateness_s, min_lift, history_s, history_s,
+                      recur_s, recur_s + window_s + lateness_s, member_gap_s]
         self._sha = self.sha(LUA)
 
     def params(self) -> dict[str, Any]:
         return {"window_s": self.window_s, "min_cards": self.min_cards, "min_lift": self.min_lift,
                 "baseline_s": self.baseline_s, "recur_s": self.recur_s, "recur_share": self.recur_share,
+                "member_gap_s": self.member_gap_s, "history_s": self.history_s,
                 "visit_types": list(self.visit_types), "lateness_s": self.lateness_s}
 
     def _entries(self, events: Sequence[Settlement]) -> Iterator[tuple[Settlement, str, str]]:
@@ -233,7 +293,7 @@ class CardRing(Detector):
         keys: list[str] = []
         for ev, code, name in self._entries(events):
             base = self.key(ns, self.window_s, ev.institution_id, code)
-            keys += [base, base + ":m", base + ":ep"]
+            keys += [base, base + ":m", base + ":c", base + ":ep"]
             argv += [repr(ev.ts), ev.card_id, ev.event_id, name]
         if not keys:
             return 0
@@ -249,31 +309,17 @@ class CardRing(Detector):
             if res:   # one per ring and episode
                 last[(ev.institution_id, code, _s(res[0]))] = (name, res)
         out: dict[str, Alert] = {}
-        for (inst, code, _), (name, (first, flat, stored_name)) in last.items():
+        for (inst, code, _), (name, (first, flat, stored_name, peak)) in last.items():
             members = []
             for j in range(0, len(flat), 2):
                 card, _, eid = _s(flat[j]).partition(_SEP)
                 members.append((float(flat[j + 1]), card, eid))
-            a = self._alert(ns, inst, code, _s(stored_name) or name or code, float(_s(first)), members)
+            a = self._alert(ns, inst, code, _s(stored_name) or name or code, float(_s(first)), int(_s(peak)),
+                            members)
             out[a.alert_id] = a
         return list(out.values())
 
-    def _peak(self, members: list[tuple[float, str, str]]) -> int:
-        """Most distinct cards in any ``window_s`` among the ring purchases."""
-        best, j = 0, 0
-        cnt: dict[str, int] = defaultdict(int)
-        for t, card, _ in members:
-            cnt[card] += 1
-            while members[j][0] < t - self.window_s:
-                c = members[j][1]
-                cnt[c] -= 1
-                if not cnt[c]:
-                    del cnt[c]
-                j += 1
-            best = max(best, len(cnt))
-        return best
-
-    def _alert(self, ns: Namespace, inst: str, code: str, name: str, first: float,
+    def _alert(self, ns: Namespace, inst: str, code: str, name: str, first: float, peak: int,
                members: list[tuple[float, str, str]]) -> Alert:
         members.sort()
         rid = ring_id(inst, code)
@@ -290,7 +336,6 @@ class CardRing(Detector):
                 best_share = max(best_share, share)
                 recurrent += share >= self.recur_share
             seen |= cs
-        peak = self._peak(members)
         score = peak / self.min_cards * (1 + 0.5 * recurrent)
         days = len(by_day)
         lbl_zh, lbl_en = _hours(self.window_s, "zh"), _hours(self.window_s, "en")

@@ -11,20 +11,21 @@ purchases (定点药店购药 is outpatient spending paid by the same card), nev
 Settlements whose primary diagnosis is a 门诊大病 (``special_dx_prefixes``: dialysis, cancer
 treatment, transplant …) are approved heavy treatment: they do not count towards the
 absolute thresholds but do count in the peer comparison, where the card is judged against
-its peers (same insured category, age band and diagnosis group, see :mod:`detectors._peers`)
+its peers (same insured category, age band and diagnosis chapter, or all patients of the same
+门诊大病, see :mod:`detectors._peers`)
 and fires when its month's cost reaches ``max(min_amount_cny, factor x the peers'
 quantile)`` with at least ``min_peer_size`` other members — a dialysis patient's ¥9,000 a
 month is compared with dialysis patients, and chronic patients' refills with theirs. One
 alert per card and calendar month (and per card and year); later settlements extend it.
 
-State per card (Redis hashes, expiring at the end of the bucket + lateness):
+State per card (Redis, JSON values expiring at the end of the bucket + lateness):
 
-* ``cw:{run}:cost_anomaly:month:{card}:{YYYY-MM}`` — ``e:{event_id}`` (event time; written
-  with HSETNX, so amounts are summed only the first time an event is seen), ``a``/``f``
-  (cost and fund paid counted for the thresholds, in fen), ``sa`` (门诊大病 cost), ``pa``/``gb``/
-  ``gd``/``h:{day}`` (peer value and group, see :mod:`detectors._peers`);
+* ``cw:{run}:cost_anomaly:month:{card}:{YYYY-MM}`` — ``ev`` (event id -> event time: amounts
+  are summed only the first time an event id is seen, so a redelivered event changes
+  nothing), ``a``/``f`` (cost and fund paid counted for the thresholds, fen), ``sa`` (门诊大病
+  cost), ``pa``/``gb``/``gd``/``h`` (peer value and group, see :mod:`detectors._peers`);
 * ``…:year:{card}:{YYYY}`` — ``a``/``f`` of the year;
-* ``…:peer:{YYYY-MM}:{group}:{day}`` — daily deltas of the peer histograms.
+* ``…:peer:{YYYY-MM}:{group}:{day}`` — daily deltas of the peer histograms (hashes).
 
 >>> CostAnomaly(sub_rules=[{"name": "month_5000", "window": "month", "min_amount_cny": 5000}],
 ...             peers={"min_amount_cny": 3000, "buckets": [100, 1000, 10000]})
@@ -48,7 +49,7 @@ LUA = LUA_LIB + r"""
 -- ARGV: peer prefix, K, {window m|y, min fen} * K, peer config (see pk_config),
 --       per event: idx, t, event_id, day of month, YYYY-MM, ttl month, ttl year, amount fen, fund fen,
 --                  special 0|1, group base, diagnosis key, reference day of month
--- KEYS: {month hash, year hash} per event
+-- KEYS: {month state, year state} per event (JSON)
 -- returns the events after which the card is over a threshold: {idx, sums, peer|0, evidence}
 local prefix = ARGV[1]
 local a = 2
@@ -61,58 +62,54 @@ local out = {}
 local k = 1
 while a <= #ARGV do
   local idx, t, eid, dom, ym = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-  local ttl_m, ttl_y, amt, fund, special = ARGV[a + 5], ARGV[a + 6], tonumber(ARGV[a + 7]), ARGV[a + 8], ARGV[a + 9]
+  local ttl_m, ttl_y, amt, fund, special = ARGV[a + 5], ARGV[a + 6], tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8]),
+                                           ARGV[a + 9]
   local eb, ed, rdom = ARGV[a + 10], ARGV[a + 11], tonumber(ARGV[a + 12])
   a = a + 13
   local mk, yk = KEYS[k], KEYS[k + 1]
   k = k + 2
-  if redis.call('HSETNX', mk, 'e:' .. eid, t) == 1 then
-    local pa = redis.call('HINCRBY', mk, 'pa', amt)
+  local raw = redis.call('GET', mk)
+  local m
+  if raw then m = cjson.decode(raw) else m = {ev = {}, h = {}, a = 0, f = 0, sa = 0, pa = 0} end
+  raw = redis.call('GET', yk)
+  local y
+  if raw then y = cjson.decode(raw) else y = {a = 0, f = 0} end
+  if not m.ev[eid] then
+    m.ev[eid] = t
+    m.pa = m.pa + amt
     if special == '0' then
-      redis.call('HINCRBY', mk, 'a', amt)
-      redis.call('HINCRBY', mk, 'f', fund)
-      redis.call('HINCRBY', yk, 'a', amt)
-      redis.call('HINCRBY', yk, 'f', fund)
-      redis.call('EXPIRE', yk, ttl_y)
+      m.a = m.a + amt
+      m.f = m.f + fund
+      y.a = y.a + amt
+      y.f = y.f + fund
+      redis.call('SET', yk, cjson.encode(y), 'EX', ttl_y)
     else
-      redis.call('HINCRBY', mk, 'sa', amt)
+      m.sa = m.sa + amt
     end
     if pc.enabled then
-      local st = redis.call('HMGET', mk, 'gb', 'gd')
-      local nb, nd = pk_regroup(st[1], st[2], eb, ed)
-      pk_update(prefix, ym, dom, ttl_m, pc, st[1], st[2], (pa - amt) / 100, nb, nd, pa / 100)
-      redis.call('HSET', mk, 'gb', nb, 'gd', nd, 'h:' .. dom, tostring(pa / 100) .. '\t' .. nb .. '\t' .. nd)
+      local nb, nd = pk_regroup(m.gb, m.gd, eb, ed)
+      pk_update(prefix, ym, dom, ttl_m, pc, m.gb, m.gd, (m.pa - amt) / 100, nb, nd, m.pa / 100)
+      m.gb = nb
+      m.gd = nd
+      m.h[dom] = {m.pa / 100, nb, nd}
     end
-    redis.call('EXPIRE', mk, ttl_m)
+    redis.call('SET', mk, cjson.encode(m), 'EX', ttl_m)
   end
-  local v = redis.call('HMGET', mk, 'a', 'f', 'pa', 'sa', 'gb', 'gd')
-  local yv = redis.call('HMGET', yk, 'a', 'f')
-  local sums = {tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(yv[1]) or 0, tonumber(yv[2]) or 0,
-                tonumber(v[3]) or 0, tonumber(v[4]) or 0}
+  local sums = {m.a, m.f, y.a, y.f, m.pa, m.sa}
   local fired = false
   for j = 1, K do
-    local n = (subs[j][1] == 'm') and sums[1] or sums[3]
+    local n = (subs[j][1] == 'm') and m.a or y.a
     if n >= subs[j][2] then fired = true end
   end
   local peer = 0
-  if pc.enabled and v[5] and sums[5] / 100 >= pc.floor then
-    local p = pk_peers(prefix, ym, rdom, pc, mk, v[5], v[6])
+  if pc.enabled and m.gb and m.pa / 100 >= pc.floor then
+    local p = pk_peers(prefix, ym, rdom, pc, m.h, m.gb, m.gd)
     if p then
-      peer = p
-      if pk_fires(pc, sums[5] / 100, p) then fired = true end
+      peer = {p[1], p[2], p[3], m.gb, m.gd}
+      if pk_fires(pc, m.pa / 100, p) then fired = true end
     end
   end
-  if fired then
-    local all = redis.call('HGETALL', mk)
-    local ev = {}
-    for i = 1, #all, 2 do
-      if string.sub(all[i], 1, 2) == 'e:' then
-        ev[#ev + 1] = string.sub(all[i], 3)
-        ev[#ev + 1] = all[i + 1]
-      end
-    end
-    out[#out + 1] = {idx, sums, peer, ev}
-  end
+  if fired then out[#out + 1] = {idx, sums, peer, pk_evidence(m.ev)} end
 end
 return out
 """
@@ -212,7 +209,8 @@ class CostAnomaly(Detector):
             times = [float(_dec(x)) for x in flat[1::2]]
             order = sorted(range(len(ids)), key=lambda j: (times[j], ids[j]))[-self.max_evidence:]
             ids, times = [ids[j] for j in order], [times[j] for j in order]
-            pinfo = None if not peer else (int(peer[0]), int(peer[1]), float(_dec(peer[2])), float(_dec(peer[3])))
+            pinfo = None if not peer else (int(peer[0]), float(_dec(peer[1])), float(_dec(peer[2])), _dec(peer[3]),
+                                           _dec(peer[4]))
             for a in self._alerts(ns, ev, [int(x) for x in sums], pinfo, ids, times):
                 out[a.alert_id] = a
         return list(out.values())
@@ -237,20 +235,19 @@ class CostAnomaly(Detector):
                 en = f"outpatient cost {_cny(amount)} {when_en} (threshold {_cny(thr)}), fund paid {_cny(fund)}"
                 fired[w].append((s["name"], amount / thr, zh, en))
         if peer is not None:
-            lvl, members, med, qv = peer
+            members, med, qv, gbase, gdx = peer
             bound = peer_bound(self.peers, qv)
             qn = round(self.peers.quantile * 100)
-            metrics["month"].update({"peer_group": "category_age_diagnosis" if lvl == 1 else "diagnosis",
-                                     "peers": members, "peer_median_cny": med, f"peer_p{qn}_cny": qv,
+            base = "*|*" if is_special(gdx) else gbase
+            metrics["month"].update({"peer_group": group_label(base, gdx, "en"), "peers": members,
+                                     "peer_median_cny_at_most": med, f"peer_p{qn}_cny_at_most": qv,
                                      "peer_bound_cny": bound, "cost_incl_major_disease_cny": pa / 100})
             if pa / 100 >= bound - 1e-6:
-                dxk = dx_key(ev.diagnoses[0] if ev.diagnoses else None, self.special)
-                base = self.peers.base(ev) if lvl == 1 else "*|*"
-                glz, gle = group_label(base, dxk, "zh"), group_label(base, dxk, "en")
-                zh = (f"本月门诊费用 {_cny(pa)}，同类参保人（{glz}，{members} 人）第 {qn} 百分位 {_cny(qv * 100)}、"
-                      f"中位数 {_cny(med * 100)}，界限 {_cny(bound * 100)}")
+                glz, gle = group_label(base, gdx, "zh"), group_label(base, gdx, "en")
+                zh = (f"本月门诊费用 {_cny(pa)}，同类参保人（{glz}，{members} 人）第 {qn} 百分位不超过 {_cny(qv * 100)}、"
+                      f"中位数不超过 {_cny(med * 100)}，界限 {_cny(bound * 100)}")
                 en = (f"outpatient cost {_cny(pa)} this month against peers ({gle}, {members} cards): "
-                      f"p{qn} {_cny(qv * 100)}, median {_cny(med * 100)}, bound {_cny(bound * 100)}")
+                      f"p{qn} at most {_cny(qv * 100)}, median at most {_cny(med * 100)}, bound {_cny(bound * 100)}")
                 fired["month"].append(("peers", pa / 100 / bound, zh, en))
         alerts = []
         for window, items in fired.items():

@@ -35,6 +35,7 @@ ValueError: duplicate_billing: window_s must be a positive integer, got -600
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from typing import Any, Sequence
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
@@ -43,6 +44,7 @@ from detectors.drugs import is_placeholder
 from stream.events import Settlement, iso
 
 TZ_S = 8 * 3600  # episodes are local (UTC+08:00) calendar days, as the events are stamped
+_placeholder_institution = lru_cache(maxsize=65536)(is_placeholder)  # institutions are few, cards are not
 
 LUA = r"""
 -- ARGV: W, lateness, ttl, day_ttl, tz_s, then per event: index, t, event_id, card, total, day_a, day_b
@@ -114,9 +116,8 @@ def fingerprint(ev: Settlement) -> str:
     >>> fingerprint(parse_event(raw % (1, a + b"," + b))) == fingerprint(parse_event(raw % (2, b + b"," + a)))
     True
     """
-    lines = sorted((it.code.strip(), round(it.quantity, 4), round(it.amount, 2)) for it in ev.items)
-    canon = "\x1f".join([ev.institution_id, ev.department or "",
-                         ";".join(f"{c}|{q!r}|{m:.2f}" for c, q, m in lines), f"{ev.total_amount:.2f}"])
+    canon = repr((ev.institution_id, ev.department, sorted([(it.code, it.quantity, it.amount) for it in ev.items]),
+                  ev.total_amount))
     return hashlib.blake2b(canon.encode(), digest_size=8).hexdigest()
 
 
@@ -140,7 +141,7 @@ class DuplicateBilling(Detector):
 
     @staticmethod
     def _eligible(ev: Settlement) -> bool:
-        return bool(ev.items) and not is_placeholder(ev.card_id) and not is_placeholder(ev.institution_id)
+        return bool(ev.items) and not _placeholder_institution(ev.institution_id) and not is_placeholder(ev.card_id)
 
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
         W = self.window_s

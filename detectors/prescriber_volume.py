@@ -30,10 +30,12 @@ One alert per physician and day (episode = the day); later evidence extends it.
 
 State (Redis, all keys expire):
 
-* ``cw:{run}:prescriber_volume:86400:{physician}:{YYYY-MM-DD}`` — the day's evidence
-  ``e:{event_id}`` (event time; a redelivered event is a no-op) and institution;
-* ``…:{baseline_days x 86400}:{physician}`` — history: ``t:{day}`` (all settlements),
-  ``n:{day}``, ``a:{day}`` (fen), ``r:{day}`` per local day number, and the physician's group;
+* ``cw:{run}:prescriber_volume:86400:{physician}:{YYYY-MM-DD}`` — the day (JSON): evidence
+  ``ev`` (event id -> event time; a redelivered event is a no-op), ``t``/``n``/``a``/``r``
+  (all settlements, non-inpatient settlements, their amount in fen, resale-prone ones), the
+  institution and the cached own baseline;
+* ``…:{baseline_days x 86400}:{physician}`` — history hash: local day number -> ``t,n,a,r``,
+  the physician's group, and a version bumped when an event of an earlier day arrives late;
 * ``…:peer:{group}:{day}`` — physician -> ``n,a,r`` of that day, for the peer statistics;
 * ``…:pending`` (physician-days to evaluate, score = day end + lateness), ``…:wm`` (newest event time).
 
@@ -102,20 +104,21 @@ local function count_ok(ok)
   return true
 end
 
--- own baseline from the history of days D-W .. D-1: {lam_n, lam_a, share, active days}
+-- own baseline from the history ('t,n,a,r' per day) of days D-W .. D-1: {lam_n, lam_a, share, active days}
 local function baseline(hk, D)
   local f = {}
-  for i = 1, W do
-    local d = D - i
-    f[#f + 1] = 't:' .. d; f[#f + 1] = 'n:' .. d; f[#f + 1] = 'a:' .. d; f[#f + 1] = 'r:' .. d
-  end
+  for i = 1, W do f[i] = D - i end
   local v = redis.call('HMGET', hk, unpack(f))
   local ns, as, wn, wa = {}, {}, {}, {}
   local sn, sr = 0, 0
   for i = 1, W do
-    local o = (i - 1) * 4
-    if v[o + 1] then
-      local n, am, r = tonumber(v[o + 2]) or 0, tonumber(v[o + 3]) or 0, tonumber(v[o + 4]) or 0
+    local x = v[i]
+    if x then
+      local p1 = string.find(x, ',', 1, true)
+      local p2 = string.find(x, ',', p1 + 1, true)
+      local p3 = string.find(x, ',', p2 + 1, true)
+      local n, am, r = tonumber(string.sub(x, p1 + 1, p2 - 1)), tonumber(string.sub(x, p2 + 1, p3 - 1)),
+                       tonumber(string.sub(x, p3 + 1))
       ns[#ns + 1] = n; as[#as + 1] = am
       sn = sn + n; sr = sr + r
       if i % 7 == 0 then wn[#wn + 1] = n; wa[#wa + 1] = am end
@@ -147,10 +150,9 @@ local function peers(phys, D, g, c)
           local p1 = string.find(x, ',', 1, true)
           local p2 = string.find(x, ',', p1 + 1, true)
           local n = tonumber(string.sub(x, 1, p1 - 1))
-          local r = tonumber(string.sub(x, p2 + 1))
           ns[#ns + 1] = n
           as[#as + 1] = tonumber(string.sub(x, p1 + 1, p2 - 1))
-          if n > 0 then ss[#ss + 1] = r / n end
+          if n > 0 then ss[#ss + 1] = tonumber(string.sub(x, p2 + 1)) / n end
         end
       end
     end
@@ -161,25 +163,20 @@ local function peers(phys, D, g, c)
   return nil
 end
 
--- verdict on (phys, D) with the day's values n, am, r; cache = use/keep figures in the day hash
-local function judge(phys, D, label, dk, hk, g, c, n, am, r, cache)
+-- verdict on (phys, D) from its day state m; cache (history version) = keep the own baseline in m.ob
+local function judge(phys, D, label, m, hk, g, c, cache)
+  local n, am, r = m.n, m.a, m.r
   local cand = {n >= N_MIN, am >= A_MIN, r >= S_MIN}
   if not count_ok(cand) then return nil end
   -- the own baseline is kept for the day while no event of an earlier day of this physician arrives
-  -- (history version 'lv'); under the lateness contract that is as soon as the previous day is complete
-  local b
-  if cache then
-    local x = redis.call('HGET', dk, 'ob')
-    if x then
-      b = cjson.decode(x)
-      if b[5] ~= cache then b = nil end
-    end
-  end
-  if not b then
+  -- (history version); under the lateness contract that is as soon as the previous day is complete
+  local b = m.ob
+  if not cache or not b or b[5] ~= cache then
     b = baseline(hk, D) or {false, false, false, false}
     if cache then
       b[5] = cache
-      redis.call('HSET', dk, 'ob', cjson.encode(b))
+      m.ob = b
+      m.dirty = true
     end
   end
   if not b[1] then return nil end
@@ -200,16 +197,18 @@ local function judge(phys, D, label, dk, hk, g, c, n, am, r, cache)
   if ok[1] then fired = fired + 1 end
   if ok[2] then fired = fired + 2 end
   if ok[3] then fired = fired + 4 end
-  local all = redis.call('HGETALL', dk)
-  local ev, inst = {}, ''
-  for i = 1, #all, 2 do
-    local k = all[i]
-    if string.sub(k, 1, 2) == 'e:' then
-      ev[#ev + 1] = string.sub(k, 3); ev[#ev + 1] = all[i + 1]
-    elseif k == 'inst' then inst = all[i + 1] end
+  local ev = {}
+  for id, t in pairs(m.ev) do
+    ev[#ev + 1] = id
+    ev[#ev + 1] = t
   end
-  return {phys, label, inst, g, p[1], {n, am, r}, {tostring(ln), tostring(la), tostring(sb), b[4]},
+  return {phys, label, m.inst or '', g, p[1], {n, am, r}, {tostring(ln), tostring(la), tostring(sb), b[4]},
           {p[2], tostring(p[3]), tostring(p[4]), tostring(p[5])}, fired, ev}
+end
+
+local function save(dk, m, ttl)
+  m.dirty = nil
+  redis.call('SET', dk, cjson.encode(m), 'EX', ttl)
 end
 
 local out = {}
@@ -223,62 +222,70 @@ while a <= #ARGV do
   local dk, hk = KEYS[k], KEYS[k + 1]
   k = k + 2
   local dend = dstart + 86400
+  local dttl = math.floor(dend - tonumber(t)) + LATE + 2 * 86400
   local st = redis.call('HMGET', hk, 'g', 'c', 'lo', 'mx', 'lv')
   local g, c = st[1], st[2]
+  if g and not c then g = false end
   local lv = tonumber(st[5]) or 0
-  local n, am, r
-  if redis.call('HSETNX', dk, 'e:' .. eid, t) == 1 then
-    local mx = tonumber(st[4])
-    if not mx or D > mx then redis.call('HSET', hk, 'mx', D)
-    elseif D < mx then lv = redis.call('HINCRBY', hk, 'lv', 1) end
-    if g and not c then g = false end
-  if not g or (string.find(g, '?', 1, true) and not string.find(eg, '?', 1, true)) then
+  local raw = redis.call('GET', dk)
+  local m
+  if raw then m = cjson.decode(raw) else m = {ev = {}, t = 0, n = 0, a = 0, r = 0} end
+  if not m.ev[eid] then
+    m.ev[eid] = t
+    m.dirty = true
+    local hset = {}
+    if not g or (string.find(g, '?', 1, true) and not string.find(eg, '?', 1, true)) then
       if g and g ~= eg then
         redis.call('HDEL', P .. ':peer:' .. g .. ':' .. D, phys)
         redis.call('HDEL', P .. ':peer:' .. c .. ':' .. D, phys)
       end
       g, c = eg, ec
-      redis.call('HSET', hk, 'g', g, 'c', c)
+      hset[#hset + 1] = 'g'; hset[#hset + 1] = g; hset[#hset + 1] = 'c'; hset[#hset + 1] = c
     end
-    local tn = redis.call('HINCRBY', hk, 't:' .. D, 1)
+    local mx = tonumber(st[4])
+    if not mx or D > mx then
+      hset[#hset + 1] = 'mx'; hset[#hset + 1] = D
+    elseif D < mx then
+      lv = redis.call('HINCRBY', hk, 'lv', 1)
+    end
+    m.t = m.t + 1
     if kind == 'o' then
-      n = redis.call('HINCRBY', hk, 'n:' .. D, 1)
-      am = redis.call('HINCRBY', hk, 'a:' .. D, amt)
-      r = redis.call('HINCRBY', hk, 'r:' .. D, res)
-    else
-      local v = redis.call('HMGET', hk, 'n:' .. D, 'a:' .. D, 'r:' .. D)
-      n, am, r = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0
+      m.n = m.n + 1
+      m.a = m.a + amt
+      m.r = m.r + res
     end
-    local pttl = math.floor(dend - tonumber(t)) + (WP + 1) * 86400 + LATE
-    local val = n .. ',' .. am .. ',' .. r
+    hset[#hset + 1] = D; hset[#hset + 1] = m.t .. ',' .. m.n .. ',' .. m.a .. ',' .. m.r
+    local val = m.n .. ',' .. m.a .. ',' .. m.r
     local pk1, pk2 = P .. ':peer:' .. g .. ':' .. D, P .. ':peer:' .. c .. ':' .. D
-    redis.call('HSET', pk1, phys, val); redis.call('EXPIRE', pk1, pttl)
-    redis.call('HSET', pk2, phys, val); redis.call('EXPIRE', pk2, pttl)
-    if tn == 1 then
-      redis.call('HSET', dk, 'inst', inst)
+    redis.call('HSET', pk1, phys, val)
+    redis.call('HSET', pk2, phys, val)
+    if m.t == 1 then
+      m.inst = inst
+      local pttl = math.floor(dend - tonumber(t)) + (WP + 1) * 86400 + LATE
+      redis.call('EXPIRE', pk1, pttl)
+      redis.call('EXPIRE', pk2, pttl)
       local lo = tonumber(st[3])
       if not lo then
-        redis.call('HSET', hk, 'lo', D)
+        hset[#hset + 1] = 'lo'; hset[#hset + 1] = D
       elseif lo < D - W - 2 then
         local f = {}
-        for d = lo, math.min(D - W - 2, lo + 60) do
-          f[#f + 1] = 't:' .. d; f[#f + 1] = 'n:' .. d; f[#f + 1] = 'a:' .. d; f[#f + 1] = 'r:' .. d
-        end
+        for d = lo, math.min(D - W - 2, lo + 60) do f[#f + 1] = d end
         redis.call('HDEL', hk, unpack(f))
-        redis.call('HSET', hk, 'lo', math.min(D - W - 1, lo + 61))
+        hset[#hset + 1] = 'lo'; hset[#hset + 1] = math.min(D - W - 1, lo + 61)
       end
     end
-    redis.call('ZADD', pending, dend + LATE, phys .. '\t' .. D .. '\t' .. label)
-    redis.call('EXPIRE', dk, math.floor(dend - tonumber(t)) + LATE + 2 * 86400)
-    redis.call('EXPIRE', hk, TTL_H)
-  elseif kind == 'o' and inprog == '1' then
-    local v = redis.call('HMGET', hk, 'n:' .. D, 'a:' .. D, 'r:' .. D)
-    n, am, r = tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0
+    redis.call('HSET', hk, unpack(hset))
+    if m.t == 1 or m.sw then
+      m.sw = nil
+      redis.call('ZADD', pending, dend + LATE, phys .. '\t' .. D .. '\t' .. label)
+      redis.call('EXPIRE', hk, TTL_H)
+    end
   end
   if kind == 'o' and inprog == '1' and g then
-    local res = judge(phys, D, label, dk, hk, g, c, n, am, r, lv + 1)
+    local res = judge(phys, D, label, m, hk, g, c, lv + 1)
     if res then out[#out + 1] = res end
   end
+  if m.dirty then save(dk, m, dttl) end
 end
 
 -- complete days: evaluate pending physician-days whose end + lateness has been passed
@@ -286,18 +293,22 @@ local wm = tonumber(redis.call('GET', wmk) or '0')
 if MAXT > wm then wm = MAXT; redis.call('SET', wmk, tostring(wm)) end
 redis.call('EXPIRE', wmk, TTL_WM)
 local due = redis.call('ZRANGEBYSCORE', pending, '-inf', wm, 'LIMIT', 0, SWEEP)
-for _, m in ipairs(due) do
-  local i1 = string.find(m, '\t', 1, true)
-  local i2 = string.find(m, '\t', i1 + 1, true)
-  local phys, D, label = string.sub(m, 1, i1 - 1), tonumber(string.sub(m, i1 + 1, i2 - 1)), string.sub(m, i2 + 1)
+for _, mem in ipairs(due) do
+  local i1 = string.find(mem, '\t', 1, true)
+  local i2 = string.find(mem, '\t', i1 + 1, true)
+  local phys, D, label = string.sub(mem, 1, i1 - 1), tonumber(string.sub(mem, i1 + 1, i2 - 1)), string.sub(mem, i2 + 1)
   local dk, hk = P .. ':86400:' .. phys .. ':' .. label, P .. ':' .. (W * 86400) .. ':' .. phys
-  local v = redis.call('HMGET', hk, 'n:' .. D, 'a:' .. D, 'r:' .. D, 'g', 'c')
-  if v[4] then
-    local res = judge(phys, D, label, dk, hk, v[4], v[5], tonumber(v[1]) or 0, tonumber(v[2]) or 0,
-                      tonumber(v[3]) or 0, false)
+  local raw = redis.call('GET', dk)
+  local v = redis.call('HMGET', hk, 'g', 'c')
+  if raw and v[1] and v[2] then
+    local m = cjson.decode(raw)
+    local res = judge(phys, D, label, m, hk, v[1], v[2], false)
     if res then out[#out + 1] = res end
+    m.sw = 1
+    local ttl = redis.call('TTL', dk)
+    if ttl > 0 then save(dk, m, ttl) end
   end
-  redis.call('ZREM', pending, m)
+  redis.call('ZREM', pending, mem)
 end
 if #due > 0 or redis.call('EXISTS', pending) == 1 then redis.call('EXPIRE', pending, TTL_WM) end
 return out

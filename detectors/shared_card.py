@@ -200,7 +200,6 @@ return out
 _SEP = "\t"
 _VISIT = {"outpatient": "o", "emergency": "e", "pharmacy": "p", "inpatient": "i"}
 _KIND_ORDER = ("impossible_travel", "inpatient_overlap", "child_adult_drug")
-_KIND_OF = {"T": "impossible_travel", "S": "inpatient_overlap", "C": "child_adult_drug"}
 
 
 def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
@@ -345,7 +344,7 @@ class SharedCard(Detector):
 
     # -- per event -----------------------------------------------------------------------
     def _child_detail(self, ev: Settlement) -> str:
-        """``age\\tnames\\tdays`` when a child's card buys drugs no child takes, else ''."""
+        """``age\\tnames\\tdays\\tdiagnoses`` when a child's card buys drugs no child takes, else ''."""
         if ev.birth_year is not None:
             age = ev.event_time.year - ev.birth_year
             if not 0 <= age < self.child_max_age:
@@ -354,21 +353,25 @@ class SharedCard(Detector):
             age = -1
         else:
             return ""
-        adult_dx = any(d.upper().startswith(self.adult_diagnoses) for d in ev.diagnoses) if self.adult_diagnoses else False
+        adult_dx = [d for d in ev.diagnoses if d.upper().startswith(self.adult_diagnoses)] if self.adult_diagnoses else []
         names: list[str] = []
         days = 0
+        by_dx = False
         for it in ev.items:
             if it.category != "drug":
                 continue
-            if not (adult_dx or self.adult_drugs.matches(it.code, it.name)):
+            drug = self.adult_drugs.matches(it.code, it.name)
+            if not (drug or adult_dx):
                 continue
             if it.days_supply is not None and it.days_supply < self.min_days_supply:
                 continue
+            by_dx = by_dx or not drug
             names.append((it.name or it.code).replace(_SEP, " ").replace("|", "/"))
             days += it.days_supply or 0
         if not names:
             return ""
-        return f"{age}{_SEP}{'|'.join(dict.fromkeys(names))}{_SEP}{days}"
+        dx = "|".join(d.replace(_SEP, " ").replace("|", "/") for d in adult_dx) if by_dx else ""
+        return f"{age}{_SEP}{'|'.join(dict.fromkeys(names))}{_SEP}{days}{_SEP}{dx}"
 
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
         argv: list[Any] = list(self._head)
@@ -435,7 +438,8 @@ class SharedCard(Detector):
                 stays.append({"aid": f[0], "inst": f[1], "adm": float(f[2]), "dis": _num(f[3]), "other": f[4],
                               "t": float(f[5]), "eid": rest})
             elif kind == "C":
-                child.append({"age": int(f[0]), "names": f[1].split("|"), "days": int(f[2])})
+                child.append({"age": int(f[0]), "names": f[1].split("|"), "days": int(f[2]),
+                              "dx": [x for x in (f[3] if len(f) > 3 else "").split("|") if x]})
         kinds = [k for k, lst in zip(_KIND_ORDER, (travel, stays, child)) if lst]
         metrics: dict[str, Any] = {"kind": "+".join(kinds), "kinds": kinds, "episode_s": self.episode_s}
         ratios: list[float] = []
@@ -474,12 +478,17 @@ class SharedCard(Detector):
             names = list(dict.fromkeys(nm for c in child for nm in c["names"]))
             days = sum(c["days"] for c in child)
             ratios.append(max(1.0, days / 30))
+            dxs = sorted({d for c in child for d in c["dx"]})
             metrics.update(child_age=age if age >= 0 else None, adult_drugs=names, days_supply=days,
                            child_purchases=len(child), child_max_age=self.child_max_age)
+            if dxs:
+                metrics["adult_diagnoses"] = dxs
             who = f"{age} 岁儿童" if age >= 0 else "少儿"
-            zh.append(f"{who}的卡购买成人慢病用药 {'、'.join(names)} {len(child)} 次共 {days} 天用量")
+            zh.append(f"{who}的卡购买成人慢病用药 {'、'.join(names)}" + (f"（诊断 {'、'.join(dxs)}）" if dxs else "")
+                      + f" {len(child)} 次共 {days} 天用量")
             en.append(f"a child's card{f' (age {age})' if age >= 0 else ''} bought adult chronic-disease drugs "
-                      f"{', '.join(names)} {len(child)} time(s), {days} days' supply")
+                      f"{', '.join(names)}" + (f" (diagnosis {', '.join(dxs)})" if dxs else "")
+                      + f" {len(child)} time(s), {days} days' supply")
         score = max(ratios) if ratios else 1.0
         if len(kinds) > 1:
             score = max(score, 1.5)

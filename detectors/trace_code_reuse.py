@@ -26,12 +26,13 @@ are the field, other bits pick one of ``buckets`` buckets; buckets are per event
   end). Half years (the default) cost 5 lookups a code and keep codes 12.5 % longer on
   average than needed; months would cost 25 lookups (each a scan of a bucket) for 2 %.
 
-Measured on Redis 6.2 (libc malloc): 69 bytes per stored code with 18-character event ids,
-16-character card ids and 11-character institution ids when buckets hold 40-90 codes (177
-when they hold one or two), so about 78 bytes per code of retention. Size ``buckets`` to
-about codes per period / 85 and keep ``hash-max-listpack-entries`` >= 128 and
-``hash-max-listpack-value`` >= 64 (the defaults): Shanghai's ~1 M packages a day make
-~180 M codes a half year, 2,097,152 buckets (and ~55 GB for two years).
+Measured on Redis 6.2 (libc malloc) with 18-character event ids, 16-character card ids and
+11-character institution ids: 69 bytes per stored code when buckets hold ~90 codes, 71 at
+~45, 76 at ~20 (177 when they hold one or two), so about 80 bytes per code of retention. A
+lookup scans its bucket (~30 ns an entry): size ``buckets`` to about codes per period / 45
+and keep ``hash-max-listpack-entries`` >= 128 and ``hash-max-listpack-value`` >= 64 (the
+defaults). Shanghai's ~1 M packages a day make ~180 M codes a half year: 4,194,304 buckets
+(and ~60 GB for two years of codes).
 
 >>> TraceCodeReuse(retention_s=63072000, period_s=15768000, buckets=1024)
 TraceCodeReuse(retention_s=63072000, period_s=15768000, buckets=1024, min_code_len=12, lateness_s=3600)
@@ -53,7 +54,8 @@ from stream.events import Settlement, iso
 
 LUA = r"""
 -- ARGV: retention, period, lateness, ttl, key prefix,
---       then per event: index, t, event_id, card, institution, ncodes, {bucket, field} * ncodes
+--       then per event: index, t, event_id, value to remember (see the module docstring), ncodes,
+--       {bucket, field} * ncodes
 -- KEYS: the bucket each code is written to (its event-time period); the other periods of the same
 --       bucket are read from the same prefix
 -- returns only events with reuse: {index, {code position, role, time, event_id, card, institution}*}
@@ -66,17 +68,9 @@ local a = 6
 local k = 1
 while a <= #ARGV do
   local idx = ARGV[a]; local t = tonumber(ARGV[a + 1]); local eid = ARGV[a + 2]
-  local card = ARGV[a + 3]; local inst = ARGV[a + 4]; local nc = tonumber(ARGV[a + 5])
-  a = a + 6
+  local value = ARGV[a + 3]; local nc = tonumber(ARGV[a + 4])
+  a = a + 5
   local tf = math.floor(t)
-  -- base 36 of the event time
-  local n36, s36 = tf, ''
-  repeat
-    local d = n36 % 36
-    s36 = string.sub('0123456789abcdefghijklmnopqrstuvwxyz', d + 1, d + 1) .. s36
-    n36 = math.floor(n36 / 36)
-  until n36 == 0
-  local value = s36 .. SEP .. eid .. SEP .. card .. SEP .. inst
   local lo = math.floor((t - R) / P)
   local hi = math.floor((t + lateness) / P)
   local hits = {}
@@ -123,6 +117,21 @@ return out
 """
 
 
+def _base36(n: int) -> str:
+    """The event time in 6 characters.
+
+    >>> _base36(1795482785)
+    'tozfdt'
+    """
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, d = divmod(n, 36)
+        out = digits[d] + out
+        if not n:
+            return out
+
+
 def _decode(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
 
@@ -134,7 +143,7 @@ class TraceCodeReuse(Detector):
     subject_type = "institution"
     scripts = (LUA,)
 
-    def __init__(self, retention_s: int = 63072000, *, period_s: int = 15768000, buckets: int = 2097152,
+    def __init__(self, retention_s: int = 63072000, *, period_s: int = 15768000, buckets: int = 4194304,
                  min_code_len: int = 12, lateness_s: int = 3600, lang: str = "zh", version: str = "") -> None:
         super().__init__(lateness_s=lateness_s, lang=lang, version=version)
         r = self.rule
@@ -185,7 +194,8 @@ class TraceCodeReuse(Detector):
             if not codes:
                 continue
             period = int(ev.ts // P)
-            argv += [i, repr(ev.ts), ev.event_id, ev.card_id, ev.institution_id, len(codes)]
+            value = f"{_base36(int(ev.ts // 1))}\x1f{ev.event_id}\x1f{ev.card_id}\x1f{ev.institution_id}"
+            argv += [i, repr(ev.ts), ev.event_id, value, len(codes)]
             for code, *_ in codes:
                 b, f = self._slot(code)
                 argv += [b, f]

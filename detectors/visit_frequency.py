@@ -8,26 +8,30 @@ outpatient+emergency (门急诊) visits in a calendar month; more than 4 visits 
 days of a month; more than 3 institutions a day on >= 3 days of a month; >= 100 visits in a
 calendar year. A *visit* is an outpatient or emergency settlement at a hospital or community
 health centre; pharmacy purchases (购药, not 就诊) never count (``card_hopping`` and
-``overdispensing`` watch those), and settlements of one card at the same institution and
-department on the same day are one visit (hospitals settle a visit's registration, tests and
-drugs separately). Visits whose primary diagnosis is a 门诊大病 (``special_dx_prefixes``:
-dialysis, cancer treatment, transplant, severe mental illness …) are approved treatment and
-do not count towards the absolute thresholds; they count in the peer comparison, where the
-card is judged against its peers (same insured category, age band and diagnosis group, see
-:mod:`detectors._peers`): it fires when the month's visits reach ``max(min_visits, factor x
-the peers' quantile)`` and the group has ``min_peer_size`` other members, so a dialysis
-patient going three times a week is compared with dialysis patients. One alert per card and
-calendar month (and one per card and year for yearly sub-rules); later visits extend it.
+``overdispensing`` watch those). Hospitals settle a visit's registration, tests and drugs
+separately, so of one card's settlements at the same institution and department on the same
+day, one with a registration line (挂号) is a visit of its own unless it is the same bill
+again (same amount and lines: settled twice), and one without is part of that day's visit
+there. Visits whose primary diagnosis is a 门诊大病 (``special_dx_prefixes``: dialysis, cancer
+treatment, transplant, severe mental illness …) are approved treatment and do not count
+towards the absolute thresholds; they count in the peer comparison, where the card is judged
+against its peers (same insured category, age band and diagnosis chapter, or all patients of
+the same 门诊大病, see :mod:`detectors._peers`): it fires when the month's visits reach
+``max(min_visits, factor x the peers' quantile)`` and the group has ``min_peer_size`` other
+members, so a dialysis patient going three times a week is compared with dialysis patients.
+One alert per card and calendar month (and one per card and year for yearly sub-rules);
+later visits extend it (the evidence of a yearly alert is the current month's visits).
 
-State per card (Redis hashes, expiring at the end of the bucket + lateness):
+State per card (Redis, JSON values expiring at the end of the bucket + lateness, so one
+``GET``/``SET`` per event and bucket):
 
-* ``cw:{run}:visit_frequency:month:{card}:{YYYY-MM}`` — ``e:{event_id}`` (event time; a
-  redelivered event is a no-op), ``v:{day}:{institution}|{department}`` (one visit),
-  ``o``/``e`` (outpatient/emergency visits), ``d:{day}``/``n:{day}`` (visits, institutions
-  that day), ``dd:{j}`` (qualifying days of day sub-rule ``j``), ``pv``/``gb``/``gd``/``h:{day}``
+* ``cw:{run}:visit_frequency:month:{card}:{YYYY-MM}`` — ``ev`` (event id -> event time; a
+  redelivered event is a no-op), ``vk`` (visits and bills seen per day and place), ``o``/``em``
+  (outpatient/emergency visits counted for the thresholds), ``d``/``dn``/``di`` (visits and
+  institutions per day), ``dd`` (qualifying days per day sub-rule), ``pv``/``gb``/``gd``/``h``
   (peer value and group, see :mod:`detectors._peers`);
-* ``…:year:{card}:{YYYY}`` — ``o``/``e`` visits of the year;
-* ``…:peer:{YYYY-MM}:{group}:{day}`` — daily deltas of the peer histograms.
+* ``…:year:{card}:{YYYY}`` — ``o``/``em`` of the year;
+* ``…:peer:{YYYY-MM}:{group}:{day}`` — daily deltas of the peer histograms (hashes).
 
 >>> VisitFrequency(sub_rules=[{"name": "outpatient_month", "window": "month", "min_visits": 15}],
 ...                peers={"min_visits": 8})
@@ -54,7 +58,7 @@ LUA = LUA_LIB + r"""
 --       per event: idx, t, event_id, day of month, YYYY-MM, ttl month, ttl year, o|e, special 0|1,
 --                  institution, department, bill key ('' without a registration line), group base,
 --                  diagnosis key, reference day of month
--- KEYS: {month hash, year hash} per event
+-- KEYS: {month state, year state} per event (JSON)
 -- returns the events after which the card is over a threshold: {idx, counts, peer|0, evidence}
 local prefix = ARGV[1]
 local a = 2
@@ -66,8 +70,6 @@ local days = {}
 for j = 1, J do days[j] = {ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])}; a = a + 3 end
 local pc
 pc, a = pk_config(a)
-local fields = {'o', 'e', 'pv', 'gb', 'gd'}
-for j = 1, J do fields[#fields + 1] = 'dd:' .. j end
 local out = {}
 local k = 1
 while a <= #ARGV do
@@ -78,50 +80,59 @@ while a <= #ARGV do
   a = a + 15
   local mk, yk = KEYS[k], KEYS[k + 1]
   k = k + 2
-  if redis.call('HSETNX', mk, 'e:' .. eid, t) == 1 then
-    -- a settlement with a registration (挂号) is a visit unless the same bill was settled there before that
-    -- day; one without (tests or drugs paid separately) is part of that day's visit there, if there is one
+  local raw = redis.call('GET', mk)
+  local m
+  if raw then m = cjson.decode(raw)
+  else m = {ev = {}, vk = {}, d = {}, dn = {}, di = {}, dd = {}, h = {}, o = 0, em = 0, pv = 0} end
+  raw = redis.call('GET', yk)
+  local y
+  if raw then y = cjson.decode(raw) else y = {o = 0, em = 0} end
+  if not m.ev[eid] then
+    m.ev[eid] = t
+    -- a settlement with a registration (挂号) is a visit unless the same bill was settled there that day
+    -- before; one without (tests or drugs paid separately) is part of that day's visit there, if any
     local place = dom .. ':' .. inst .. '|' .. dept
     local newvisit
     if bill ~= '' then
-      newvisit = redis.call('HSETNX', mk, 'v:' .. place .. '|' .. bill, 1) == 1
-      if newvisit then redis.call('HSET', mk, 'x:' .. place, 1) end
+      newvisit = not m.vk[place .. '|' .. bill]
+      if newvisit then m.vk[place .. '|' .. bill] = 1; m.vk[place] = 1 end
     else
-      newvisit = redis.call('HSETNX', mk, 'x:' .. place, 1) == 1
+      newvisit = not m.vk[place]
+      if newvisit then m.vk[place] = 1 end
     end
     if newvisit then
-      local pv = redis.call('HINCRBY', mk, 'pv', 1)
+      m.pv = m.pv + 1
       if special == '0' then
-        redis.call('HINCRBY', mk, vt, 1)
-        redis.call('HINCRBY', yk, vt, 1)
-        redis.call('EXPIRE', yk, ttl_y)
+        if vt == 'o' then m.o = m.o + 1; y.o = y.o + 1 else m.em = m.em + 1; y.em = y.em + 1 end
+        redis.call('SET', yk, cjson.encode(y), 'EX', ttl_y)
         if J > 0 then
-          local dc = redis.call('HINCRBY', mk, 'd:' .. dom, 1)
+          local dc = (m.d[dom] or 0) + 1
+          m.d[dom] = dc
           local ic = -1
-          if redis.call('HSETNX', mk, 'i:' .. dom .. ':' .. inst, 1) == 1 then
-            ic = redis.call('HINCRBY', mk, 'n:' .. dom, 1)
+          if not m.di[dom .. '|' .. inst] then
+            m.di[dom .. '|' .. inst] = 1
+            ic = (m.dn[dom] or 0) + 1
+            m.dn[dom] = ic
           end
           for j = 1, J do
             if (days[j][1] == 'v' and dc == days[j][2]) or (days[j][1] == 'i' and ic == days[j][2]) then
-              redis.call('HINCRBY', mk, 'dd:' .. j, 1)
+              m.dd[tostring(j)] = (m.dd[tostring(j)] or 0) + 1
             end
           end
         end
       end
       if pc.enabled then
-        local st = redis.call('HMGET', mk, 'gb', 'gd')
-        local nb, nd = pk_regroup(st[1], st[2], eb, ed)
-        pk_update(prefix, ym, dom, ttl_m, pc, st[1], st[2], pv - 1, nb, nd, pv)
-        redis.call('HSET', mk, 'gb', nb, 'gd', nd, 'h:' .. dom, pv .. '\t' .. nb .. '\t' .. nd)
+        local nb, nd = pk_regroup(m.gb, m.gd, eb, ed)
+        pk_update(prefix, ym, dom, ttl_m, pc, m.gb, m.gd, m.pv - 1, nb, nd, m.pv)
+        m.gb = nb
+        m.gd = nd
+        m.h[dom] = {m.pv, nb, nd}
       end
     end
-    redis.call('EXPIRE', mk, ttl_m)
+    redis.call('SET', mk, cjson.encode(m), 'EX', ttl_m)
   end
-  local v = redis.call('HMGET', mk, unpack(fields))
-  local yv = redis.call('HMGET', yk, 'o', 'e')
-  local counts = {tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(yv[1]) or 0, tonumber(yv[2]) or 0,
-                  tonumber(v[3]) or 0}
-  for j = 1, J do counts[5 + j] = tonumber(v[5 + j]) or 0 end
+  local counts = {m.o, m.em, y.o, y.em, m.pv}
+  for j = 1, J do counts[5 + j] = m.dd[tostring(j)] or 0 end
   local fired = false
   for j = 1, K do
     local s = subs[j]
@@ -135,24 +146,14 @@ while a <= #ARGV do
     if counts[5 + j] >= days[j][3] then fired = true end
   end
   local peer = 0
-  if pc.enabled and v[4] and counts[5] >= pc.floor then
-    local p = pk_peers(prefix, ym, rdom, pc, mk, v[4], v[5])
+  if pc.enabled and m.gb and m.pv >= pc.floor then
+    local p = pk_peers(prefix, ym, rdom, pc, m.h, m.gb, m.gd)
     if p then
-      peer = p
-      if pk_fires(pc, counts[5], p) then fired = true end
+      peer = {p[1], p[2], p[3], m.gb, m.gd}
+      if pk_fires(pc, m.pv, p) then fired = true end
     end
   end
-  if fired then
-    local all = redis.call('HGETALL', mk)
-    local ev = {}
-    for i = 1, #all, 2 do
-      if string.sub(all[i], 1, 2) == 'e:' then
-        ev[#ev + 1] = string.sub(all[i], 3)
-        ev[#ev + 1] = all[i + 1]
-      end
-    end
-    out[#out + 1] = {idx, counts, peer, ev}
-  end
+  if fired then out[#out + 1] = {idx, counts, peer, pk_evidence(m.ev)} end
 end
 return out
 """
@@ -300,7 +301,8 @@ class VisitFrequency(Detector):
             times = [float(_dec(x)) for x in flat[1::2]]
             order = sorted(range(len(ids)), key=lambda j: (times[j], ids[j]))[-self.max_evidence:]
             ids, times = [ids[j] for j in order], [times[j] for j in order]
-            pinfo = None if not peer else (int(peer[0]), int(peer[1]), float(_dec(peer[2])), float(_dec(peer[3])))
+            pinfo = None if not peer else (int(peer[0]), float(_dec(peer[1])), float(_dec(peer[2])), _dec(peer[3]),
+                                           _dec(peer[4]))
             for a in self._alerts(ns, ev, counts, pinfo, ids, times):
                 out[a.alert_id] = a
         return list(out.values())
@@ -336,17 +338,15 @@ class VisitFrequency(Detector):
                 fired["month"].append((d["name"], n / d["min_days"], zh, en))
         metrics["month"]["visits_incl_major_disease"] = pv
         if peer is not None:
-            lvl, members, med, qv = peer
+            members, med, qv, gbase, gdx = peer
             bound = peer_bound(self.peers, qv)
-            base_now = self.peers.base(ev) if lvl == 1 else "*|*"
-            pm = {"peer_group": ("category_age_diagnosis" if lvl == 1 else "diagnosis"), "peers": members,
-                  "peer_median_visits": med, f"peer_p{round(self.peers.quantile * 100)}_visits": qv,
-                  "peer_bound_visits": bound}
-            metrics["month"].update(pm)
+            qn = round(self.peers.quantile * 100)
+            metrics["month"].update({"peer_group": group_label("*|*" if is_special(gdx) else gbase, gdx, "en"),
+                                     "peers": members, "peer_median_visits": med, f"peer_p{qn}_visits": qv,
+                                     "peer_bound_visits": bound})
             if pv >= bound - 1e-9:
-                qn = round(self.peers.quantile * 100)
-                dxk = dx_key(ev.diagnoses[0] if ev.diagnoses else None, self.special)
-                glz, gle = group_label(base_now, dxk, "zh"), group_label(base_now, dxk, "en")
+                base = "*|*" if is_special(gdx) else gbase
+                glz, gle = group_label(base, gdx, "zh"), group_label(base, gdx, "en")
                 zh = (f"本月就诊 {pv} 次，同类参保人（{glz}，{members} 人）第 {qn} 百分位 {_num(qv)} 次、"
                       f"中位数 {_num(med)} 次，界限 {_num(bound)} 次")
                 en = (f"{pv} visits this month against peers ({gle}, {members} cards): p{qn} {_num(qv)}, "

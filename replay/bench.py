@@ -10,7 +10,7 @@ import json
 import platform
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +190,131 @@ def throughput(settings: Settings, *, events: int, workers: int, seed: int = 1, 
         report["active_cards"] = cards
         report["worker_rss_mb"] = {"start": [round(x / 1024) for x in rss0], "end": [round(x / 1024) for x in rss1]}
     return report
+
+
+def latency(settings: Settings, *, rate: float, seconds: float = 30.0, probes_per_s: float = 4.0,
+            log=print) -> dict[str, Any]:
+    """p50/p95/p99 of settlement → alert latency at a fixed offered load.
+
+    A background of ordinary settlements is offered at ``rate``; alongside, probe cards that
+    already settled at 11 institutions settle at a 12th: the card_hopping alert it triggers is
+    timed from the probe's produce call to its arrival on the alerts topic (wall clock).
+    """
+    import asyncio
+
+    import orjson
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    from claimwatch import runtime
+    from replay.city import generate_day_fast
+    from stream.topics import ensure_topics
+
+    background = list(generate_day_fast(int(rate * seconds) + 1000, 9))
+    tz = timezone(timedelta(hours=8))
+
+    def ev(card: str, inst: str, t: float, eid: str) -> bytes:
+        return orjson.dumps({
+            "event_id": eid, "event_time": datetime.fromtimestamp(t, tz).isoformat(), "card_id": card,
+            "institution_id": inst, "institution_type": "pharmacy", "district": "310101", "visit_type": "pharmacy",
+            "items": [{"code": "XB01ACA002", "category": "drug", "quantity": 1, "amount": 96.0, "days_supply": 28}],
+            "total_amount": 96.0, "fund_paid": 60.0})
+
+    async def go(s: Settings) -> dict[str, Any]:
+        p = AIOKafkaProducer(bootstrap_servers=s.bootstrap_servers, linger_ms=2)
+        c = AIOKafkaConsumer(s.topic_alerts, bootstrap_servers=s.bootstrap_servers, group_id=None,
+                             auto_offset_reset="latest", fetch_max_wait_ms=5)
+        await p.start()
+        await c.start()
+        n_probes = int(seconds * probes_per_s)
+        tag = f"{int(time.time())}"
+        sent_at: dict[str, float] = {}
+        got: dict[str, float] = {}
+        now = time.time()
+        for k in range(n_probes):  # 11 institutions each, an hour ago
+            card = f"LAT{tag}{k:05d}"
+            for i in range(11):
+                await p.send(s.topic_settlements, ev(card, f"PL{i:03d}", now - 3600 + i * 60, f"{card}-{i}"),
+                             key=card.encode())
+        await p.flush()
+        await asyncio.sleep(3.0)
+
+        async def consume() -> None:
+            async for rec in c:
+                a = orjson.loads(rec.value)
+                if a["subject_id"].startswith(f"LAT{tag}") and a["rule"] == "card_hopping":
+                    got.setdefault(a["subject_id"], time.time())
+
+        task = asyncio.create_task(consume())
+        t0 = time.monotonic()
+        sent = 0
+        next_probe = 0
+        try:
+            while time.monotonic() - t0 < seconds:
+                burst = max(1, int(rate / 50))
+                for line in background[sent:sent + burst]:
+                    await p.send(s.topic_settlements, line.rstrip(b"\n"))
+                sent += burst
+                el = time.monotonic() - t0
+                while next_probe < n_probes and next_probe / probes_per_s <= el:
+                    card = f"LAT{tag}{next_probe:05d}"
+                    sent_at[card] = time.time()
+                    await p.send(s.topic_settlements, ev(card, "PL999", time.time(), f"{card}-x"), key=card.encode())
+                    next_probe += 1
+                wait = t0 + sent / rate - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            await p.flush()
+            deadline = time.monotonic() + 15
+            while len(got) < len(sent_at) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+        finally:
+            task.cancel()
+            await p.stop()
+            await c.stop()
+        lat = sorted(got[k] - sent_at[k] for k in got if k in sent_at)
+
+        def q(x: float) -> float | None:
+            return round(lat[min(len(lat) - 1, int(x * len(lat)))] * 1000, 1) if lat else None
+
+        return {"offered_rate": rate, "seconds": seconds, "background_sent": sent, "probes": len(sent_at),
+                "alerts_seen": len(lat), "p50_ms": q(0.50), "p95_ms": q(0.95), "p99_ms": q(0.99),
+                "max_ms": round(lat[-1] * 1000, 1) if lat else None}
+
+    with runtime.services(settings) as s, runtime.workers(s, 1) as procs:
+        asyncio.run(ensure_topics(s.bootstrap_servers, [s.topic_settlements, s.topic_replay, s.topic_alerts,
+                                                        s.topic_dlq], s.topic_partitions))
+        _wait_ready(procs)
+        log(f"offering {rate:.0f} settlements/s for {seconds:.0f} s with {probes_per_s:.0f} probes/s…")
+        return asyncio.run(go(s))
+
+
+def day(settings: Settings, *, events: int = 1_200_000, workers: int = 1, seed: int = 1, progress=None,
+        log=print) -> dict[str, Any]:
+    """Replay a generated city day (1.2 million settlements) at maximum speed; report the time."""
+    import asyncio
+
+    from claimwatch import runtime
+    from replay.city import generate_day_fast
+    from replay.runner import ReplayStats, drop_run_state, publish_file, wait_done
+
+    with tempfile.TemporaryDirectory(prefix="cw-day-") as d:
+        path = Path(d) / "day.jsonl"
+        t0 = time.perf_counter()
+        with open(path, "wb") as fh:
+            for line in generate_day_fast(events, seed):
+                fh.write(line)
+        gen_s = time.perf_counter() - t0
+        with runtime.services(settings) as s, runtime.workers(s, workers) as procs:
+            _wait_ready(procs)
+            run_id = f"day-{int(time.time())}"
+            st = ReplayStats(run_id)
+            log(f"replaying {events:,} settlements with {workers} worker(s)…")
+            t0 = time.perf_counter()
+            asyncio.run(publish_file(s, path, run_id, st, progress))
+            pub_s = time.perf_counter() - t0
+            asyncio.run(wait_done(s, run_id, st, progress=progress, idle_timeout_s=600))
+            total_s = time.perf_counter() - t0
+            asyncio.run(drop_run_state(s.redis_url, run_id))
+    return {"events": events, "workers": workers, "generate_s": round(gen_s, 1), "publish_s": round(pub_s, 1),
+            "seconds": round(total_s, 1), "per_s": round(events / total_s), "processed": st.processed,
+            "target_s": 180, "machine": machine()}

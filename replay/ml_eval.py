@@ -12,13 +12,16 @@ reports:
   against ``fraud_share``;
 * the alert rate and precision of ``ml_outlier`` at its configured ``target_alert_rate``;
 * ``python_us_per_event`` / ``python_cpu_us_per_event`` — the detector's own Python time,
-  wall and CPU (features + score + learn), per settlement, and ``redis_cpu_us_per_event`` — the CPU its feature script costs Redis;
+  wall and CPU (features + score + learn), per settlement, and ``redis_cpu_us_per_event``
+  — the CPU its feature script costs Redis;
 * ``ranking`` — a second run with ``ml_outlier`` at ``ranking_alert_rate`` after
-  ``ranking_warmup_events`` (a city of a week is small: this gives enough alerts to rank): the alerts of every rule are split in two halves by alert id; inspectors'
-  verdicts (the labels: an alert is fraud when one of its evidence settlements is) are fed
-  for one half to a fresh :class:`~alerts.verdicts.PriorityModel`, and the precision of the
-  top ``top_k`` alerts of the other half is compared before (no verdicts: priority 0.5 for
-  all, i.e. first come first served) and after.
+  ``ranking_warmup_events`` (a city of a week is small: this gives enough alerts to rank):
+  the alerts of every rule are split in two halves (by a hash of rule, subject, window); inspectors' verdicts (the
+  labels: an alert is fraud when one of its evidence settlements is, or its subject is an
+  injected fraud's) are fed for one half to a fresh :class:`~alerts.verdicts.PriorityModel`,
+  and the precision of the top ``top_k`` alerts of the other half is compared before (no
+  verdicts: priority 0.5 for all, i.e. first come first served) and after;
+  ``held_out_fraud_share`` is what a random order would give.
 
 >>> roc_auc([0.1, 0.4, 0.35, 0.8], [False, False, True, True])
 0.75
@@ -161,16 +164,21 @@ def alert_is_fraud(a: dict, fraud_events: set[str], fraud_subjects: set[str]) ->
     return bool(fraud_events.intersection(a.get("evidence_event_ids") or ())) or a.get("subject_id") in fraud_subjects
 
 
-def _half(alert_id: str) -> int:
-    return hashlib.sha256(alert_id.encode()).digest()[0] & 1
+def _half(a: dict) -> int:
+    """0 or 1 from what the alert is about (never its id, which names the run)."""
+    key = "\x1f".join(str(a.get(k, "")) for k in ("rule", "subject_type", "subject_id", "window_start"))
+    return hashlib.sha256(key.encode()).digest()[0] & 1
 
 
 def ranking_gain(alerts: Sequence[dict], truth: Callable[[dict], bool], top_k: int = 50) -> dict[str, Any]:
     """Precision of the top ``top_k`` held-out alerts before / after learning the other half's verdicts."""
     from alerts.verdicts import PriorityModel
 
-    train = sorted((a for a in alerts if _half(a["alert_id"]) == 0), key=lambda a: (a["window_end"], a["alert_id"]))
-    test = [a for a in alerts if _half(a["alert_id"]) == 1]
+    def order(a: dict) -> tuple:
+        return a["window_end"], a["rule"], a["subject_id"], a["window_start"]
+
+    train = sorted((a for a in alerts if _half(a) == 0), key=order)
+    test = sorted((a for a in alerts if _half(a) == 1), key=order)
     k = min(top_k, len(test))
     pm = PriorityModel()
 

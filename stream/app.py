@@ -206,6 +206,7 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
         try:
             new = load_rules(settings.rules_path, lang=settings.lang)
         except ConfigError as exc:
+            M.rules_reload_errors.inc()
             log.error("rule configuration refused, keeping version %s: %s", processor.rules.version, exc)
             return
         processor.rules = new

@@ -59,10 +59,21 @@ class _Listener(ConsumerRebalanceListener):
         self.ingest = ingest
 
     async def on_partitions_revoked(self, revoked) -> None:
+        from stream import metrics as M
+
         log.info("partitions revoked: %s", sorted(revoked))
+        for tp in revoked:
+            try:
+                M.consumer_lag.remove(tp.topic, str(tp.partition))
+            except KeyError:
+                pass
+        M.partitions_assigned.set(len(self.ingest.assignment()) - len(revoked))
 
     async def on_partitions_assigned(self, assigned) -> None:
+        from stream import metrics as M
+
         log.info("partitions assigned: %s", sorted(assigned))
+        M.partitions_assigned.set(len(self.ingest.assignment()))
 
 
 class DirectIngest(Service):
@@ -96,6 +107,26 @@ class DirectIngest(Service):
         if self.consumer is not None:
             await self.consumer.stop()
             self.consumer = None
+
+    @Service.timer(10.0)
+    async def _refresh_lag(self) -> None:
+        """Lag of every assigned partition, even when no batch arrives (a stuck worker shows growing lag)."""
+        from stream import metrics as M
+
+        c = self.consumer
+        if c is None:
+            return
+        try:
+            tps = list(c.assignment())
+            if not tps:
+                return
+            end = await c.end_offsets(tps)
+            for tp in tps:
+                committed = await c.committed(tp)
+                pos = committed if committed is not None else 0
+                M.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, end[tp] - pos))
+        except Exception as exc:  # never let metrics break ingestion
+            log.debug("lag refresh failed: %s", exc)
 
     @Service.task
     async def _run(self) -> None:

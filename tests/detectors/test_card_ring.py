@@ -28,7 +28,8 @@ rules:
     baseline_s: 86400
     recur_s: 2592000
     recur_share: 0.5
-    visit_types: [pharmacy, outpatient]
+    member_gap_s: 900
+    visit_types: [pharmacy]
 """
 STATIN = ("XC10AAA003", "阿托伐他汀钙片")
 DAY = 86400
@@ -78,6 +79,18 @@ def test_fires_on_a_burst_of_cards_with_a_stable_ring_id(process, rules):
     assert a.metrics["drug_code"] == STATIN[0] and a.metrics["recurrent_days"] == 0
     assert "10 张不同医保卡" in a.summary and "阿托伐他汀钙片" in a.summary and "1 小时" in a.summary
     assert a.rule_version == rules.versions["card_ring"]
+
+
+def test_a_lone_customer_within_the_hour_is_not_a_member(process, rules):
+    rid = run_id()
+    lone = buy("LONE", T0 + 3600 - 40 * 60)                    # 40 min before the burst, nobody near
+    near = buy("NEAR", T0 + 3600 + 25 * 60 + 30)                # in the middle of it
+    evs = [lone] + burst(ring_cards(9), T0 + 3600) + [near]
+    evs.sort(key=lambda e: e["event_time"])
+    alerts = alerts_of(process(rules, [[dumps(e) for e in evs]], rid))
+    assert len(alerts) == 1
+    assert alerts[0].member_ids == sorted(ring_cards(9) + ["NEAR"])
+    assert alerts[0].metrics["peak_cards"] == 10   # the nine and NEAR within one hour
 
 
 def test_boundary_eight_cards_within_the_window(process, rules):
@@ -175,7 +188,10 @@ def test_only_resale_prone_drugs_and_eligible_visits_count(process, rules):
     ward = [buy(c, T0 + k * 60, inst="H1", visit_type="inpatient", institution_type="hospital")
             for k, c in enumerate(ring_cards(10, "W"))]
     unknown = [buy("未知", T0 + k * 60, inst="P2") for k in range(10)]
-    assert alerts_of(process(rules, [[dumps(e) for e in other + ward + unknown]], rid)) == []
+    # a community centre's morning rush of chronic refills (长处方): prescriptions, not counter sales
+    rush = [buy(c, T0 + k * 240, inst="C1", visit_type="outpatient", institution_type="community",
+                physician_id=f"D{k % 3}") for k, c in enumerate(ring_cards(14, "M"))]
+    assert alerts_of(process(rules, [[dumps(e) for e in other + ward + unknown + rush]], rid)) == []
 
 
 def test_out_of_order_partitions_give_the_same_ring_and_members(process, rules, redis_sync):
@@ -225,7 +241,7 @@ def test_every_key_expires(process, rules, redis_sync):
     rid = run_id()
     process(rules, [[dumps(e) for e in burst(ring_cards(9), T0)]], rid)
     keys = list(redis_sync.scan_iter(match=f"cw:{rid}:*"))
-    assert len(keys) == 3
+    assert len(keys) == 4
     for k in keys:
         ttl = redis_sync.ttl(k)
         assert 0 < ttl <= 2592000 + 3600 + 3600, (k, ttl)
@@ -240,6 +256,8 @@ def test_every_key_expires(process, rules, redis_sync):
     ({"recur_share": 1.5}, "card_ring: recur_share must be a number in (0, 1], got 1.5"),
     ({"baseline_s": 7200}, "card_ring: baseline_s must exceed window_s + lateness_s (7200), got 7200"),
     ({"recur_s": 60}, "card_ring: recur_s must be >= window_s (3600), got 60"),
+    ({"member_gap_s": 7200}, "card_ring: member_gap_s must be <= window_s (3600), got 7200"),
+    ({"history_s": 86400}, "card_ring: history_s must cover baseline_s + window_s + lateness_s (93600), got 86400"),
     ({"visit_types": ["pharmacy", "home"]},
      "card_ring: visit_types must be a non-empty list of ['outpatient', 'emergency', 'pharmacy', 'inpatient'], "
      "got ['pharmacy', 'home']"),

@@ -86,7 +86,7 @@ def windows(stack):
                     async with r.pipeline(transaction=False) as pipe:
                         F.queue_windows(pipe, sha, b, prefix, lateness_s=3600)
                         [rep] = await pipe.execute()
-                    out += [F.Window.from_reply(x) for x in rep]
+                    out += F.parse_windows(rep)
                 return out
             finally:
                 await r.aclose()

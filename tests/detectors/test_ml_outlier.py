@@ -238,3 +238,13 @@ def test_bad_parameters_are_refused_with_field_and_value(block, message):
     with pytest.raises(ConfigError) as exc:
         load_rules_text(f"rules:\n  ml_outlier:\n    {block}\n", source="x.yaml")
     assert str(exc.value).startswith(f"x.yaml: rules.ml_outlier: {message}")
+
+
+def test_a_rules_reload_keeps_the_models_in_memory(parts, stack):
+    rid = run_id()
+    old = rules()
+    replay_inprocess([p[:40] for p in parts], old, stack.redis_url, rid, batch=400)
+    new = rules()
+    assert ml(new).adopt_state(ml(old))
+    assert ml(new).model(rid, 0) is ml(old).model(rid, 0)
+    assert not ml(rules(features=["amount_cny"])).adopt_state(ml(old))   # another model: from checkpoints

@@ -191,7 +191,8 @@ def test_child_card_buying_statins_fires(process, rules):
     a = alerts[0]
     assert a.metrics["kind"] == "child_adult_drug" and a.metrics["child_age"] == 6
     assert a.metrics["days_supply"] == 71 and a.metrics["adult_drugs"] == ["阿托伐他汀钙片", "甘精胰岛素注射液"]
-    assert "6 岁儿童" in a.summary and "71 天" in a.summary
+    assert a.metrics["adult_diagnoses"] == ["E11.9"]
+    assert "6 岁儿童" in a.summary and "71 天" in a.summary and "诊断 E11.9" in a.summary
 
 
 def test_child_lookalikes_never_fire(process, rules):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 import re
 import time
 import urllib.error
@@ -135,18 +136,20 @@ def test_two_workers_share_the_partitions_and_alert_like_one(two_workers, scale_
         assert st["status"] == "ready" and st["partitions_assigned"] > 0, st
 
     one, t_one = _replay(path, "scale-one", cli_env, tmp_path / "one.jsonl")  # the single session worker
+    rules = Counter(a["rule"] for a in two)
     print(f"\n{n} settlements: two workers {t_two:.1f} s, one worker {t_one:.1f} s (CLI wall clock); "
-          f"split {done}")
-    from collections import Counter
-    print("two:", Counter(a["rule"] for a in two), "one:", Counter(a["rule"] for a in one))
-    print("only two:", sorted(_key(two) - _key(one))[:5], "only one:", sorted(_key(one) - _key(two))[:5])
+          f"split {done}; alerts {dict(rules)}")
 
     assert two, "the replay raised no alert"
-    assert _key(two) == _key(one)
+    assert _key(two) == _key(one), (f"only with two workers: {sorted(_key(two) - _key(one))[:5]}; "
+                                    f"only with one: {sorted(_key(one) - _key(two))[:5]}")
     assert len(two) == len(one)
     assert {a["run_id"] for a in two} == {"scale-two"} and {a["run_id"] for a in one} == {"scale-one"}
     hoppers = {f["subject_id"] for f in labels["frauds"] if f["rule"] == "card_hopping"}
     assert hoppers and hoppers <= {a["subject_id"] for a in two if a["rule"] == "card_hopping"}
     # same evidence, too: each alert is built from the same settlements whoever processed the card
-    ev = {(a["rule"], a["subject_id"], a["window_start"]): sorted(a["evidence_event_ids"]) for a in one}
-    assert all(ev[(a["rule"], a["subject_id"], a["window_start"])] == sorted(a["evidence_event_ids"]) for a in two)
+    def k(a):
+        return a["rule"], a["subject_id"], a["window_start"], a["window_end"]
+
+    ev = {k(a): sorted(a["evidence_event_ids"]) for a in one}
+    assert all(ev[k(a)] == sorted(a["evidence_event_ids"]) for a in two)
