@@ -195,6 +195,15 @@ def event_year(ts: float) -> int:
     return _day_info(local_day(ts))[7]
 
 
+def buckets_of(ts: float, lateness_s: int) -> tuple[int, str, int, str, int, int, int]:
+    """Fast path of :class:`Calendar` for ``queue``: (day of month, month, month end, year, year end, year
+    number, reference day of month)."""
+    day = int((ts + TZ_OFFSET_S) // 86400)
+    month, dom, _, month_end, year, _, year_end, year_no = _day_info(day)
+    ref = int((ts - lateness_s + TZ_OFFSET_S) // 86400) - 1
+    return dom, month, month_end, year, year_end, year_no, max(0, dom - (day - ref))
+
+
 # ----------------------------------------------------------------------------- configuration
 
 def _is_num(v: Any) -> bool:
@@ -272,11 +281,14 @@ class PeerSpec:
                 "factor": self.factor, "min_peer_size": self.min_peer_size,
                 "age_bands_years": list(self.age_bands), "buckets": list(self.edges)}
 
-    def base(self, ev: Any) -> str:
+    def base(self, ev: Any, year: int | None = None) -> str:
         """``category|age band`` of an event's card (``?`` where unknown)."""
-        cat = ev.insured_category or "?"
-        age = event_year(ev.ts) - ev.birth_year if ev.birth_year else None
-        return f"{cat}|{age_band(age, self.age_bands)}"
+        return self._base(ev.insured_category, ev.birth_year, year or event_year(ev.ts))
+
+    @lru_cache(maxsize=4096)
+    def _base(self, cat: str | None, birth_year: int | None, year: int) -> str:
+        age = year - birth_year if birth_year else None
+        return f"{cat or '?'}|{age_band(age, self.age_bands)}"
 
     def __repr__(self) -> str:
         return (f"PeerSpec(floor={self.floor!r}, quantile={self.quantile!r}, factor={self.factor!r}, "
@@ -288,6 +300,7 @@ def peer_bound(spec: PeerSpec, q_value: float) -> float:
     return max(float(spec.floor), spec.factor * q_value)
 
 
+@lru_cache(maxsize=1024)
 def day_label(day: int) -> str:
     """``2026-11-05`` for a local day number."""
     return date.fromordinal(day + _EPOCH_ORD).isoformat()

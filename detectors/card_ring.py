@@ -1,29 +1,31 @@
-"""``card_ring``: card collectors — many cards buying one resale-prone drug at one place at once.
+"""``card_ring``: card collectors — many cards buying one resale-prone drug at one counter at once.
 
-A dealer (药贩子) who has collected or rented insurance cards takes them to one counter and
-settles the same resale-prone drug on each (贩卖医保药品 / 收集医保卡集中购药), often on
-several days with much the same stack of cards. The rule counts the distinct cards that
-settle one drug code (from ``resale_prone``) at one institution, in ``visit_types``
-(retail pharmacy purchases, where no physician sees the patient: a morning rush of
-chronic refills at a community centre — 长处方, 家庭医生 — easily puts a dozen statin
-patients in an hour, and collected cards pushed through one physician are
-``prescriber_volume``'s pattern; ward bills are batch-posted), within ``window_s``: a burst of at least ``min_cards`` cards that is also at
-least ``min_lift`` times the institution's usual rate for that drug (mean per ``window_s``
-over the preceding ``baseline_s``, which ends ``window_s + lateness_s`` before the burst)
-qualifies; its purchases are the ring's, except a lone customer's: a ring purchase has
-another card's purchase within ``member_gap_s`` (the stack of cards is swiped in one
-sitting, so the buyer who came in alone 40 minutes earlier is not listed). A family of 2–4 cards is far below
-``min_cards``; a busy pharmacy's ordinary stream of statin buyers is below ``min_lift``
-times its own rate. When a later burst at the same place and drug reuses at least
-``recur_share`` of the cards seen on earlier days, the day is a recurrence and the severity
-rises; bursts within ``recur_s`` of each other extend one alert.
+A dealer (药贩子) who has collected or rented insurance cards takes the stack to one counter
+and settles the same resale-prone drug on each (贩卖医保药品 / 收集医保卡集中购药), often on
+several days with much the same cards. The rule counts the distinct cards that settle one
+drug code (from ``resale_prone``) at one institution within ``window_s``, in ``visit_types``:
+retail pharmacy sales, where no physician sees the patient (a community centre's morning
+rush of chronic refills — 长处方, 家庭医生 — easily puts a dozen statin patients in an hour;
+collected cards pushed through one physician are ``prescriber_volume``'s pattern; ward
+bills are batch-posted). A burst of at least ``min_cards`` cards that is also at least
+``min_lift`` times the place's usual rate for that drug (mean per ``window_s`` over the
+preceding ``baseline_s``, ending ``window_s + lateness_s`` before the burst) qualifies; its
+purchases are the ring's except a lone customer's: a ring purchase has another card's
+purchase within ``member_gap_s`` (the stack is swiped in one sitting; whoever came in alone
+40 minutes earlier is not listed). A family of 2–4 cards is far below ``min_cards``; a busy
+pharmacy's steady stream of statin buyers stays below ``min_lift`` times its own rate.
 
-The ring id is ``RING-`` + a hash of (institution, drug code): the counter and the drug are
-what stays fixed while the stack of cards changes from trip to trip, so the id survives
-a recurrence with partly different members, needs no matching of member sets, and does
-not depend on which cards happened to arrive first from which partition. The members are
-every card with a purchase in some qualifying burst — a monotone, event-time-only
-condition, so any arrival order within ``lateness_s`` ends with the same members.
+Rings are groups, not places: each day's burst joins the group that most of its cards
+already belong to (at least ``LINK_CARDS`` = 2 of them; the group active within
+``recur_s``) — same ring, same alert, the new cards added — or else starts a new group. A
+day on which at least ``recur_share`` of the burst's cards were in the ring before is a
+recurrence and raises the severity. The ring id is
+``RING-`` + hash(institution, drug, day the group first qualified): it stays fixed while
+the stack of cards changes a little from trip to trip, and a different stack at the same
+counter is a different ring. Which purchases qualify is a monotone, event-time-only
+condition (more purchases only add windows), a day's group is decided once, and the
+members are read from the state after every change, so any arrival order within
+``lateness_s`` ends with the same rings and members.
 
 State per (institution, drug) (Redis, all keys expire):
 
@@ -31,15 +33,14 @@ State per (institution, drug) (Redis, all keys expire):
   ``card\\tevent_id``, score = event time, kept ``history_s`` behind each new purchase (at least
   ``baseline_s + window_s + lateness_s``; longer, so that a partition that falls further behind
   than ``lateness_s`` — a replay of sparse data — still meets the rest of its burst);
-* ``…:c`` — purchases in a qualifying window, ``…:m`` — those with a neighbour within
-  ``member_gap_s`` (the ring's), ``…:ep`` — ``first`` and ``anchor`` (earliest ring purchase
-  of the episode), ``last``, ``peak`` (most cards in one window), drug ``name``.
+* ``…:c`` — purchases in a qualifying window; ``…:m`` — those with a neighbour within
+  ``member_gap_s`` (the rings' purchases);
+* ``…:g`` — hash: ``d:{day}`` → group, ``c:{card}`` → the card's first group, ``f:``/``l:{group}``
+  first/last day, ``p:{group}`` most cards in one window, ``name`` of the drug.
 
 >>> from detectors.drugs import DrugList
 >>> CardRing(resale_prone=DrugList(["XC10AA"]))
 CardRing(window_s=3600, min_cards=8, min_lift=8, baseline_s=86400, recur_s=2592000, recur_share=0.5, member_gap_s=900, history_s=604800, visit_types=['pharmacy'], lateness_s=3600)
->>> ring_id("P001", "XC10AAA003")
-'RING-2a2d461993c41084'
 >>> CardRing(min_cards=1)
 Traceback (most recent call last):
 ...
@@ -49,8 +50,10 @@ ValueError: card_ring: min_cards must be >= 3, got 1
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import defaultdict
-from typing import Any, Iterator, Sequence
+from functools import lru_cache
+from typing import Any, Sequence
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
 from detectors.base import Detector, Namespace, check_positive
@@ -59,29 +62,42 @@ from stream.events import Settlement, iso
 
 LUA = r"""
 -- ARGV: window, min_cards, baseline, gap, min_lift, keep, ttl_z, recur, ttl_ring, member_gap,
---       then per entry: t, card, event_id, drug name
--- KEYS per entry: purchases zset, ring members zset, candidates zset, episode hash
+--       link cards, utc offset, then one string per entry, fields separated by \31:
+--       t, card, event_id, drug name, institution, drug code
+-- KEYS per entry: purchases zset, ring purchases zset, candidates zset, groups hash
+-- returns one {institution, drug code, name, {{group, purchases (card\tevent_id, t)*, peak}*}}
+-- per entry that changed a ring
 local SEP = '\t'
 local W = tonumber(ARGV[1]); local minc = tonumber(ARGV[2]); local C = tonumber(ARGV[3])
 local gap = tonumber(ARGV[4]); local lift = tonumber(ARGV[5]); local keep = tonumber(ARGV[6])
 local ttl_z = tonumber(ARGV[7]); local recur = tonumber(ARGV[8]); local ttl_r = tonumber(ARGV[9])
-local G = tonumber(ARGV[10])
+local G = tonumber(ARGV[10]); local link = tonumber(ARGV[11]); local TZ = tonumber(ARGV[12])
 local blen = C - gap
+local function day_of(x) return math.floor((x + TZ) / 86400) end
+local function fields(s)
+  local out = {}
+  local p = 1
+  while true do
+    local q = string.find(s, '\31', p, true)
+    if not q then out[#out + 1] = string.sub(s, p); return out end
+    out[#out + 1] = string.sub(s, p, q - 1)
+    p = q + 1
+  end
+end
 local out = {}
 local k = 1
-local i = 0
-local a = 11
-while a <= #ARGV do
-  i = i + 1
-  local t = tonumber(ARGV[a]); local card = ARGV[a + 1]; local eid = ARGV[a + 2]; local name = ARGV[a + 3]
-  a = a + 4
-  local zk, mk, ck, ek = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+local a = 13
+local nargv = #ARGV
+while a <= nargv do
+  local x = fields(ARGV[a])
+  a = a + 1
+  local t = tonumber(x[1]); local card = x[2]; local eid = x[3]; local name = x[4]
+  local zk, mk, ck, gk = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   k = k + 4
   redis.call('ZADD', zk, t, card .. SEP .. eid)
   -- pruned relative to this purchase, not the newest: a partition that lags still meets its cluster-mates
   redis.call('ZREMRANGEBYSCORE', zk, '-inf', '(' .. tostring(t - keep))
   redis.call('EXPIRE', zk, ttl_z)
-  local res = 0
   local pre = redis.call('ZCOUNT', zk, tostring(t - W), tostring(t + W)) >= minc
   -- ring candidates near t: this purchase may be the neighbour one of them was missing
   local nc = redis.call('ZCOUNT', ck, tostring(t - G), tostring(t + G))
@@ -130,43 +146,66 @@ while a <= #ARGV do
         if cnt[c] == 0 then distinct = distinct - 1 end
       end
     end
-    local check = {}
-    local take = false
-    if lo then
-      local ep = redis.call('HMGET', ek, 'anchor', 'last', 'peak')
-      local anchor = tonumber(ep[1]); local last = tonumber(ep[2]); local oldpeak = tonumber(ep[3]) or 0
-      local qmin, qmax = ts[lo], ts[hi]
-      take = true
-      if anchor and qmin <= last + recur and qmax >= anchor - recur then
-        if qmax > last then last = qmax end
-        if qmin < anchor then anchor = qmin end
-      elseif (not anchor) or qmin > last + recur then
-        redis.call('DEL', mk, ck)
-        anchor = qmin; last = qmax; oldpeak = 0
-        redis.call('HSET', ek, 'first', tostring(anchor))
-      else
-        take = false   -- belongs to an older episode that is no longer kept
-      end
-      if take then
-        -- candidates: purchases in a qualifying window
-        for q = lo, hi do
-          redis.call('ZADD', ck, ts[q], evs[2 * q - 1])
-          check[q] = true
+    -- the ring (group) a day's burst belongs to: decided once per day, when the day first
+    -- qualifies: the group most of its cards already belong to, if at least `link` of them do
+    -- and it was active within recur; else a new group named after the day
+    local gday = {}
+    local function group_of_day(d)
+      if gday[d] then return gday[d] end
+      local gid = redis.call('HGET', gk, 'd:' .. d)
+      if not gid then
+        local t0 = d * 86400 - TZ
+        local cards = {}
+        for _, m in ipairs(redis.call('ZRANGEBYSCORE', ck, tostring(t0), '(' .. tostring(t0 + 86400))) do
+          cards[string.sub(m, 1, string.find(m, SEP, 1, true) - 1)] = true
         end
-        if peak < oldpeak then peak = oldpeak end
-        redis.call('HSET', ek, 'anchor', tostring(anchor), 'last', tostring(last), 'peak', peak)
-        if name ~= '' then redis.call('HSETNX', ek, 'name', name) end
-        redis.call('EXPIRE', ck, ttl_r)
-        redis.call('EXPIRE', ek, ttl_r)
+        local votes = {}
+        for c in pairs(cards) do
+          local g = redis.call('HGET', gk, 'c:' .. c)
+          if g then
+            local span = redis.call('HMGET', gk, 'f:' .. g, 'l:' .. g)
+            local f, l = tonumber(span[1]), tonumber(span[2])
+            if f and (d - l) * 86400 <= recur and (f - d) * 86400 <= recur then votes[g] = (votes[g] or 0) + 1 end
+          end
+        end
+        local best, bn = nil, 0
+        for g, v in pairs(votes) do
+          if v > bn or (v == bn and g < best) then best, bn = g, v end
+        end
+        if best and bn >= link then gid = best else gid = tostring(d) end
+        redis.call('HSET', gk, 'd:' .. d, gid)
+        local span = redis.call('HMGET', gk, 'f:' .. gid, 'l:' .. gid)
+        if not span[1] or d < tonumber(span[1]) then redis.call('HSET', gk, 'f:' .. gid, d) end
+        if not span[2] or d > tonumber(span[2]) then redis.call('HSET', gk, 'l:' .. gid, d) end
       end
+      gday[d] = gid
+      return gid
     end
-    if take or nc > 0 then
+    local check = {}
+    local touched = {}
+    if lo then
+      -- candidates: purchases in a qualifying window
+      for q = lo, hi do
+        redis.call('ZADD', ck, ts[q], evs[2 * q - 1])
+        check[q] = true
+      end
+      redis.call('ZREMRANGEBYSCORE', ck, '-inf', '(' .. tostring(t - recur - W))
+      redis.call('EXPIRE', ck, ttl_r)
+      for q = lo, hi do group_of_day(day_of(ts[q])) end
+      local gid = group_of_day(day_of(t))
+      local p = tonumber(redis.call('HGET', gk, 'p:' .. gid)) or 0
+      if peak > p then redis.call('HSET', gk, 'p:' .. gid, peak) end
+      if name ~= '' then redis.call('HSETNX', gk, 'name', name) end
+      redis.call('EXPIRE', gk, ttl_r)
+      touched[gid] = true
+    end
+    if lo or nc > 0 then
       for _, m in ipairs(redis.call('ZRANGEBYSCORE', ck, tostring(t - G), tostring(t + G))) do
         local j = idx[m]
         if j then check[j] = true end
       end
     end
-    -- members: candidates with another card's purchase of the drug there within member_gap
+    -- ring purchases: candidates with another card's purchase of the drug there within member_gap
     -- (the stack of cards is swiped in one sitting; a lone customer within the hour is not one)
     local added = 0
     for j in pairs(check) do
@@ -181,27 +220,71 @@ while a <= #ARGV do
         if cs[l] ~= cs[j] then ok = true end
         l = l + 1
       end
-      if ok then added = added + redis.call('ZADD', mk, ts[j], evs[2 * j - 1]) end
-    end
-    if added > 0 then redis.call('EXPIRE', mk, ttl_r) end
-    if (take or added > 0) and redis.call('ZCARD', mk) > 0 then
-      local info = redis.call('HMGET', ek, 'first', 'name', 'peak')
-      if info[1] then
-        res = {info[1], redis.call('ZRANGE', mk, 0, -1, 'WITHSCORES'), info[2] or '', info[3] or '0'}
+      if ok and redis.call('ZADD', mk, ts[j], evs[2 * j - 1]) == 1 then
+        local gid = group_of_day(day_of(ts[j]))
+        redis.call('HSETNX', gk, 'c:' .. cs[j], gid)
+        touched[gid] = true
+        added = added + 1
       end
     end
+    if added > 0 then
+      redis.call('ZREMRANGEBYSCORE', mk, '-inf', '(' .. tostring(t - recur - W))
+      redis.call('EXPIRE', mk, ttl_r)
+      redis.call('EXPIRE', gk, ttl_r)
+    end
+    if next(touched) then
+      -- one snapshot per ring touched: all its purchases so far
+      local all = redis.call('ZRANGE', mk, 0, -1, 'WITHSCORES')
+      local snaps = {}
+      for gid in pairs(touched) do
+        local flat = {}
+        for q = 1, #all, 2 do
+          if group_of_day(day_of(tonumber(all[q + 1]))) == gid then
+            flat[#flat + 1] = all[q]; flat[#flat + 1] = all[q + 1]
+          end
+        end
+        if #flat > 0 then
+          snaps[#snaps + 1] = {gid, flat, redis.call('HGET', gk, 'p:' .. gid) or '0'}
+        end
+      end
+      if #snaps > 0 then out[#out + 1] = {x[5], x[6], redis.call('HGET', gk, 'name') or '', snaps} end
+    end
   end
-  out[i] = res
 end
 return out
 """
 
 _SEP = "\t"
+_BAD = re.compile("[\t\x1f]")      # separators of the Lua state: never inside an id
+#: day boundaries (which day a burst is on) in China Standard Time, UTC+8 all year
+TZ_S = 8 * 3600
+#: cards of an earlier ring (same counter, same drug, within recur_s) that make a burst that ring's:
+#: a dealer's cards do not turn up in someone else's stack. Two, not a share of the day's cards:
+#: the decision is taken when the burst first qualifies, with only part of its cards arrived.
+LINK_CARDS = 2
 
 
-def ring_id(institution_id: str, drug_code: str) -> str:
-    """Stable id of the ring operating at one institution with one drug."""
-    return "RING-" + hashlib.sha256(f"{institution_id}\x1f{drug_code}".encode()).hexdigest()[:16]
+def ring_id(institution_id: str, drug_code: str, first_day: int) -> str:
+    """Stable id of one group: the counter, the drug and the day the group first qualified.
+
+    >>> ring_id("P001", "XC10AAA003", 20759)
+    'RING-51dfd341f5a5dcc9'
+    """
+    return "RING-" + hashlib.sha256(f"{institution_id}\x1f{drug_code}\x1f{first_day}".encode()).hexdigest()[:16]
+
+
+def day_label(day: int) -> str:
+    """ISO date of a day number (days since 1970-01-01 in UTC+8).
+
+    >>> day_label(20759)
+    '2026-11-02'
+    """
+    return iso(day * 86400 - TZ_S)[:10]
+
+
+@lru_cache(maxsize=65536)
+def _placeholder_inst(inst: str) -> bool:
+    return is_placeholder(inst)
 
 
 def _s(x: Any) -> str:
@@ -240,7 +323,8 @@ class CardRing(Detector):
         if isinstance(recur_share, bool) or not isinstance(recur_share, (int, float)) or not 0 < recur_share <= 1:
             raise ValueError(f"{r}: recur_share must be a number in (0, 1], got {recur_share!r}")
         if baseline_s <= window_s + lateness_s:
-            raise ValueError(f"{r}: baseline_s must exceed window_s + lateness_s ({window_s + lateness_s}), got {baseline_s}")
+            raise ValueError(f"{r}: baseline_s must exceed window_s + lateness_s ({window_s + lateness_s}), "
+                             f"got {baseline_s}")
         if history_s < baseline_s + window_s + lateness_s:
             raise ValueError(f"{r}: history_s must cover baseline_s + window_s + lateness_s "
                              f"({baseline_s + window_s + lateness_s}), got {history_s}")
@@ -264,7 +348,7 @@ class CardRing(Detector):
         self.visit_types = tuple(sorted(set(visit_types)))
         self.resale_prone = resale_prone
         self._head = [window_s, min_cards, baseline_s, window_s + lateness_s, min_lift, history_s, history_s,
-                      recur_s, recur_s + window_s + lateness_s, member_gap_s]
+                      recur_s, recur_s + window_s + lateness_s, member_gap_s, LINK_CARDS, TZ_S]
         self._sha = self.sha(LUA)
 
     def params(self) -> dict[str, Any]:
@@ -273,28 +357,26 @@ class CardRing(Detector):
                 "member_gap_s": self.member_gap_s, "history_s": self.history_s,
                 "visit_types": list(self.visit_types), "lateness_s": self.lateness_s}
 
-    def _entries(self, events: Sequence[Settlement]) -> Iterator[tuple[Settlement, str, str]]:
-        """(event, drug code, drug name) for every resale-prone drug an eligible event settles."""
-        for ev in events:
-            if ev.visit_type not in self.visit_types:
-                continue
-            if is_placeholder(ev.card_id) or is_placeholder(ev.institution_id):
-                continue
-            if _SEP in ev.card_id or _SEP in ev.event_id:
-                continue
-            seen: set[str] = set()
-            for it in ev.items:
-                if it.category == "drug" and it.code not in seen and self.resale_prone.matches(it.code, it.name):
-                    seen.add(it.code)
-                    yield ev, it.code, (it.name or "").replace(_SEP, " ")
-
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
         argv: list[Any] = list(self._head)
         keys: list[str] = []
-        for ev, code, name in self._entries(events):
-            base = self.key(ns, self.window_s, ev.institution_id, code)
-            keys += [base, base + ":m", base + ":c", base + ":ep"]
-            argv += [repr(ev.ts), ev.card_id, ev.event_id, name]
+        visit_types, resale = self.visit_types, self.resale_prone
+        for ev in events:
+            if ev.visit_type not in visit_types:
+                continue
+            codes = {it.code: it.name for it in ev.items if it.category == "drug" and resale.matches(it.code, it.name)}
+            if not codes:
+                continue
+            card, inst = ev.card_id, ev.institution_id
+            if _BAD.search(card) or _BAD.search(ev.event_id) or _BAD.search(inst) or is_placeholder(card) \
+                    or _placeholder_inst(inst):
+                continue
+            for code, name in codes.items():
+                if _BAD.search(code):
+                    continue
+                base = self.key(ns, self.window_s, inst, code)
+                keys += [base, base + ":m", base + ":c", base + ":g"]
+                argv.append(f"{ev.ts!r}\x1f{card}\x1f{ev.event_id}\x1f{_BAD.sub(' ', name or '')}\x1f{inst}\x1f{code}")
         if not keys:
             return 0
         pipe.evalsha(self._sha, len(keys), *keys, *argv)
@@ -303,26 +385,26 @@ class CardRing(Detector):
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:
         if not replies:
             return []
-        # the ring's last reply in the batch holds all its purchases so far: build one alert from it
-        last: dict[tuple[str, str, str], tuple[str, Any]] = {}
-        for (ev, code, name), res in zip(self._entries(events), replies[0]):
-            if res:   # one per ring and episode
-                last[(ev.institution_id, code, _s(res[0]))] = (name, res)
+        # a ring's last snapshot in the batch holds all its purchases so far: one alert from it
+        last: dict[tuple[str, str, int], tuple[str, Any, Any]] = {}
+        for inst, code, name, snaps in replies[0]:
+            inst, code, name = _s(inst), _s(code), _s(name)
+            for gid, flat, peak in snaps:
+                last[(inst, code, int(_s(gid)))] = (name or code, flat, peak)
         out: dict[str, Alert] = {}
-        for (inst, code, _), (name, (first, flat, stored_name, peak)) in last.items():
+        for (inst, code, gid), (name, flat, peak) in last.items():
             members = []
             for j in range(0, len(flat), 2):
                 card, _, eid = _s(flat[j]).partition(_SEP)
                 members.append((float(flat[j + 1]), card, eid))
-            a = self._alert(ns, inst, code, _s(stored_name) or name or code, float(_s(first)), int(_s(peak)),
-                            members)
+            a = self._alert(ns, inst, code, name, gid, int(float(_s(peak))), members)
             out[a.alert_id] = a
         return list(out.values())
 
-    def _alert(self, ns: Namespace, inst: str, code: str, name: str, first: float, peak: int,
+    def _alert(self, ns: Namespace, inst: str, code: str, name: str, gid: int, peak: int,
                members: list[tuple[float, str, str]]) -> Alert:
         members.sort()
-        rid = ring_id(inst, code)
+        rid = ring_id(inst, code, gid)
         cards = sorted({c for _, c, _ in members})
         by_day: dict[str, set[str]] = defaultdict(set)
         for t, c, _ in members:
@@ -348,14 +430,14 @@ class CardRing(Detector):
               + (f"; the same cards came back on {recurrent} day(s) (overlap {best_share:.0%})" if recurrent else "")
               + "; suspected card collecting")
         return Alert(
-            alert_id=alert_id(ns.run_id, self.rule, "ring", rid, str(self.window_s), iso(first)[:10]),
+            alert_id=alert_id(ns.run_id, self.rule, "ring", rid, str(self.window_s), gid),
             rule=self.rule, rule_version=self.version, severity=severity_for(score), score=round(score, 4),
             subject_type="ring", subject_id=rid, member_ids=cards,
             window_start=iso(members[0][0]), window_end=iso(members[-1][0]),
             evidence_event_ids=[eid for _, _, eid in members], run_id=ns.run_id,
             summary=zh if self.lang == "zh" else en, summary_en=en, detected_at=now_iso(), window_s=self.window_s,
-            metrics={"institution_id": inst, "drug_code": code, "drug_name": name, "cards": len(cards),
-                     "peak_cards": peak, "min_cards": self.min_cards, "window_s": self.window_s, "days": days,
+            metrics={"institution_id": inst, "drug_code": code, "drug_name": name, "first_day": day_label(gid),
+                     "cards": len(cards), "peak_cards": peak, "min_cards": self.min_cards, "window_s": self.window_s, "days": days,
                      "recurrent_days": recurrent, "max_repeat_share": round(best_share, 3),
                      "purchases": len(members)},
         )

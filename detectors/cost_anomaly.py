@@ -12,11 +12,12 @@ Settlements whose primary diagnosis is a 门诊大病 (``special_dx_prefixes``: 
 treatment, transplant …) are approved heavy treatment: they do not count towards the
 absolute thresholds but do count in the peer comparison, where the card is judged against
 its peers (same insured category, age band and diagnosis chapter, or all patients of the same
-门诊大病, see :mod:`detectors._peers`)
-and fires when its month's cost reaches ``max(min_amount_cny, factor x the peers'
-quantile)`` with at least ``min_peer_size`` other members — a dialysis patient's ¥9,000 a
-month is compared with dialysis patients, and chronic patients' refills with theirs. One
-alert per card and calendar month (and per card and year); later settlements extend it.
+门诊大病, see :mod:`detectors._peers`) and fires when its month's cost reaches
+``max(min_amount_cny, factor x the peers' quantile)`` with at least ``min_peer_size`` other
+members — a dialysis patient's ¥9,000 a month is compared with dialysis patients, and chronic
+patients' refills with theirs (慢特病 patients are legitimately heavy). One alert per card and
+calendar month (and per card and year); later settlements extend it (the evidence of a
+yearly alert is the current month's settlements).
 
 State per card (Redis, JSON values expiring at the end of the bucket + lateness):
 
@@ -41,7 +42,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
-from detectors._peers import LUA_LIB, Calendar, PeerSpec, check_prefixes, dx_key, group_label, is_special, peer_bound
+from detectors._peers import (LUA_LIB, Calendar, PeerSpec, buckets_of, check_prefixes, dx_key, group_label, is_special,
+                              peer_bound)
 from detectors.base import Detector, Namespace, check_positive
 from stream.events import Settlement, iso
 
@@ -184,16 +186,18 @@ class CostAnomaly(Detector):
         argv: list[Any] = [self.key(ns, "peer"), *self._head]
         keys: list[str] = []
         late = self.lateness_s
+        month_key, year_key = self.key(ns, "month"), self.key(ns, "year")
+        special, base, types = self.special, self.peers.base, self.visit_types
         for i, ev in enumerate(events):
-            if ev.visit_type not in self.visit_types:
+            if ev.visit_type not in types:
                 continue
-            c = Calendar(ev.ts, late)
-            dx = dx_key(ev.diagnoses[0] if ev.diagnoses else None, self.special)
-            argv += [i, repr(ev.ts), ev.event_id, c.dom, c.month, max(1, int(c.month_end - ev.ts) + late),
-                     max(1, int(c.year_end - ev.ts) + late), int(round(ev.total_amount * 100)),
-                     int(round(ev.fund_paid * 100)), "1" if is_special(dx) else "0", self.peers.base(ev), dx,
-                     c.ref_dom]
-            keys += [self.key(ns, "month", ev.card_id, c.month), self.key(ns, "year", ev.card_id, c.year)]
+            ts = ev.ts
+            dom, month, month_end, year, year_end, year_no, ref_dom = buckets_of(ts, late)
+            dx = dx_key(ev.diagnoses[0] if ev.diagnoses else None, special)
+            argv += [i, repr(ts), ev.event_id, dom, month, max(1, int(month_end - ts) + late),
+                     max(1, int(year_end - ts) + late), int(round(ev.total_amount * 100)),
+                     int(round(ev.fund_paid * 100)), "1" if dx[0] == "S" else "0", base(ev, year_no), dx, ref_dom]
+            keys += [f"{month_key}:{ev.card_id}:{month}", f"{year_key}:{ev.card_id}:{year}"]
         if not keys:
             return 0
         pipe.evalsha(self._sha, len(keys), *keys, *argv)

@@ -38,6 +38,8 @@ import hashlib
 from functools import lru_cache
 from typing import Any, Sequence
 
+import orjson
+
 from alerts.model import Alert, alert_id, now_iso, severity_for
 from detectors.base import Detector, Namespace, check_positive
 from detectors.drugs import is_placeholder
@@ -47,28 +49,23 @@ TZ_S = 8 * 3600  # episodes are local (UTC+08:00) calendar days, as the events a
 _placeholder_institution = lru_cache(maxsize=65536)(is_placeholder)  # institutions are few, cards are not
 
 LUA = r"""
--- ARGV: W, lateness, ttl, day_ttl, tz_s, then per event: index, t, event_id, card, total, day_a, day_b
--- KEYS per event: fingerprint key, fingerprint zset, {evidence zset, bills hash} of day_a (= day of t - W) and,
---   when it differs, of day_b (= day of t)
--- returns only the events that found a duplicate: {index, day, evidence (id, time)*, bills (field, value)*, n, gap}
-local W = tonumber(ARGV[1]); local lateness = tonumber(ARGV[2]); local ttl = tonumber(ARGV[3])
-local day_ttl = tonumber(ARGV[4]); local tz = tonumber(ARGV[5])
+-- ARGV[1] key prefix (cw:{run}:duplicate_billing:{window_s}), ARGV[2] JSON [W, lateness, ttl, day_ttl, tz_s],
+-- ARGV[3] JSON [[index, t, event_id, card, institution, fingerprint, total], ...]. Keys are built here:
+-- {prefix}:{card}:{fingerprint} (first settlement), …:z (its settlements), {prefix}:inst:{institution}:{day}:ev
+-- and …:bills (the day's evidence and duplicated bills).
+-- Returns only the events that found a duplicate: {index, day, evidence (id, time)*, bills (field, value)*, n, gap}
+local prefix = ARGV[1]
+local cfg = cjson.decode(ARGV[2])
+local W, lateness, ttl, day_ttl, tz = cfg[1], cfg[2], cfg[3], cfg[4], cfg[5]
+local evs = cjson.decode(ARGV[3])
 local out = {}
-local a = 6
-local k = 1
-while a <= #ARGV do
-  local idx = ARGV[a]; local ts = ARGV[a + 1]; local t = tonumber(ts); local eid = ARGV[a + 2]; local card = ARGV[a + 3]
-  local total = ARGV[a + 4]; local day_a = ARGV[a + 5]; local day_b = ARGV[a + 6]
-  a = a + 7
-  local sk, fk = KEYS[k], KEYS[k + 1]
-  local keys_by_day = {[day_a] = {KEYS[k + 2], KEYS[k + 3]}}
-  k = k + 4
-  if day_b ~= day_a then
-    keys_by_day[day_b] = {KEYS[k], KEYS[k + 1]}
-    k = k + 2
-  end
+for i = 1, #evs do
+  local e = evs[i]
+  local idx, t, eid, card, inst, fp, total = e[1], e[2], e[3], e[4], e[5], e[6], e[7]
+  local sk = prefix .. ':' .. card .. ':' .. fp
+  local fk = sk .. ':z'
   local m = {}
-  local prev = redis.call('SET', sk, ts .. ' ' .. eid, 'NX', 'EX', ttl)
+  local prev = redis.call('SET', sk, tostring(t) .. ' ' .. eid, 'NX', 'EX', ttl)
   if not prev then
     -- the fingerprint was seen before (or this is a redelivery): keep all its settlements in a zset
     prev = redis.call('GET', sk)
@@ -84,14 +81,12 @@ while a <= #ARGV do
   end
   if #m >= 4 then
     local first_t = tonumber(m[2])
-    local day = tostring(math.floor((first_t + tz) / 86400))
-    local dk = keys_by_day[day]
-    if dk == nil then dk = keys_by_day[day_b] end
-    local ek, bk = dk[1], dk[2]
+    local day = math.floor((first_t + tz) / 86400)
+    local ek = prefix .. ':inst:' .. inst .. ':' .. day .. ':ev'
+    local bk = prefix .. ':inst:' .. inst .. ':' .. day .. ':bills'
     local zargs = {}
     for j = 1, #m, 2 do zargs[#zargs + 1] = m[j + 1]; zargs[#zargs + 1] = m[j] end
     redis.call('ZADD', ek, unpack(zargs))
-    local fp = string.sub(sk, #sk - 15)
     redis.call('HSET', bk, card .. '\t' .. fp .. '\t' .. m[1], tostring(#m / 2) .. '\t' .. total)
     redis.call('EXPIRE', ek, day_ttl)
     redis.call('EXPIRE', bk, day_ttl)
@@ -145,23 +140,12 @@ class DuplicateBilling(Detector):
 
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
         W = self.window_s
-        argv: list[Any] = [W, self.lateness_s, W + self.lateness_s, 86400 + W + self.lateness_s, TZ_S]
-        keys: list[str] = []
-        prefix = self.key(ns, W, "")
-        for i, ev in enumerate(events):
-            if not self._eligible(ev):
-                continue
-            t = ev.ts
-            day_a, day_b = int((t - W + TZ_S) // 86400), int((t + TZ_S) // 86400)
-            argv += [i, repr(t), ev.event_id, ev.card_id, f"{ev.total_amount:.2f}", day_a, day_b]
-            fk = f"{prefix}{ev.card_id}:{fingerprint(ev)}"
-            keys += [fk, fk + ":z", f"{prefix}inst:{ev.institution_id}:{day_a}:ev",
-                     f"{prefix}inst:{ev.institution_id}:{day_a}:bills"]
-            if day_b != day_a:
-                keys += [f"{prefix}inst:{ev.institution_id}:{day_b}:ev", f"{prefix}inst:{ev.institution_id}:{day_b}:bills"]
-        if not keys:
+        rows = [[i, ev.ts, ev.event_id, ev.card_id, ev.institution_id, fingerprint(ev), f"{ev.total_amount:.2f}"]
+                for i, ev in enumerate(events) if self._eligible(ev)]
+        if not rows:
             return 0
-        pipe.evalsha(self._sha, len(keys), *keys, *argv)
+        cfg = [W, self.lateness_s, W + self.lateness_s, 86400 + W + self.lateness_s, TZ_S]
+        pipe.evalsha(self._sha, 0, self.key(ns, W), orjson.dumps(cfg), orjson.dumps(rows))
         return 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:

@@ -106,6 +106,7 @@ class TailHBOS(base.AnomalyDetector):
         self.bins_per_unit = bins_per_unit
         self.forget_every = forget_every
         self._counts: dict[str, list[float]] = {}
+        self._lo: dict[str, int] = {}   # lowest bin seen per feature: at or below it the term is 0
         self._n = 0.0
         self._learned = 0
 
@@ -127,10 +128,14 @@ class TailHBOS(base.AnomalyDetector):
 
     def learn_bins(self, bins: list[tuple[str, int]]) -> None:
         counts = self._counts
+        lo = self._lo
         for k, b in bins:
             c = counts.get(k)
             if c is None:
                 c = counts[k] = []
+                lo[k] = b
+            elif b < lo[k]:
+                lo[k] = b
             if b >= len(c):
                 c.extend([0.0] * (b + 1 - len(c)))
             c[b] += 1.0
@@ -155,13 +160,17 @@ class TailHBOS(base.AnomalyDetector):
         if not bins:
             return 0.0
         counts = self._counts
+        lo = self._lo
         log = math.log
+        ln = log(self._n + 1)
         s = 0.0
         for k, b in bins:
             c = counts.get(k)
-            if c is not None and b < len(c):
-                s += log(sum(c[b:]) + 1)
-        return (len(bins) * log(self._n + 1) - s) / (log(self._n + 2) * len(bins))
+            if c is None:
+                s += ln
+            elif b > lo[k]:  # (at or below the lowest bin seen, every value is this high: term 0)
+                s += ln - log(sum(c[b:]) + 1) if b < len(c) else ln
+        return s / (log(self._n + 2) * len(bins))
 
     # -- river's AnomalyDetector contract --------------------------------------------------
     def learn_one(self, x: dict) -> None:
@@ -214,6 +223,7 @@ class PartitionModel:
             m = cls(st["quantile"].q, float(h["bins_per_unit"]), int(h["forget_every"]))
             det = m.detector
             det._counts = {str(k): [float(v) for v in c] for k, c in h["counts"].items()}
+            det._lo = {k: next((b for b, v in enumerate(c) if v > 0), 0) for k, c in det._counts.items()}
             det._n = float(h["n"])
             det._learned = int(h["learned"])
             m.filter.quantile = st["quantile"]
@@ -296,6 +306,8 @@ class MlOutlier(Detector):
     rule = "ml_outlier"
     subject_type = "card"
     scripts = (F.LUA,)
+    #: models kept in memory (a worker sees every partition of every replay run it serves)
+    max_models = 512
 
     def __init__(self, *, target_alert_rate: float = 0.001, warmup_events: int = 1000, checkpoint_every: int = 5000,
                  checkpoint_ttl_s: int = 30 * 86400, bins_per_unit: float = 3.0, forget_every: int = 200_000,
@@ -342,8 +354,8 @@ class MlOutlier(Detector):
         self.model_config = hashlib.sha256(repr((self.target_alert_rate, self.bins_per_unit, self.forget_every,
                                                  self.features)).encode()).hexdigest()[:12]
         self._sha = self.sha(F.LUA)
-        self._models: dict[tuple[str, int], PartitionModel] = {}
-        self._pending: dict[str, dict[str, bytes]] = {}     # run -> key -> checkpoint not yet written
+        self._models: dict[tuple[str, int], PartitionModel] = {}   # least recently used first
+        self._pending: dict[str, bytes] = {}     # model key -> checkpoint not yet written
         self._layout: dict[int, tuple[dict[str, bytes], list[int]]] = {}
         #: called as ``score_sink(event, score, features)`` for every scored settlement (evaluation, tests)
         self.score_sink: Callable[[Settlement, float, dict[str, float]], None] | None = None
@@ -366,7 +378,7 @@ class MlOutlier(Detector):
 
     def _sync(self, run: str, part: int, blob: bytes | None, snap: bytes | None) -> PartitionModel:
         """Use the in-memory model unless Redis holds a newer one (restart, rebalance)."""
-        mem = self._models.get((run, part))
+        mem = self._models.pop((run, part), None)
         for source, b in (("checkpoint", blob), ("snapshot", snap)):
             h = _header(b)
             if h is None:
@@ -385,28 +397,36 @@ class MlOutlier(Detector):
                 log.error("ml_outlier: %s of %s p%d unreadable (%s); starting fresh", source, run, part, exc)
         if mem is None:
             mem = self._fresh()
-        self._models[(run, part)] = mem
+        self._models[(run, part)] = mem  # most recently used last
         return mem
+
+    def _evict(self) -> None:
+        """Above ``max_models``, checkpoint the least recently used models and forget them (finished
+        replays); call after a batch is learned. The next batch of theirs restores them."""
+        while len(self._models) > self.max_models:
+            old = next(iter(self._models))
+            self.checkpoint(*old)
+            del self._models[old]
 
     def checkpoint(self, run: str, part: int) -> bytes:
         """Checkpoint bytes of one in-memory model (also queued for the next round trip)."""
         m = self._models[(run, part)]
         blob = dump_model(m, self.model_config)
         m.since_checkpoint = 0
-        self._pending.setdefault(run, {})[model_key(run, part)] = blob
+        self._pending[model_key(run, part)] = blob
         return blob
 
     async def save_checkpoints(self, redis: Any, run_id: str | None = None) -> int:
-        """Write every in-memory model (of one run, or all) now: for shutdown and tests."""
-        n = 0
+        """Write every in-memory model (of one run, or all) and every pending checkpoint now: for
+        shutdown and tests."""
         for (run, part) in list(self._models):
             if run_id is None or run == run_id:
                 self.checkpoint(run, part)
-        for run in list(self._pending):
-            if run_id is not None and run != run_id:
-                continue
-            for key, blob in self._pending.pop(run).items():
-                await redis.set(key, blob, ex=self.checkpoint_ttl_s)
+        prefix = None if run_id is None else model_key(run_id, 0)[:-1]
+        n = 0
+        for key in list(self._pending):
+            if prefix is None or key.startswith(prefix):
+                await redis.set(key, self._pending.pop(key), ex=self.checkpoint_ttl_s)
                 n += 1
         return n
 
@@ -419,8 +439,7 @@ class MlOutlier(Detector):
         if not isinstance(previous, MlOutlier) or previous.model_config != self.model_config:
             return False
         self._models.update(previous._models)
-        for run, pend in previous._pending.items():
-            self._pending.setdefault(run, {}).update(pend)
+        self._pending.update(previous._pending)
         self.score_sink = self.score_sink or previous.score_sink
         return True
 
@@ -429,22 +448,23 @@ class MlOutlier(Detector):
         if not events:
             return 0
         t0, c0 = time.perf_counter(), time.thread_time()
-        pending = dict(self._pending.get(ns.run_id, {}))
+        pending = dict(self._pending)  # every run's: a finished replay's last checkpoints get written too
         for key, blob in pending.items():
             pipe.set(key, blob, ex=self.checkpoint_ttl_s)
-        parts = sorted({ev.partition for ev in events})
-        for p in parts:
+        parts = []
+        for p in sorted({ev.partition for ev in events}):
             pipe.get(model_key(ns.run_id, p))
-            if self.snapshot and (ns.run_id, p) not in self._models:
-                pipe.get(snapshot_key(self.snapshot, p))
-        n = len(pending) + len(parts) + sum(1 for p in parts if self.snapshot and (ns.run_id, p) not in self._models)
+            with_snap = bool(self.snapshot) and (ns.run_id, p) not in self._models
+            if with_snap:
+                pipe.get(snapshot_key(self.snapshot, p))  # type: ignore[arg-type]
+            parts.append((p, with_snap))
         F.queue_windows(pipe, self._sha, events, self.key(ns), lateness_s=self.lateness_s)
         if len(self._layout) > 64:  # batches that failed before collect
             self._layout.clear()
         self._layout[id(events)] = (pending, parts)
         self.cost["python_s"] += time.perf_counter() - t0
         self.cost["python_cpu_s"] += time.thread_time() - c0
-        return n + 1
+        return len(pending) + len(parts) + sum(w for _, w in parts) + 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:
         if not events:
@@ -452,20 +472,15 @@ class MlOutlier(Detector):
         t0, c0 = time.perf_counter(), time.thread_time()
         run = ns.run_id
         pending, parts = self._layout.pop(id(events))
-        written = self._pending.get(run)
-        if written:
-            for key, blob in pending.items():
-                if written.get(key) is blob:
-                    del written[key]
+        for key, blob in pending.items():  # written: forget them unless a newer one is waiting
+            if self._pending.get(key) is blob:
+                del self._pending[key]
         i = len(pending)
         models: dict[int, PartitionModel] = {}
-        for p in parts:
+        for p, with_snap in parts:
             blob = replies[i]
-            i += 1
-            snap = None
-            if self.snapshot and (run, p) not in self._models:
-                snap = replies[i]
-                i += 1
+            snap = replies[i + 1] if with_snap else None
+            i += 2 if with_snap else 1
             models[p] = self._sync(run, p, blob, snap)
         windows = F.parse_windows(replies[i])
         flagged: list[tuple[Settlement, float, float, dict[str, float], dict[str, float]]] = []
@@ -498,6 +513,7 @@ class MlOutlier(Detector):
         for p, m in models.items():
             if m.since_checkpoint >= self.checkpoint_every:
                 self.checkpoint(run, p)
+        self._evict()
         if _M is not None:
             try:
                 _M.model_threshold.set(min(m.threshold() for m in models.values()))

@@ -43,6 +43,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import orjson
+
 from alerts.model import SEVERITIES, Alert, alert_id, now_iso, severity_for
 from detectors.base import Detector, Namespace, check_positive
 from detectors.card_hopping import window_label
@@ -50,30 +52,28 @@ from detectors.drugs import EMPTY, DrugList, ingredient_key, is_placeholder
 from stream.events import Settlement, iso
 
 LUA = r"""
--- ARGV: W, lateness, ttl, max_ratio, min_excess_days, early_share, min_early, min_left_days, min_fills,
---       then per event: index, t, event_id, institution, nlines, {ingredient, days} * nlines
--- KEYS: {fills zset, episode hash, evidence zset} per event
--- returns only the events that fired: {index, episode start, evidence (id, time)*, fired lines}
-local W = tonumber(ARGV[1]); local lateness = tonumber(ARGV[2]); local ttl = tonumber(ARGV[3])
-local maxr = tonumber(ARGV[4]); local min_excess = tonumber(ARGV[5]); local share = tonumber(ARGV[6])
-local min_early = tonumber(ARGV[7]); local min_left = tonumber(ARGV[8]); local min_fills = tonumber(ARGV[9])
+-- ARGV[1] key prefix (cw:{run}:overdispensing:{window_s}), ARGV[2] JSON [W, lateness, ttl, max_ratio,
+-- min_excess_days, early_share, min_early, min_left_days, min_fills], ARGV[3] JSON
+-- [[index, t, event_id, card, institution, [[ingredient, days], ...]], ...]. Keys are built here from
+-- the prefix and the card: {prefix}:{card} (fills), …:ep (episode), …:ev (evidence).
+-- Returns only the events that fired: {index, episode start, evidence (id, time)*, fired lines}
+local prefix = ARGV[1]
+local cfg = cjson.decode(ARGV[2])
+local W, lateness, ttl, maxr, min_excess = cfg[1], cfg[2], cfg[3], cfg[4], cfg[5]
+local share, min_early, min_left, min_fills = cfg[6], cfg[7], cfg[8], cfg[9]
+local evs = cjson.decode(ARGV[3])
 local out = {}
-local a = 10
-local k = 1
-while a <= #ARGV do
-  local idx = ARGV[a]
-  local t = tonumber(ARGV[a + 1]); local eid = ARGV[a + 2]; local inst = ARGV[a + 3]; local nl = tonumber(ARGV[a + 4])
-  a = a + 5
-  local zk, ek, vk = KEYS[k], KEYS[k + 1], KEYS[k + 2]
-  k = k + 3
-  local lines = {}
+for i = 1, #evs do
+  local e = evs[i]
+  local idx, t, eid, inst = e[1], e[2], e[3], e[5]
+  local zk = prefix .. ':' .. e[4]
+  local ek, vk = zk .. ':ep', zk .. ':ev'
+  local lines = e[6]
+  local nl = #lines
   local zargs = {}
   for j = 1, nl do
-    local ing, days = ARGV[a], tonumber(ARGV[a + 1])
-    a = a + 2
-    lines[j] = {ing, days}
     zargs[#zargs + 1] = t
-    zargs[#zargs + 1] = ing .. '\t' .. days .. '\t' .. eid .. '\t' .. inst
+    zargs[#zargs + 1] = lines[j][1] .. '\t' .. lines[j][2] .. '\t' .. eid .. '\t' .. inst
   end
   local known = redis.call('EXISTS', zk) == 1
   redis.call('ZADD', zk, unpack(zargs))
@@ -244,24 +244,17 @@ class Overdispensing(Detector):
         return [(ing, d, code, name, rs) for ing, (d, rs, code, name) in agg.items()]
 
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
-        ttl = self.window_s + self.lateness_s
-        argv: list[Any] = [self.window_s, self.lateness_s, ttl, self.max_supply_ratio, self.min_excess_days,
-                           self.early_refill_share, self.min_early_refills, self.early_refill_min_left_days,
-                           self.min_fills]
-        keys: list[str] = []
-        prefix = self.key(ns, self.window_s, "")
+        rows = []
         for i, ev in enumerate(events):
             lines = self._lines(ev)
-            if not lines:
-                continue
-            argv += [i, repr(ev.ts), ev.event_id, ev.institution_id, len(lines)]
-            for ing, days, *_ in lines:
-                argv += [ing, days]
-            base = prefix + ev.card_id
-            keys += [base, base + ":ep", base + ":ev"]
-        if not keys:
+            if lines:
+                rows.append([i, ev.ts, ev.event_id, ev.card_id, ev.institution_id, [[x[0], x[1]] for x in lines]])
+        if not rows:
             return 0
-        pipe.evalsha(self._sha, len(keys), *keys, *argv)
+        cfg = [self.window_s, self.lateness_s, self.window_s + self.lateness_s, self.max_supply_ratio,
+               self.min_excess_days, self.early_refill_share, self.min_early_refills,
+               self.early_refill_min_left_days, self.min_fills]
+        pipe.evalsha(self._sha, 0, self.key(ns, self.window_s), orjson.dumps(cfg), orjson.dumps(rows))
         return 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:

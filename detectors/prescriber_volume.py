@@ -52,7 +52,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
-from detectors._peers import day_label, day_start, local_day
+from detectors._peers import TZ_OFFSET_S, day_label
 from detectors.base import Detector, Namespace, check_positive
 from detectors.drugs import EMPTY, DrugList, is_placeholder
 from stream.events import Settlement, iso
@@ -438,22 +438,26 @@ class PrescriberVolume(Detector):
         prefix = self.key(ns)
         late = self.lateness_s
         argv: list[Any] = []
-        keys: list[str] = [self.key(ns, "pending"), self.key(ns, "wm")]
+        keys: list[str] = [f"{prefix}:pending", f"{prefix}:wm"]
+        day_key, hist_key = f"{prefix}:86400", f"{prefix}:{self.baseline_days * 86400}"
         max_t = 0.0
         for i, ev in enumerate(events):
-            max_t = max(max_t, ev.ts)
+            ts = ev.ts
+            if ts > max_t:
+                max_t = ts
             phys = ev.physician_id
             if is_placeholder(phys):
                 continue
-            d = local_day(ev.ts)
-            ds = day_start(d)
+            d = int((ts + TZ_OFFSET_S) // 86400)
+            ds = d * 86400 - TZ_OFFSET_S
             label = day_label(d)
             inpatient = ev.visit_type == "inpatient"
-            argv += [i, repr(ev.ts), ev.event_id, phys, d, label, ds, "i" if inpatient else "o",
+            dept = ev.department or "?"
+            argv += [i, repr(ts), ev.event_id, phys, d, label, ds, "i" if inpatient else "o",
                      0 if inpatient else int(round(ev.total_amount * 100)), 0 if inpatient else self._resale(ev),
-                     f"{ev.institution_type}|L{ev.institution_level or '?'}|{ev.department or '?'}",
-                     f"*|*|{ev.department or '?'}", ev.institution_id, "1" if ev.ts >= ds + late else "0"]
-            keys += [self.key(ns, 86400, phys, label), self.key(ns, self.baseline_days * 86400, phys)]
+                     f"{ev.institution_type}|L{ev.institution_level or '?'}|{dept}", f"*|*|{dept}",
+                     ev.institution_id, "1" if ts >= ds + late else "0"]
+            keys += [f"{day_key}:{phys}:{label}", f"{hist_key}:{phys}"]
         head = [prefix, *self._head, repr(max_t), (self.baseline_days + 1) * 86400 + late, 2 * 86400 + late,
                 self.max_evidence]
         pipe.evalsha(self._sha, len(keys), *keys, *head, *argv)

@@ -42,6 +42,8 @@ ValueError: shared_card: max_speed_kmh must be a positive number, got 0
 from __future__ import annotations
 
 import math
+import re
+from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
@@ -52,15 +54,18 @@ from stream.events import Settlement, iso
 LUA = r"""
 -- ARGV: nd, district codes * nd, required-seconds matrix (nd*nd, comma separated),
 --       horizon, keep, ttl_z, grace, max_stay, ttl_stay, episode, ttl_ep,
---       then per event: t, event_id, district, visit (o/e/p/i), institution, admission_id,
---       admitted_at, discharged_at, child detail ('' = not a child's implausible purchase)
--- KEYS per event: recent zset, stays hash, episode hash, evidence zset, details hash
+--       then one string per event, fields separated by \31: t, event_id, district, visit (o/e/p/i),
+--       institution, admission_id, admitted_at, discharged_at, card, child detail ('' = none)
+-- KEYS per event: the card's zset (recent settlements + stays), the card's episode hash
+-- returns one {card, episode hash (field, value)*} per event that found a conflict
 local SEP = '\t'
-local function split(s)
+local STAY = '\31'   -- stay members: STAY, admission, institution, admitted, discharged, last bill, first id, first t
+local function split(s, sep)
+  sep = sep or SEP
   local out = {}
   local p = 1
   while true do
-    local q = string.find(s, SEP, p, true)
+    local q = string.find(s, sep, p, true)
     if not q then out[#out + 1] = string.sub(s, p); return out end
     out[#out + 1] = string.sub(s, p, q - 1)
     p = q + 1
@@ -79,29 +84,41 @@ local E = tonumber(ARGV[a + 6]); local ttl_ep = tonumber(ARGV[a + 7])
 a = a + 8
 local out = {}
 local k = 1
-local i = 0
-while a <= #ARGV do
-  i = i + 1
-  local t = tonumber(ARGV[a]); local eid = ARGV[a + 1]; local dc = ARGV[a + 2]; local v = ARGV[a + 3]
-  local inst = ARGV[a + 4]; local aid = ARGV[a + 5]; local adm = ARGV[a + 6]; local dis = ARGV[a + 7]
-  local child = ARGV[a + 8]
-  a = a + 9
-  local zk, sk, ek, vk, dk = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
-  k = k + 5
+local nargv = #ARGV
+while a <= nargv do
+  local x = split(ARGV[a], '\31')
+  a = a + 1
+  local t = tonumber(x[1]); local eid = x[2]; local dc = x[3]; local v = x[4]
+  local inst = x[5]; local aid = x[6]; local adm = x[7]; local dis = x[8]; local card = x[9]
+  local child = x[10]
+  local zk, ek = KEYS[k], KEYS[k + 1]
+  k = k + 2
   local found = {}   -- {conflict time, detail field, detail value, eid, t[, eid2, t2]}
   if v ~= 'i' then
     redis.call('ZADD', zk, t, eid .. SEP .. dc .. SEP .. v .. SEP .. inst)
+  end
+  -- a card's recent settlements and stays are few: read them all, prune only when needed
+  local all = redis.call('ZRANGE', zk, 0, -1, 'WITHSCORES')
+  if #all > 0 and tonumber(all[2]) < t - keep then
     redis.call('ZREMRANGEBYSCORE', zk, '-inf', '(' .. tostring(t - keep))
-    redis.call('EXPIRE', zk, ttl_z)
+  end
+  local stays, recent = {}, {}
+  for m = 1, #all, 2 do
+    local f = split(all[m])
+    if f[1] == STAY then
+      if tonumber(all[m + 1]) >= t - keep then stays[#stays + 1] = f end
+    else
+      recent[#recent + 1] = {f, tonumber(all[m + 1])}
+    end
+  end
+  if v ~= 'i' then
     local di = didx[dc]
     if di then   -- (a) impossible travel against the card's settlements around t
-      local near = redis.call('ZRANGEBYSCORE', zk, tostring(t - horizon), tostring(t + horizon), 'WITHSCORES')
-      for m = 1, #near, 2 do
-        local f = split(near[m])
+      for _, r2 in ipairs(recent) do
+        local f, t2 = r2[1], r2[2]
         local dj = didx[f[2]]
-        if f[1] ~= eid and dj and dj ~= di and (inst == '' or f[4] ~= inst) then
+        if dj and dj ~= di and f[1] ~= eid and (inst == '' or f[4] ~= inst) and math.abs(t - t2) < horizon then
           local r = R[(di - 1) * nd + dj]
-          local t2 = tonumber(near[m + 1])
           if r > 0 and math.abs(t - t2) < r then
             local e1, t1, d1, i1, e2, tt2, d2, i2 = eid, t, dc, inst, f[1], t2, f[2], f[4]
             if t2 < t or (t2 == t and f[1] < eid) then
@@ -114,43 +131,48 @@ while a <= #ARGV do
       end
     end
     if (v == 'o' or v == 'p') and inst ~= '' then   -- (b) forward: a settlement elsewhere during an open stay
-      local st = redis.call('HGETALL', sk)
-      for m = 1, #st, 2 do
-        local f = split(st[m + 1])   -- institution, admitted, discharged, last bill, first eid, first t
-        local sadm = tonumber(f[2]); local sdis = tonumber(f[3]); local ft = tonumber(f[6])
-        if f[1] ~= inst and t >= sadm + grace and (not sdis or t < sdis) and t <= tonumber(f[4]) + max_stay then
+      for _, f in ipairs(stays) do
+        local sadm = tonumber(f[4]); local sdis = tonumber(f[5]); local ft = tonumber(f[8])
+        if f[3] ~= inst and t >= sadm + grace and (not sdis or t < sdis) and t <= tonumber(f[6]) + max_stay then
           found[#found + 1] = {math.max(t, ft), 'S' .. SEP .. eid,
-            st[m] .. SEP .. f[1] .. SEP .. f[2] .. SEP .. f[3] .. SEP .. inst .. SEP .. tostring(t), eid, t, f[5], ft}
+            f[2] .. SEP .. f[3] .. SEP .. f[4] .. SEP .. f[5] .. SEP .. inst .. SEP .. tostring(t), eid, t, f[7], ft}
         end
       end
     end
+    redis.call('EXPIRE', zk, #stays > 0 and ttl_stay or ttl_z)
   else
     -- an inpatient bill: open, extend or close its stay, then look back over the recent settlements
-    local cur = redis.call('HGET', sk, aid)
+    local cur, curm = nil, nil
+    for m = 1, #all, 2 do
+      local f = split(all[m])
+      if f[1] == STAY and f[2] == aid then cur = f; curm = all[m] end
+    end
     local sadm = tonumber(adm); local sdis = tonumber(dis); local slast = t; local fe = eid; local ft = t
+    if cur and not sdis then   -- an open bill after the stay's discharge: a new stay under the same key
+      local od = tonumber(cur[5])
+      if od and t > od then cur = nil end
+    end
     if cur then
-      local f = split(cur)
-      if not sadm then sadm = math.min(tonumber(f[2]), t) end
-      if not sdis then sdis = tonumber(f[3]) end
-      slast = math.max(tonumber(f[4]), t)
-      local ct = tonumber(f[6])
-      if ct < t or (ct == t and f[5] < eid) then fe = f[5]; ft = ct end
+      if not sadm then sadm = math.min(tonumber(cur[4]), t) end
+      if not sdis then sdis = tonumber(cur[5]) end
+      slast = math.max(tonumber(cur[6]), t)
+      local ct = tonumber(cur[8])
+      if ct < t or (ct == t and cur[7] < eid) then fe = cur[7]; ft = ct end
     end
     if not sadm then sadm = t end
-    redis.call('HSET', sk, aid, inst .. SEP .. tostring(sadm) .. SEP .. (sdis and tostring(sdis) or '') .. SEP ..
-      tostring(slast) .. SEP .. fe .. SEP .. tostring(ft))
-    local st = redis.call('HGETALL', sk)
-    for m = 1, #st, 2 do
-      if st[m] ~= aid and tonumber(split(st[m + 1])[4]) + max_stay < t then redis.call('HDEL', sk, st[m]) end
+    local mem = table.concat({STAY, aid, inst, tostring(sadm), sdis and tostring(sdis) or '', tostring(slast), fe,
+      tostring(ft)}, SEP)
+    if curm ~= mem then
+      if curm then redis.call('ZREM', zk, curm) end
+      -- scored by when it stops mattering: an open stay after max_stay, a closed one soon after discharge
+      redis.call('ZADD', zk, sdis and math.max(sdis, slast) + keep or slast + max_stay, mem)
     end
-    redis.call('EXPIRE', sk, ttl_stay)
+    redis.call('EXPIRE', zk, ttl_stay)
     if inst ~= '' then
-      local hi = sdis and ('(' .. tostring(sdis)) or tostring(slast + max_stay)
-      local cand = redis.call('ZRANGEBYSCORE', zk, tostring(sadm + grace), hi, 'WITHSCORES')
-      for m = 1, #cand, 2 do
-        local f = split(cand[m])
-        if (f[3] == 'o' or f[3] == 'p') and f[4] ~= '' and f[4] ~= inst then
-          local t2 = tonumber(cand[m + 1])
+      for _, r2 in ipairs(recent) do
+        local f, t2 = r2[1], r2[2]
+        if (f[3] == 'o' or f[3] == 'p') and f[4] ~= '' and f[4] ~= inst and t2 >= sadm + grace
+            and (not sdis or t2 < sdis) and t2 <= slast + max_stay then
           found[#found + 1] = {math.max(t2, ft), 'S' .. SEP .. f[1],
             aid .. SEP .. inst .. SEP .. tostring(sadm) .. SEP .. (sdis and tostring(sdis) or '') .. SEP .. f[4] ..
             SEP .. tostring(t2), f[1], t2, fe, ft}
@@ -161,7 +183,6 @@ while a <= #ARGV do
   if child ~= '' then   -- (c) a child's card buying adult chronic-disease drugs
     found[#found + 1] = {t, 'C' .. SEP .. eid, child, eid, t}
   end
-  local res = 0
   if #found > 0 then
     local ep = redis.call('HMGET', ek, 'start', 'last')
     local start = tonumber(ep[1]); local last = tonumber(ep[2])
@@ -173,31 +194,33 @@ while a <= #ARGV do
         if c > last then last = c end
       elseif (not start) or c > last + E then
         start = c; last = c
-        redis.call('DEL', vk, dk)
+        redis.call('DEL', ek)
       else
         take = false   -- belongs to an older episode that is no longer kept
       end
       if take then
         took = true
-        redis.call('HSET', dk, f[2], f[3])
-        redis.call('ZADD', vk, f[5], f[4])
-        if f[6] then redis.call('ZADD', vk, f[7], f[6]) end
+        redis.call('HSET', ek, f[2], f[3], 'e' .. SEP .. f[4], tostring(f[5]))
+        if f[6] then redis.call('HSET', ek, 'e' .. SEP .. f[6], tostring(f[7])) end
       end
     end
     if took then
       redis.call('HSET', ek, 'start', tostring(start), 'last', tostring(last))
       redis.call('EXPIRE', ek, ttl_ep)
-      redis.call('EXPIRE', vk, ttl_ep)
-      redis.call('EXPIRE', dk, ttl_ep)
-      res = {tostring(start), redis.call('ZRANGE', vk, 0, -1, 'WITHSCORES'), redis.call('HGETALL', dk)}
+      out[#out + 1] = {card, redis.call('HGETALL', ek)}
     end
   end
-  out[i] = res
 end
 return out
 """
 
 _SEP = "\t"
+_BAD = re.compile("[\t\x1f]")      # separators of the Lua state: never inside an id
+
+
+@lru_cache(maxsize=65536)
+def _placeholder_inst(inst: str) -> bool:
+    return is_placeholder(inst)
 _VISIT = {"outpatient": "o", "emergency": "e", "pharmacy": "p", "inpatient": "i"}
 _KIND_ORDER = ("impossible_travel", "inpatient_overlap", "child_adult_drug")
 
@@ -259,7 +282,8 @@ class SharedCard(Detector):
             adult_drugs = {"code_prefixes": ["XC10AA", "XB01AC", "XB01AE", "XB01AF"],
                            "name_keywords": ["他汀", "氯吡格雷", "替格瑞洛", "利伐沙班", "阿哌沙班", "达比加群", "艾多沙班"]}
         if not isinstance(adult_drugs, Mapping) or set(adult_drugs) - {"code_prefixes", "name_keywords"}:
-            raise ValueError(f"{r}: adult_drugs must be a mapping with code_prefixes and name_keywords, got {adult_drugs!r}")
+            raise ValueError(f"{r}: adult_drugs must be a mapping with code_prefixes and name_keywords, "
+                             f"got {adult_drugs!r}")
         try:
             self.adult_drugs = DrugList(adult_drugs.get("code_prefixes") or (), adult_drugs.get("name_keywords") or ())
         except ValueError as exc:
@@ -302,7 +326,8 @@ class SharedCard(Detector):
     def _check_districts(self, districts: Any) -> dict[str, dict[str, Any]]:
         r = self.rule
         if not isinstance(districts, Mapping) or not districts:
-            raise ValueError(f"{r}: districts must be a non-empty mapping of district code to {{lat, lon}}, got {districts!r}")
+            raise ValueError(f"{r}: districts must be a non-empty mapping of district code to {{lat, lon}}, "
+                             f"got {districts!r}")
         out: dict[str, dict[str, Any]] = {}
         for code, d in districts.items():
             code = str(code)
@@ -353,7 +378,7 @@ class SharedCard(Detector):
             age = -1
         else:
             return ""
-        adult_dx = [d for d in ev.diagnoses if d.upper().startswith(self.adult_diagnoses)] if self.adult_diagnoses else []
+        adult_dx = [d for d in ev.diagnoses if self.adult_diagnoses and d.upper().startswith(self.adult_diagnoses)]
         names: list[str] = []
         days = 0
         by_dx = False
@@ -366,33 +391,36 @@ class SharedCard(Detector):
             if it.days_supply is not None and it.days_supply < self.min_days_supply:
                 continue
             by_dx = by_dx or not drug
-            names.append((it.name or it.code).replace(_SEP, " ").replace("|", "/"))
+            names.append(_BAD.sub(" ", it.name or it.code).replace("|", "/"))
             days += it.days_supply or 0
         if not names:
             return ""
-        dx = "|".join(d.replace(_SEP, " ").replace("|", "/") for d in adult_dx) if by_dx else ""
+        dx = "|".join(_BAD.sub(" ", d).replace("|", "/") for d in adult_dx) if by_dx else ""
         return f"{age}{_SEP}{'|'.join(dict.fromkeys(names))}{_SEP}{days}{_SEP}{dx}"
 
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
         argv: list[Any] = list(self._head)
         keys: list[str] = []
-        n = 0
+        prefix = self.key(ns, self.history_s, "")
+        visit = _VISIT
         for ev in events:
             card = ev.card_id
-            if is_placeholder(card) or _SEP in card or _SEP in ev.event_id:
+            if _BAD.search(card) or _BAD.search(ev.event_id) or is_placeholder(card):
                 continue
-            v = _VISIT[ev.visit_type]
-            inst = "" if is_placeholder(ev.institution_id) else ev.institution_id.replace(_SEP, " ")
+            v = visit[ev.visit_type]
+            inst = ev.institution_id
+            inst = "" if _placeholder_inst(inst) else _BAD.sub(" ", inst)
             aid = adm = dis = ""
             if v == "i":
-                aid = (ev.admission_id or "").replace(_SEP, " ") or f"@{inst}"
+                aid = _BAD.sub(" ", ev.admission_id or "") or f"@{inst}"
                 adm = repr(ev.admitted_at.timestamp()) if ev.admitted_at is not None else ""
                 dis = repr(ev.discharged_at.timestamp()) if ev.discharged_at is not None else ""
-            argv += [repr(ev.ts), ev.event_id, ev.district, v, inst, aid, adm, dis, self._child_detail(ev)]
-            base = self.key(ns, self.history_s, card)
-            keys += [base, base + ":stay", base + ":ep", base + ":ev", base + ":dt"]
-            n += 1
-        if not n:
+            child = self._child_detail(ev) if ev.birth_year is not None or ev.insured_category == "child" else ""
+            argv.append(f"{ev.ts!r}\x1f{ev.event_id}\x1f{_BAD.sub(' ', ev.district)}\x1f{v}\x1f{inst}\x1f{aid}"
+                        f"\x1f{adm}\x1f{dis}\x1f{card}\x1f{child}")
+            base = prefix + card
+            keys += [base, base + ":ep"]
+        if not keys:
             return 0
         pipe.evalsha(self._sha, len(keys), *keys, *argv)
         return 1
@@ -400,18 +428,12 @@ class SharedCard(Detector):
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:
         if not replies:
             return []
-        kept = [ev for ev in events
-                if not (is_placeholder(ev.card_id) or _SEP in ev.card_id or _SEP in ev.event_id)]
-        last: dict[tuple[str, str], Any] = {}
-        for ev, res in zip(kept, replies[0]):
-            if res:   # the card's last reply of the batch holds the whole episode so far
-                last[(ev.card_id, _s(res[0]))] = res
         out: dict[str, Alert] = {}
-        for (card, _), (start, flat, details) in last.items():
-            ids = [_s(x) for x in flat[0::2]]
-            times = [float(x) for x in flat[1::2]]
-            det = {_s(details[j]): _s(details[j + 1]) for j in range(0, len(details), 2)}
-            a = self._alert(ns, card, float(_s(start)), ids, times, det)
+        for card, flat in replies[0]:   # the card's last reply of the batch holds its whole episode so far
+            h = {_s(flat[j]): _s(flat[j + 1]) for j in range(0, len(flat), 2)}
+            evidence = sorted((float(v), k[2:]) for k, v in h.items() if k.startswith("e" + _SEP))
+            det = {k: v for k, v in h.items() if k[:2] in ("T" + _SEP, "S" + _SEP, "C" + _SEP)}
+            a = self._alert(ns, _s(card), float(h["start"]), [e for _, e in evidence], [t for t, _ in evidence], det)
             out[a.alert_id] = a
         return list(out.values())
 

@@ -47,38 +47,42 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Sequence
 
+import orjson
+
 from alerts.model import Alert, alert_id, now_iso, severity_for
 from detectors.base import Detector, Namespace, check_positive
 from detectors.drugs import is_placeholder
 from stream.events import Settlement, iso
 
 LUA = r"""
--- ARGV: retention, period, lateness, ttl, key prefix,
---       then per event: index, t, event_id, value to remember (see the module docstring), ncodes,
---       {bucket, field} * ncodes
--- KEYS: the bucket each code is written to (its event-time period); the other periods of the same
---       bucket are read from the same prefix
--- returns only events with reuse: {index, {code position, role, time, event_id, card, institution}*}
+-- ARGV[1] key prefix (cw:{run}:trace_code_reuse:{retention_s}), ARGV[2] JSON [retention, period, lateness, ttl],
+-- ARGV[3] JSON [[index, t, event_id, value to remember (see the module docstring), [bucket, ...]], ...],
+-- ARGV[4] the codes' 8-byte field hashes, concatenated in the same order. Keys are built here:
+-- {prefix}:{period}:{bucket}; a code is written to its event time's period and read in every period
+-- of the retention.
+-- Returns only events with reuse: {index, {code position, role, time, event_id, card, institution}*}
 --   role 's': this event is the second settlement of the code; 'f': it is the (earlier) first one
-local R = tonumber(ARGV[1]); local P = tonumber(ARGV[2]); local lateness = tonumber(ARGV[3])
-local ttl = tonumber(ARGV[4]); local prefix = ARGV[5]
+local prefix = ARGV[1] .. ':'
+local cfg = cjson.decode(ARGV[2])
+local R, P, lateness, ttl = cfg[1], cfg[2], cfg[3], cfg[4]
+local evs = cjson.decode(ARGV[3])
+local blob = ARGV[4]
 local SEP = '\31'
 local out = {}
-local a = 6
-local k = 1
-while a <= #ARGV do
-  local idx = ARGV[a]; local t = tonumber(ARGV[a + 1]); local eid = ARGV[a + 2]
-  local value = ARGV[a + 3]; local nc = tonumber(ARGV[a + 4])
-  a = a + 5
+local off = 1
+for i = 1, #evs do
+  local e = evs[i]
+  local idx, t, eid, value, bs = e[1], e[2], e[3], e[4], e[5]
   local tf = math.floor(t)
+  local p = math.floor(t / P)
   local lo = math.floor((t - R) / P)
   local hi = math.floor((t + lateness) / P)
   local hits = {}
-  for j = 1, nc do
-    local b = ARGV[a]; local f = ARGV[a + 1]
-    a = a + 2
-    local wk = KEYS[k]
-    k = k + 1
+  for j = 1, #bs do
+    local b = bs[j]
+    local f = string.sub(blob, off, off + 7)
+    off = off + 8
+    local wk = prefix .. p .. ':' .. b
     local best = nil
     local stored = false
     for q = lo, hi do
@@ -185,24 +189,24 @@ class TraceCodeReuse(Detector):
         return int.from_bytes(h[8:], "big") % self.buckets, h[:8]
 
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
-        R, P = self.retention_s, self.period_s
-        prefix = self.key(ns, R) + ":"
-        argv: list[Any] = [R, P, self.lateness_s, R + self.lateness_s, prefix]
-        keys: list[str] = []
+        rows = []
+        fields = []
         for i, ev in enumerate(events):
             codes = self.codes(ev)
             if not codes:
                 continue
-            period = int(ev.ts // P)
-            value = f"{_base36(int(ev.ts // 1))}\x1f{ev.event_id}\x1f{ev.card_id}\x1f{ev.institution_id}"
-            argv += [i, repr(ev.ts), ev.event_id, value, len(codes)]
+            bs = []
             for code, *_ in codes:
                 b, f = self._slot(code)
-                argv += [b, f]
-                keys.append(f"{prefix}{period}:{b}")
-        if not keys:
+                bs.append(b)
+                fields.append(f)
+            value = f"{_base36(int(ev.ts // 1))}\x1f{ev.event_id}\x1f{ev.card_id}\x1f{ev.institution_id}"
+            rows.append([i, ev.ts, ev.event_id, value, bs])
+        if not rows:
             return 0
-        pipe.evalsha(self._sha, len(keys), *keys, *argv)
+        cfg = [self.retention_s, self.period_s, self.lateness_s, self.retention_s + self.lateness_s]
+        pipe.evalsha(self._sha, 0, self.key(ns, self.retention_s), orjson.dumps(cfg), orjson.dumps(rows),
+                     b"".join(fields))
         return 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:

@@ -47,8 +47,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
-from detectors._peers import (LUA_LIB, Calendar, PeerSpec, check_prefixes, dx_key, group_label, is_special,
-                              peer_bound)
+from detectors._peers import (LUA_LIB, Calendar, PeerSpec, buckets_of, check_prefixes, dx_key, group_label,
+                              is_special, peer_bound)
 from detectors.base import Detector, Namespace, check_positive
 from stream.events import Settlement, iso
 
@@ -275,16 +275,19 @@ class VisitFrequency(Detector):
         argv: list[Any] = [self.key(ns, "peer"), *self._head]
         keys: list[str] = []
         late = self.lateness_s
+        month_key, year_key = self.key(ns, "month"), self.key(ns, "year")
+        special, base = self.special, self.peers.base
         for i, ev in enumerate(events):
             if ev.visit_type not in VISIT_TYPES or ev.institution_type == "pharmacy":
                 continue
-            c = Calendar(ev.ts, late)
-            dx = dx_key(ev.diagnoses[0] if ev.diagnoses else None, self.special)
-            argv += [i, repr(ev.ts), ev.event_id, c.dom, c.month, max(1, int(c.month_end - ev.ts) + late),
-                     max(1, int(c.year_end - ev.ts) + late), "o" if ev.visit_type == "outpatient" else "e",
-                     "1" if is_special(dx) else "0", ev.institution_id, ev.department or "-", _bill_key(ev),
-                     self.peers.base(ev), dx, c.ref_dom]
-            keys += [self.key(ns, "month", ev.card_id, c.month), self.key(ns, "year", ev.card_id, c.year)]
+            ts = ev.ts
+            dom, month, month_end, year, year_end, year_no, ref_dom = buckets_of(ts, late)
+            dx = dx_key(ev.diagnoses[0] if ev.diagnoses else None, special)
+            argv += [i, repr(ts), ev.event_id, dom, month, max(1, int(month_end - ts) + late),
+                     max(1, int(year_end - ts) + late), "o" if ev.visit_type == "outpatient" else "e",
+                     "1" if dx[0] == "S" else "0", ev.institution_id, ev.department or "-", _bill_key(ev),
+                     base(ev, year_no), dx, ref_dom]
+            keys += [f"{month_key}:{ev.card_id}:{month}", f"{year_key}:{ev.card_id}:{year}"]
         if not keys:
             return 0
         pipe.evalsha(self._sha, len(keys), *keys, *argv)

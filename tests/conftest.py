@@ -18,7 +18,11 @@ if str(ROOT) not in sys.path:
 from claimwatch.settings import Settings  # noqa: E402
 from stream.embedded import EmbeddedStack  # noqa: E402
 
-CONTRACT = ROOT.parent / "shared" / "contract"
+# The contract lives in the steering repo's shared/ (beside this checkout, as in CI); a copy taken
+# from it is kept in tests/data/contract for checkouts without shared/ next to them.
+CONTRACT = next(p for p in (Path(os.environ.get("CLAIMWATCH_CONTRACT_DIR", "/nonexistent")),
+                            ROOT.parent / "shared" / "contract", ROOT / "tests" / "data" / "contract")
+                if (p / "settlement-event.schema.json").exists())
 
 pytest_plugins = ["tests.helpers"]
 

@@ -10,7 +10,7 @@ from datetime import datetime
 
 import pytest
 
-from detectors.card_ring import CardRing, ring_id
+from detectors.card_ring import TZ_S, CardRing, ring_id
 from detectors.config import load_rules_text
 from detectors.drugs import DrugList
 from tests.helpers import T0, dumps, make_event
@@ -72,7 +72,9 @@ def test_fires_on_a_burst_of_cards_with_a_stable_ring_id(process, rules):
     alerts = alerts_of(process(rules, [[dumps(e) for e in evs]], rid))
     assert len(alerts) == 1
     a = alerts[0]
-    assert (a.rule, a.subject_type, a.subject_id) == ("card_ring", "ring", ring_id("P001", STATIN[0]))
+    day = int((T0 + 3600 + TZ_S) // DAY)
+    assert (a.rule, a.subject_type, a.subject_id) == ("card_ring", "ring", ring_id("P001", STATIN[0], day))
+    assert a.metrics["first_day"] == "2026-11-02"
     assert a.member_ids == ring_cards(10)
     assert sorted(a.evidence_event_ids) == sorted(e["event_id"] for e in evs)
     assert a.metrics["peak_cards"] == 10 and a.metrics["institution_id"] == "P001"
@@ -165,21 +167,34 @@ def test_recurring_group_extends_the_alert_and_raises_severity(process, rules):
     assert "重复出现" in final.summary
 
 
-def test_another_group_at_the_same_counter_is_the_same_ring_but_not_a_recurrence(process, rules):
+def test_another_stack_of_cards_at_the_same_counter_is_another_ring(process, rules):
     rid = run_id()
     day1 = burst(ring_cards(9, "G"), T0 + 3600)
-    day2 = burst(ring_cards(9, "H"), T0 + DAY + 5 * 3600)
-    a = alerts_of(process(rules, [[dumps(e) for e in day1 + day2]], rid))
-    assert len(a) == 1 and a[0].metrics["recurrent_days"] == 0 and len(a[0].member_ids) == 18
+    day2 = burst(ring_cards(1, "G") + ring_cards(8, "H"), T0 + DAY + 5 * 3600)   # 1 of 9 seen before
+    alerts = sorted(alerts_of(process(rules, [[dumps(e) for e in day1 + day2]], rid)), key=lambda a: a.window_start)
+    assert len(alerts) == 2 and alerts[0].subject_id != alerts[1].subject_id
+    assert alerts[0].member_ids == ring_cards(9, "G")
+    assert alerts[1].member_ids == sorted(ring_cards(1, "G") + ring_cards(8, "H"))
+    assert [a.metrics["recurrent_days"] for a in alerts] == [0, 0]
 
 
-def test_quiet_for_longer_than_recur_s_opens_a_new_episode(process):
+def test_a_stack_sharing_a_few_cards_joins_the_ring_without_being_a_recurrence(process, rules):
+    rid = run_id()
+    day1 = burst(ring_cards(9, "G"), T0 + 3600)
+    day2 = burst(ring_cards(3, "G") + ring_cards(6, "H"), T0 + DAY + 5 * 3600)   # 3 of 9 seen before
+    alerts = alerts_of(process(rules, [[dumps(e) for e in day1 + day2]], rid))
+    assert len(alerts) == 1 and len(alerts[0].member_ids) == 15
+    assert alerts[0].metrics["recurrent_days"] == 0 and alerts[0].metrics["days"] == 2
+
+
+def test_the_same_cards_after_longer_than_recur_s_are_a_new_ring(process):
     rules = load_rules_text(RULES.replace("recur_s: 2592000", "recur_s: 172800"))
     rid = run_id()
     cards = ring_cards(8)
     res = process(rules, [[dumps(e) for e in burst(cards, T0)], [dumps(e) for e in burst(cards, T0 + 5 * DAY)]], rid)
     alerts = alerts_of(res)
-    assert len(alerts) == 2 and len({a.subject_id for a in alerts}) == 1
+    assert len(alerts) == 2 and len({a.subject_id for a in alerts}) == 2
+    assert all(a.metrics["recurrent_days"] == 0 for a in alerts)
 
 
 def test_only_resale_prone_drugs_and_eligible_visits_count(process, rules):

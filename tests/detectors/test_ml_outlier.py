@@ -14,7 +14,7 @@ from detectors.config import ConfigError, load_rules_text
 from detectors.ml_outlier import (MlOutlier, PartitionModel, TailHBOS, dump_model, load_model, model_key,
                                   save_snapshot)
 from replay import city
-from replay.ml_eval import replay_inprocess, rules_with_ml, split_partitions
+from replay.ml_eval import replay_inprocess, split_partitions
 
 ML = dict(target_alert_rate=0.02, warmup_events=30)   # a small city needs a higher rate to show alerts
 
@@ -26,7 +26,15 @@ def parts():
 
 
 def rules(**over):
-    return rules_with_ml(None, **{**ML, **over})
+    """Only ml_outlier (the other rules are theirs to test), with the shipped resale-prone drug list."""
+    import yaml
+
+    from claimwatch.settings import DEFAULT_RULES
+
+    shipped = yaml.safe_load(DEFAULT_RULES.read_text(encoding="utf-8"))
+    doc = {"lateness_s": 3600, "resale_prone_drugs": shipped["resale_prone_drugs"],
+           "rules": {"ml_outlier": {**ML, **over}}}
+    return load_rules_text(yaml.safe_dump(doc, allow_unicode=True))
 
 
 def ml(rs) -> MlOutlier:
@@ -123,7 +131,7 @@ def test_alerts_name_the_features_that_drove_the_score(parts, stack):
         top = a["metrics"]["top_features"]
         assert len(top) == 3 and all(t["name"] in F.FEATURES for t in top)
         assert F.FEATURES[top[0]["name"]][0] in a["summary"] and F.FEATURES[top[0]["name"]][1] in a["summary_en"]
-        assert a["score"] >= a["metrics"]["threshold"]
+        assert a["score"] >= a["metrics"]["threshold"] and a["rule_version"]
         assert set(a["metrics"]["features"]) == set(F.FEATURES)
     rate = sum(len(a["evidence_event_ids"]) for a in alerts) / sum(len(p) for p in parts)
     assert rate < 3 * ML["target_alert_rate"]
@@ -248,3 +256,24 @@ def test_a_rules_reload_keeps_the_models_in_memory(parts, stack):
     assert ml(new).adopt_state(ml(old))
     assert ml(new).model(rid, 0) is ml(old).model(rid, 0)
     assert not ml(rules(features=["amount_cny"])).adopt_state(ml(old))   # another model: from checkpoints
+
+
+def test_shipped_configuration_enables_it_within_budget():
+    from claimwatch.settings import DEFAULT_RULES
+    from detectors.config import load_rules
+
+    det = ml(load_rules(DEFAULT_RULES))
+    assert det.target_alert_rate <= 0.001 and det.warmup_events >= 1 / det.target_alert_rate
+    assert det.resale.code_prefixes        # the configured drug list reaches the features
+
+
+def test_models_evicted_from_memory_come_back_identical(parts, stack):
+    full = rules()
+    sc_full = scored(full)
+    replay_inprocess(parts, full, stack.redis_url, run_id(), batch=200)
+    tight = rules()
+    ml(tight).max_models = 1          # every batch evicts three of the four partition models
+    sc_tight = scored(tight)
+    replay_inprocess(parts, tight, stack.redis_url, run_id(), batch=200)
+    assert sc_tight == sc_full
+    assert len(ml(tight)._models) == 1

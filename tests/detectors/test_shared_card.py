@@ -179,6 +179,17 @@ def test_settlement_between_admission_and_first_bill_is_found_by_the_bill(proces
     assert len(alerts) == 1 and sorted(alerts[0].evidence_event_ids) == sorted([p["event_id"], b["event_id"]])
 
 
+def test_a_second_stay_without_admission_id_reopens(process, rules):
+    rid = run_id()
+    adm1, adm2 = T0, T0 + 10 * 86400
+    first = [bill("NOAID", "H1", adm1 + 3600, adm1, aid=None),
+             bill("NOAID", "H1", adm1 + 3 * 86400, adm1, discharged=adm1 + 3 * 86400, aid=None)]
+    second = [bill("NOAID", "H1", adm2 + 3600, adm2, aid=None),
+              drug("NOAID", adm2 + 86400, "XC10AAA003", "阿托伐他汀钙片", 28, inst="P9")]
+    alerts = alerts_of(process(rules, [[dumps(e) for e in first + second]], rid))
+    assert len(alerts) == 1 and alerts[0].metrics["admitted_at"].startswith("2026-11-12")
+
+
 # ------------------------------------------------------------------------------ (c) child's card
 
 def test_child_card_buying_statins_fires(process, rules):
@@ -294,7 +305,11 @@ def test_every_key_expires(process, rules, redis_sync):
     rid = run_id()
     process(rules, [[dumps(e) for e in _scenario()]], rid)
     keys = list(redis_sync.scan_iter(match=f"cw:{rid}:*"))
-    assert any(k.endswith(b":stay") for k in keys) and any(k.endswith(b":ep") for k in keys)
+    assert any(k.endswith(b":ep") for k in keys)
+    stay_key = f"cw:{rid}:shared_card:21600:O2"
+    assert any(m.startswith(b"\x1f") for m in redis_sync.zrange(stay_key, 0, -1))   # the open stay
+    assert redis_sync.ttl(stay_key) > 21600 + 3600                                 # kept as long as a stay
+    assert 0 < redis_sync.ttl(f"cw:{rid}:shared_card:21600:O4") <= 21600 + 3600
     for k in keys:
         ttl = redis_sync.ttl(k)
         assert 0 < ttl <= 5184000 + 3600, (k, ttl)

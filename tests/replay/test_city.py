@@ -22,8 +22,9 @@ from jsonschema import Draft202012Validator, FormatChecker
 from replay import city
 from replay.city import DEFAULT_START, DRUGS, RESALE_PRONE, RULES, TZ, district_distance_km
 
-SCHEMA_PATH = next(p for p in (Path(__file__).resolve().parents[3] / "shared/contract/settlement-event.schema.json",
-                               Path("/work/shared/contract/settlement-event.schema.json")) if p.exists())
+from tests.conftest import CONTRACT  # noqa: E402
+
+SCHEMA_PATH = CONTRACT / "settlement-event.schema.json"
 CARDS, DAYS, SEED = 20_000, 7, 1
 _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
 
