@@ -36,6 +36,7 @@ alerts_table = sa.Table(
     sa.Column("subject_id", sa.String(256), nullable=False, index=True),
     sa.Column("window_start", sa.String(40), nullable=False),
     sa.Column("window_end", sa.String(40), nullable=False),
+    sa.Column("window_end_ts", sa.Float, nullable=False, index=True),
     sa.Column("detected_at", sa.String(40), nullable=False),
     sa.Column("updated_at", sa.String(40), nullable=False),
     sa.Column("status", sa.String(32), nullable=False, server_default="open"),
@@ -84,22 +85,24 @@ class AlertStore:
                 if aid in old:
                     prev = from_json(old[aid].doc)
                     ev = list(dict.fromkeys([*prev.evidence_event_ids, *a.evidence_event_ids]))
+                    keep = {k: prev.metrics[k] for k in ("verdict", "priority") if k in prev.metrics}
                     a = msgspec.structs.replace(
                         a, evidence_event_ids=ev, detected_at=prev.detected_at or a.detected_at,
+                        metrics={**a.metrics, **keep},
                         window_start=min(prev.window_start, a.window_start, key=_ts),
                         window_end=max(prev.window_end, a.window_end, key=_ts), status=old[aid].status)
                 rows.append({
                     "alert_id": aid, "run_id": a.run_id, "rule": a.rule, "severity": a.severity,
                     "subject_type": a.subject_type, "subject_id": a.subject_id,
-                    "window_start": a.window_start, "window_end": a.window_end,
+                    "window_start": a.window_start, "window_end": a.window_end, "window_end_ts": _ts(a.window_end),
                     "detected_at": a.detected_at or now, "updated_at": now, "status": a.status,
                     "suppressed": a.suppressed, "doc": to_json(a).decode(),
                 })
             stmt = self._insert()
             stmt = stmt.on_conflict_do_update(
                 index_elements=[alerts_table.c.alert_id],
-                set_={c: stmt.excluded[c] for c in ("severity", "window_start", "window_end", "updated_at", "doc",
-                                                    "suppressed")})
+                set_={c: stmt.excluded[c] for c in ("severity", "window_start", "window_end", "window_end_ts",
+                                                    "updated_at", "doc", "suppressed")})
             conn.execute(stmt, rows)
         return len(rows)
 
@@ -119,9 +122,9 @@ class AlertStore:
             if val is not None:
                 q = q.where(col == val)
         if since is not None:
-            q = q.where(t.window_end >= since)
+            q = q.where(t.window_end_ts >= parse_instant(since, "since"))
         if until is not None:
-            q = q.where(t.window_end < until)
+            q = q.where(t.window_end_ts < parse_instant(until, "until"))
         if limit is not None:
             q = q.limit(int(limit))
         with self.engine.connect() as conn:
@@ -177,6 +180,23 @@ class AlertStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def parse_instant(value: str, name: str) -> float:
+    """An ISO 8601 date or date-time (+08:00 when it has no offset) as epoch seconds; ValueError names the option.
+
+    >>> parse_instant("2026-11-24T09:00:00+08:00", "since") == parse_instant("2026-11-24T01:00:00Z", "since")
+    True
+    """
+    from datetime import datetime, timedelta, timezone
+
+    try:
+        dt = datetime.fromisoformat(value.strip())
+    except (ValueError, AttributeError):
+        raise ValueError(f"--{name} must be an ISO 8601 date or date-time, got {value!r}") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone(timedelta(hours=8)))
+    return dt.timestamp()
 
 
 def _ts(s: str) -> float:

@@ -177,6 +177,14 @@ def alerts_export(run_id: Optional[str] = typer.Option(None, "--run-id"),
         fail(f"--lang must be zh or en, got {lang!r}")
     if out is not None and out.is_dir():
         fail(f"--out {out} is a directory; give a file name")
+    from alerts.store import parse_instant
+
+    for name, val in (("since", since), ("until", until)):
+        if val is not None:
+            try:
+                parse_instant(val, name)
+            except ValueError as exc:
+                fail(str(exc))
     store = AlertStore(s.store_url_resolved)
     it = (_in_lang(a, lang) for a in store.iter(run_id=run_id, rule=rule, severity=severity, subject_id=subject,
                                                  since=since, until=until)
@@ -207,6 +215,29 @@ def alerts_export(run_id: Optional[str] = typer.Option(None, "--run-id"),
         else:
             fh.flush()
     console.print(f"{n} alert(s) exported" + (f" to {out}" if out else ""))
+
+
+@alerts_app.command("verdict")
+def alerts_verdict(alert_id: str = typer.Argument(..., help="the alert's id (A-…)"),
+                   fraud: bool = typer.Option(False, "--fraud", help="confirmed fraud (违规)"),
+                   false_positive: bool = typer.Option(False, "--false-positive", help="not fraud"),
+                   author: str = typer.Option(..., help="the inspector giving the verdict"),
+                   note: Optional[str] = typer.Option(None, help="free text")) -> None:
+    """Publish an inspector's verdict on an alert (topic `verdicts`); the online ranking learns from it."""
+    from alerts.verdicts import InvalidVerdict, verdict_command
+
+    if fraud == false_positive:
+        fail("give exactly one of --fraud or --false-positive")
+    s = load_settings()
+    if not s.kafka_url:
+        fail("publishing a verdict needs CLAIMWATCH_KAFKA_URL (the broker the workers read)")
+    try:
+        v = verdict_command(s, alert_id, "fraud" if fraud else "false_positive", author, note)
+    except LookupError as exc:
+        fail(f"no alert {alert_id!r} in the store ({exc})", 1)
+    except (InvalidVerdict, RuntimeError) as exc:
+        fail(str(exc))
+    console.print(f"verdict {v.verdict} on {v.alert_id} by {v.author} published")
 
 
 @rules_app.command("check")
@@ -250,6 +281,13 @@ def rebuild_state_cmd(since: str = typer.Option(..., "--from", help="ISO time: r
 
     from replay.rebuild import run as rebuild
 
+    from replay.runner import ReplayError, check_run_id
+
+    if run_id != "live":
+        try:
+            check_run_id(run_id)
+        except ReplayError as exc:
+            fail(str(exc))
     s = load_settings()
     if not s.kafka_url or not s.redis_url:
         fail("rebuild-state needs CLAIMWATCH_KAFKA_URL and CLAIMWATCH_REDIS_URL (the log and the Redis to rebuild)")
@@ -348,6 +386,13 @@ def dq_report(run_id: str = typer.Option("live", "--run-id")) -> None:
     import redis as sync_redis
     from rich.table import Table
 
+    from replay.runner import ReplayError, check_run_id
+
+    if run_id != "live":
+        try:
+            check_run_id(run_id)
+        except ReplayError as exc:
+            fail(str(exc))
     s = load_settings()
     _need_redis(s)
     raw = sync_redis.Redis.from_url(s.redis_url).hgetall(f"cw:{run_id}:dq")

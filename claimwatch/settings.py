@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     topic_replay: str = "settlements-replay"
     topic_alerts: str = "alerts"
     topic_dlq: str = "settlements-dlq"
+    topic_verdicts: str = "verdicts"
     topic_partitions: int = Field(4, ge=1, le=1024)
 
     app_id: str = "claimwatch"

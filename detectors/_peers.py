@@ -271,10 +271,10 @@ class PeerSpec:
         if self.floor < self.edges[0]:
             raise ValueError(f"{owner}: peers.{floor_field} must be >= the first bucket edge {self.edges[0]}, got {self.floor!r}")
 
-    def argv(self) -> list[Any]:
-        """``enabled, floor, q, factor, min_peer, integer, nb, edges…`` for the Lua library."""
-        return [int(self.enabled), repr(float(self.floor)), repr(self.quantile), repr(self.factor),
-                self.min_peer_size, int(self.integer), len(self.edges), *[repr(float(e)) for e in self.edges]]
+    def config(self) -> dict[str, Any]:
+        """The peer configuration as the Lua library reads it (``pk_config``)."""
+        return {"enabled": self.enabled, "floor": float(self.floor), "q": self.quantile, "factor": self.factor,
+                "min_peer": self.min_peer_size, "integer": self.integer, "edges": [float(e) for e in self.edges]}
 
     def params(self) -> dict[str, Any]:
         return {"enabled": self.enabled, self.floor_field: self.floor, "quantile": self.quantile,
@@ -309,9 +309,9 @@ def day_label(day: int) -> str:
 # ----------------------------------------------------------------------------- Lua library
 #
 # Included at the top of the card rules' scripts. Redis turns Lua numbers into integers in
-# replies, so fractional results are returned as strings. Peer histogram keys are built from
-# a prefix passed in ARGV (the group of a card is only known inside the script, from its
-# state), which is fine on the single Redis the processor uses.
+# replies, so fractional results are returned as strings. Keys are built in the scripts from
+# the rule's prefix (standalone Redis; the group of a card is only known inside the script,
+# from its state).
 
 LUA_LIB = r"""
 local function pk_bucket(edges, v)
@@ -327,13 +327,12 @@ local function pk_key(prefix, ym, g, dom)
   return prefix .. ':' .. ym .. ':' .. g .. ':' .. dom
 end
 
--- read the peer config from ARGV at position a: enabled, floor, q, factor, min_peer, integer, nb, edges
-local function pk_config(a)
-  local c = {enabled = ARGV[a] == '1', floor = tonumber(ARGV[a + 1]), q = tonumber(ARGV[a + 2]),
-             factor = tonumber(ARGV[a + 3]), min_peer = tonumber(ARGV[a + 4]), integer = ARGV[a + 5] == '1',
-             nb = tonumber(ARGV[a + 6]), edges = {}}
-  for i = 1, c.nb do c.edges[i] = tonumber(ARGV[a + 6 + i]) end
-  return c, a + 7 + c.nb
+-- the peer configuration (a decoded PeerSpec.config()): enabled, floor, q, factor, min_peer, integer, edges
+local function pk_config(x)
+  local c = {enabled = x.enabled, floor = x.floor, q = x.q, factor = x.factor, min_peer = x.min_peer,
+             integer = x.integer, edges = x.edges}
+  c.nb = #c.edges
+  return c
 end
 
 -- the card's group after this event: base 'category|band' and diagnosis key ('S:' 门诊大病, 'C:' chapter,

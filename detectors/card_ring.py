@@ -287,6 +287,19 @@ def _placeholder_inst(inst: str) -> bool:
     return is_placeholder(inst)
 
 
+def _unusable(card: str, event_id: str) -> bool:
+    """A card id never to blame (placeholder) or an id the Lua state cannot hold."""
+    if "\t" in card or "\x1f" in card or "\t" in event_id or "\x1f" in event_id:
+        return True
+    if card.isdigit() and card.count(card[0]) != len(card):   # fast path: a real card number
+        return False
+    return is_placeholder(card)
+
+
+def _clean(s: str) -> str:
+    return _BAD.sub(" ", s) if "\t" in s or "\x1f" in s else s
+
+
 def _s(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
 
@@ -368,15 +381,14 @@ class CardRing(Detector):
             if not codes:
                 continue
             card, inst = ev.card_id, ev.institution_id
-            if _BAD.search(card) or _BAD.search(ev.event_id) or _BAD.search(inst) or is_placeholder(card) \
-                    or _placeholder_inst(inst):
+            if _unusable(card, ev.event_id) or "\t" in inst or "\x1f" in inst or _placeholder_inst(inst):
                 continue
             for code, name in codes.items():
-                if _BAD.search(code):
+                if "\t" in code or "\x1f" in code:
                     continue
                 base = self.key(ns, self.window_s, inst, code)
                 keys += [base, base + ":m", base + ":c", base + ":g"]
-                argv.append(f"{ev.ts!r}\x1f{card}\x1f{ev.event_id}\x1f{_BAD.sub(' ', name or '')}\x1f{inst}\x1f{code}")
+                argv.append(f"{ev.ts!r}\x1f{card}\x1f{ev.event_id}\x1f{_clean(name or '')}\x1f{inst}\x1f{code}")
         if not keys:
             return 0
         pipe.evalsha(self._sha, len(keys), *keys, *argv)

@@ -19,6 +19,10 @@ patients' refills with theirs (慢特病 patients are legitimately heavy). One a
 calendar month (and per card and year); later settlements extend it (the evidence of a
 yearly alert is the current month's settlements).
 
+Each card's states are read once per batch and written back once, and each card-month the
+batch touched is judged once, as of its last event in the batch, so a redelivered batch
+returns the same alerts and writes nothing.
+
 State per card (Redis, JSON values expiring at the end of the bucket + lateness):
 
 * ``cw:{run}:cost_anomaly:month:{card}:{YYYY-MM}`` — ``ev`` (event id -> event time: amounts
@@ -41,6 +45,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import orjson
+
 from alerts.model import Alert, alert_id, now_iso, severity_for
 from detectors._peers import (LUA_LIB, Calendar, PeerSpec, buckets_of, check_prefixes, dx_key, group_label, is_special,
                               peer_bound)
@@ -48,43 +54,51 @@ from detectors.base import Detector, Namespace, check_positive
 from stream.events import Settlement, iso
 
 LUA = LUA_LIB + r"""
--- ARGV: peer prefix, K, {window m|y, min fen} * K, peer config (see pk_config),
---       per event: idx, t, event_id, day of month, YYYY-MM, ttl month, ttl year, amount fen, fund fen,
---                  special 0|1, group base, diagnosis key, reference day of month
--- KEYS: {month state, year state} per event (JSON)
--- returns the events after which the card is over a threshold: {idx, sums, peer|0, evidence}
-local prefix = ARGV[1]
-local a = 2
-local K = tonumber(ARGV[a]); a = a + 1
-local subs = {}
-for j = 1, K do subs[j] = {ARGV[a], tonumber(ARGV[a + 1])}; a = a + 2 end
-local pc
-pc, a = pk_config(a)
-local out = {}
-local k = 1
-while a <= #ARGV do
-  local idx, t, eid, dom, ym = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-  local ttl_m, ttl_y, amt, fund, special = ARGV[a + 5], ARGV[a + 6], tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8]),
-                                           ARGV[a + 9]
-  local eb, ed, rdom = ARGV[a + 10], ARGV[a + 11], tonumber(ARGV[a + 12])
-  a = a + 13
-  local mk, yk = KEYS[k], KEYS[k + 1]
-  k = k + 2
-  local raw = redis.call('GET', mk)
-  local m
-  if raw then m = cjson.decode(raw) else m = {ev = {}, h = {}, a = 0, f = 0, sa = 0, pa = 0} end
-  raw = redis.call('GET', yk)
-  local y
-  if raw then y = cjson.decode(raw) else y = {a = 0, f = 0} end
+-- ARGV[1] key prefix (cw:{run}:cost_anomaly), ARGV[2] JSON {subs: [[window m|y, min fen]], peers: (see
+-- pk_config)}, ARGV[3] JSON [[idx, t, event_id, card, day of month, YYYY-MM, YYYY, ttl month, ttl year,
+--   amount fen, fund fen, special 0|1, group base, diagnosis key, reference day of month], ...].
+-- Keys are built here: {prefix}:month:{card}:{YYYY-MM}, …:year:{card}:{YYYY} (JSON states), {prefix}:peer:….
+-- Each state is read once per batch, updated in memory and written back once; each card-month the batch
+-- touched is then judged once, as of its last event in the batch (so a redelivered batch writes nothing
+-- and returns the same verdicts). Returns {idx, sums, peer|0, evidence} per card-month over a threshold.
+local P = ARGV[1]
+local prefix = P .. ':peer'
+local cfg = cjson.decode(ARGV[2])
+local subs = cfg.subs
+local K = #subs
+local pc = pk_config(cfg.peers)
+local rows = cjson.decode(ARGV[3])
+local ms, ys, mttl, yttl, order, last = {}, {}, {}, {}, {}, {}
+for r = 1, #rows do
+  local e = rows[r]
+  local idx, t, eid, card, dom, ym, yr = e[1], e[2], e[3], e[4], e[5], e[6], e[7]
+  local ttl_m, ttl_y, amt, fund, special = e[8], e[9], e[10], e[11], e[12]
+  local eb, ed, rdom = e[13], e[14], e[15]
+  local mk, yk = P .. ':month:' .. card .. ':' .. ym, P .. ':year:' .. card .. ':' .. yr
+  local m = ms[mk]
+  if not m then
+    local raw = redis.call('GET', mk)
+    if raw then m = cjson.decode(raw) else m = {ev = {}, h = {}, a = 0, f = 0, sa = 0, pa = 0} end
+    ms[mk] = m
+    order[#order + 1] = mk
+  end
+  local y = ys[yk]
+  if not y then
+    local raw = redis.call('GET', yk)
+    if raw then y = cjson.decode(raw) else y = {a = 0, f = 0} end
+    ys[yk] = y
+  end
+  last[mk] = {idx, yk, ym, rdom}
   if not m.ev[eid] then
     m.ev[eid] = t
+    mttl[mk] = ttl_m
     m.pa = m.pa + amt
-    if special == '0' then
+    if special == 0 then
       m.a = m.a + amt
       m.f = m.f + fund
       y.a = y.a + amt
       y.f = y.f + fund
-      redis.call('SET', yk, cjson.encode(y), 'EX', ttl_y)
+      yttl[yk] = ttl_y
     else
       m.sa = m.sa + amt
     end
@@ -95,8 +109,14 @@ while a <= #ARGV do
       m.gd = nd
       m.h[dom] = {m.pa / 100, nb, nd}
     end
-    redis.call('SET', mk, cjson.encode(m), 'EX', ttl_m)
   end
+end
+for mk, ttl in pairs(mttl) do redis.call('SET', mk, cjson.encode(ms[mk]), 'EX', ttl) end
+for yk, ttl in pairs(yttl) do redis.call('SET', yk, cjson.encode(ys[yk]), 'EX', ttl) end
+local out = {}
+for _, mk in ipairs(order) do
+  local m, l = ms[mk], last[mk]
+  local y = ys[l[2]]
   local sums = {m.a, m.f, y.a, y.f, m.pa, m.sa}
   local fired = false
   for j = 1, K do
@@ -105,13 +125,13 @@ while a <= #ARGV do
   end
   local peer = 0
   if pc.enabled and m.gb and m.pa / 100 >= pc.floor then
-    local p = pk_peers(prefix, ym, rdom, pc, m.h, m.gb, m.gd)
+    local p = pk_peers(prefix, l[3], l[4], pc, m.h, m.gb, m.gd)
     if p then
       peer = {p[1], p[2], p[3], m.gb, m.gd}
       if pk_fires(pc, m.pa / 100, p) then fired = true end
     end
   end
-  if fired then out[#out + 1] = {idx, sums, peer, pk_evidence(m.ev)} end
+  if fired then out[#out + 1] = {l[1], sums, peer, pk_evidence(m.ev)} end
 end
 return out
 """
@@ -173,20 +193,16 @@ class CostAnomaly(Detector):
         check_positive(owner, "max_evidence", max_evidence, integer=True)
         self.max_evidence = max_evidence
         self._sha = self.sha(LUA)
-        head: list[Any] = [len(subs)]
-        for s in subs:
-            head += ["m" if s["window"] == "month" else "y", int(round(s["min_amount_cny"] * 100))]
-        self._head = head + self.peers.argv()
+        self._cfg = orjson.dumps({"subs": [["m" if s["window"] == "month" else "y", int(round(s["min_amount_cny"] * 100))]
+                                           for s in subs], "peers": self.peers.config()})
 
     def params(self) -> dict[str, Any]:
         return {"sub_rules": [s["name"] for s in self.sub_rules], "visit_types": sorted(self.visit_types),
                 "special_dx_prefixes": list(self.special), "peers": self.peers}
 
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
-        argv: list[Any] = [self.key(ns, "peer"), *self._head]
-        keys: list[str] = []
+        rows: list[list[Any]] = []
         late = self.lateness_s
-        month_key, year_key = self.key(ns, "month"), self.key(ns, "year")
         special, base, types = self.special, self.peers.base, self.visit_types
         for i, ev in enumerate(events):
             if ev.visit_type not in types:
@@ -194,13 +210,13 @@ class CostAnomaly(Detector):
             ts = ev.ts
             dom, month, month_end, year, year_end, year_no, ref_dom = buckets_of(ts, late)
             dx = dx_key(ev.diagnoses[0] if ev.diagnoses else None, special)
-            argv += [i, repr(ts), ev.event_id, dom, month, max(1, int(month_end - ts) + late),
-                     max(1, int(year_end - ts) + late), int(round(ev.total_amount * 100)),
-                     int(round(ev.fund_paid * 100)), "1" if dx[0] == "S" else "0", base(ev, year_no), dx, ref_dom]
-            keys += [f"{month_key}:{ev.card_id}:{month}", f"{year_key}:{ev.card_id}:{year}"]
-        if not keys:
+            rows.append([i, repr(ts), ev.event_id, ev.card_id, str(dom), month, year,
+                         max(1, int(month_end - ts) + late), max(1, int(year_end - ts) + late),
+                         int(round(ev.total_amount * 100)), int(round(ev.fund_paid * 100)), int(dx[0] == "S"),
+                         base(ev, year_no), dx, ref_dom])
+        if not rows:
             return 0
-        pipe.evalsha(self._sha, len(keys), *keys, *argv)
+        pipe.evalsha(self._sha, 0, self.key(ns), self._cfg, orjson.dumps(rows))
         return 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:

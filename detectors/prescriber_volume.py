@@ -21,23 +21,27 @@ noisy measure at small volumes is not enough). A steadily busy level-3 physician
 baseline and does not fire; placeholder physician ids (未知, 0000 …) are never subjects.
 
 Because one physician's settlements come from many partitions (cards), the verdict is made
-on complete days: every baseline and peer figure comes from days before ``D`` only, a day is
+on complete days: every baseline and peer figure comes from days before ``D`` only; a day is
 evaluated once an event past ``D``'s end + lateness has been seen (a sweep of pending
-physician-days, at most ``sweep_per_batch`` per batch), and a day still in progress is
-evaluated against the same bound once the previous day is complete (``D``'s start +
-lateness), so it fires early when it is already over the bound and the two verdicts agree.
-One alert per physician and day (episode = the day); later evidence extends it.
+physician-days, at most ``sweep_per_batch`` per batch); and a day still in progress is
+evaluated against the same bound, once per batch that touched it and only once the previous
+day is complete (``D``'s start + lateness), so it fires as soon as it is over the bound and
+can never disagree with the complete-day verdict (same alert: episode = physician + day).
+States are read once per batch and written back once, and the physician-days a batch swept
+are remembered under its newest event, so a redelivered batch returns the same alerts and
+leaves Redis as it was. One alert per physician and day; later evidence extends it.
 
 State (Redis, all keys expire):
 
 * ``cw:{run}:prescriber_volume:86400:{physician}:{YYYY-MM-DD}`` — the day (JSON): evidence
   ``ev`` (event id -> event time; a redelivered event is a no-op), ``t``/``n``/``a``/``r``
-  (all settlements, non-inpatient settlements, their amount in fen, resale-prone ones), the
-  institution and the cached own baseline;
-* ``…:{baseline_days x 86400}:{physician}`` — history hash: local day number -> ``t,n,a,r``,
-  the physician's group, and a version bumped when an event of an earlier day arrives late;
+  (all settlements, non-inpatient settlements, their amount in fen, resale-prone ones) and
+  the institution;
+* ``…:{baseline_days x 86400}:{physician}`` — history hash: local day number -> ``t,n,a,r``
+  and the physician's group;
 * ``…:peer:{group}:{day}`` — physician -> ``n,a,r`` of that day, for the peer statistics;
-* ``…:pending`` (physician-days to evaluate, score = day end + lateness), ``…:wm`` (newest event time).
+* ``…:pending`` (physician-days to evaluate, score = day end + lateness), ``…:wm`` (newest
+  event time), ``…:swept:{newest event of a batch}`` (what that batch swept).
 
 >>> PrescriberVolume(baseline_days=28, min_baseline_days=3)  # doctest: +ELLIPSIS
 PrescriberVolume(baseline_days=28, min_baseline_days=3, peer_days=7, min_peers=5, peer_quantile=0.9, ...)
@@ -51,6 +55,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import orjson
+
 from alerts.model import Alert, alert_id, now_iso, severity_for
 from detectors._peers import TZ_OFFSET_S, day_label
 from detectors.base import Detector, Namespace, check_positive
@@ -58,22 +64,26 @@ from detectors.drugs import EMPTY, DrugList, is_placeholder
 from stream.events import Settlement, iso
 
 LUA = r"""
--- ARGV: prefix, W, min_base, Wp, min_peers, q, n_min, n_factor, n_z, a_min (fen), a_factor, s_min_r, s_inc,
---       require mask (1 settlements, 2 amount, 4 share), min_measures, lateness, sweep_max, batch max t,
---       ttl history, ttl wm, max evidence, then per event: idx, t, event_id, physician, day, day label,
---       day start, o|i, amount fen, resale 0|1, group, coarse group, institution, in-progress 0|1
--- KEYS: pending zset, watermark, then {day hash, history hash} per event
--- returns {verdict…}: {physician, day label, institution, group, level, values, baseline, peers, fired, evidence}
+-- ARGV[1] key prefix P (cw:{run}:prescriber_volume), ARGV[2] JSON [W, min_base, Wp, min_peers, q, n_min, n_factor,
+-- n_z, a_min (fen), a_factor, s_min_r, s_inc, require mask (1 settlements, 2 amount, 4 share), min_measures,
+-- lateness, sweep_max, ttl history, ttl wm], ARGV[3] batch max event time, ARGV[4] trigger (the batch's newest
+-- event), ARGV[5] JSON [[idx, t, event_id, physician, day, day label, day start, o|i, amount fen, resale 0|1,
+-- group, coarse group, institution, in-progress 0|1], ...]. Keys are built here: P:86400:{physician}:{day}
+-- (day state, JSON), P:{W x 86400}:{physician} (history), P:peer:{group}:{day}, P:pending, P:wm, P:swept:….
+-- States are read once per batch, updated in memory and written back once. Verdicts: every physician-day
+-- the batch touched after its previous day was complete (day start + lateness), judged once as of the end
+-- of the batch, then the sweep of complete days (end + lateness <= newest event time). The physician-days
+-- a batch swept are remembered under its trigger, so a redelivered batch returns the same verdicts.
+-- Returns {physician, day label, institution, group, level, values, baseline, peers, fired, evidence}*.
 local P = ARGV[1]
-local W, MINB, WP, MINP = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local Q = tonumber(ARGV[6])
-local N_MIN, N_F, N_Z = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local A_MIN, A_F = tonumber(ARGV[10]), tonumber(ARGV[11])
-local S_MIN, S_INC = tonumber(ARGV[12]), tonumber(ARGV[13])
-local REQ, MINM = tonumber(ARGV[14]), tonumber(ARGV[15])
-local LATE, SWEEP, MAXT = tonumber(ARGV[16]), tonumber(ARGV[17]), tonumber(ARGV[18])
-local TTL_H, TTL_WM, MAXEV = tonumber(ARGV[19]), tonumber(ARGV[20]), tonumber(ARGV[21])
-local pending, wmk = KEYS[1], KEYS[2]
+local cfg = cjson.decode(ARGV[2])
+local W, MINB, WP, MINP, Q = cfg[1], cfg[2], cfg[3], cfg[4], cfg[5]
+local N_MIN, N_F, N_Z, A_MIN, A_F, S_MIN, S_INC = cfg[6], cfg[7], cfg[8], cfg[9], cfg[10], cfg[11], cfg[12]
+local REQ, MINM, LATE, SWEEP, TTL_H, TTL_WM = cfg[13], cfg[14], cfg[15], cfg[16], cfg[17], cfg[18]
+local MAXT, TRIGGER = tonumber(ARGV[3]), ARGV[4]
+local rows = cjson.decode(ARGV[5])
+local pending, wmk = P .. ':pending', P .. ':wm'
+local HIST = P .. ':' .. (W * 86400) .. ':'
 
 local function bit(mask, b) return math.floor(mask / b) % 2 == 1 end
 
@@ -163,23 +173,13 @@ local function peers(phys, D, g, c)
   return nil
 end
 
--- verdict on (phys, D) from its day state m; cache (history version) = keep the own baseline in m.ob
-local function judge(phys, D, label, m, hk, g, c, cache)
+-- verdict on (phys, D) from its day state m (nil when it does not fire)
+local function judge(phys, D, label, m, hk, g, c)
   local n, am, r = m.n, m.a, m.r
   local cand = {n >= N_MIN, am >= A_MIN, r >= S_MIN}
   if not count_ok(cand) then return nil end
-  -- the own baseline is kept for the day while no event of an earlier day of this physician arrives
-  -- (history version); under the lateness contract that is as soon as the previous day is complete
-  local b = m.ob
-  if not cache or not b or b[5] ~= cache then
-    b = baseline(hk, D) or {false, false, false, false}
-    if cache then
-      b[5] = cache
-      m.ob = b
-      m.dirty = true
-    end
-  end
-  if not b[1] then return nil end
+  local b = baseline(hk, D)
+  if not b then return nil end
   local ln, la, sb = b[1], b[2], b[3]
   local lnf = ln
   if lnf < 1 then lnf = 1 end
@@ -206,47 +206,34 @@ local function judge(phys, D, label, m, hk, g, c, cache)
           {p[2], tostring(p[3]), tostring(p[4]), tostring(p[5])}, fired, ev}
 end
 
-local function save(dk, m, ttl)
-  m.dirty = nil
-  redis.call('SET', dk, cjson.encode(m), 'EX', ttl)
-end
-
-local out = {}
-local k = 3
-local a = 22
-while a <= #ARGV do
-  local idx, t, eid, phys, D, label = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 5]
-  local dstart, kind, amt, res = tonumber(ARGV[a + 6]), ARGV[a + 7], tonumber(ARGV[a + 8]), tonumber(ARGV[a + 9])
-  local eg, ec, inst, inprog = ARGV[a + 10], ARGV[a + 11], ARGV[a + 12], ARGV[a + 13]
-  a = a + 14
-  local dk, hk = KEYS[k], KEYS[k + 1]
-  k = k + 2
-  local dend = dstart + 86400
-  local dttl = math.floor(dend - tonumber(t)) + LATE + 2 * 86400
-  local st = redis.call('HMGET', hk, 'g', 'c', 'lo', 'mx', 'lv')
-  local g, c = st[1], st[2]
-  if g and not c then g = false end
-  local lv = tonumber(st[5]) or 0
-  local raw = redis.call('GET', dk)
-  local m
-  if raw then m = cjson.decode(raw) else m = {ev = {}, t = 0, n = 0, a = 0, r = 0} end
+local days, hists, dirty, dorder, first, touched, torder = {}, {}, {}, {}, {}, {}, {}
+for r = 1, #rows do
+  local e = rows[r]
+  local t, eid, phys, D, label, dstart = e[2], e[3], e[4], e[5], e[6], e[7]
+  local kind, amt, res, eg, ec, inst, inprog = e[8], e[9], e[10], e[11], e[12], e[13], e[14]
+  local dk, hk = P .. ':86400:' .. phys .. ':' .. label, HIST .. phys
+  local h = hists[hk]
+  if not h then
+    local st = redis.call('HMGET', hk, 'g', 'c', 'lo')
+    h = {g = st[1], c = st[2], lo = tonumber(st[3]), set = {}}
+    if h.g and not h.c then h.g = false end
+    hists[hk] = h
+  end
+  local m = days[dk]
+  if not m then
+    local raw = redis.call('GET', dk)
+    if raw then m = cjson.decode(raw) else m = {ev = {}, t = 0, n = 0, a = 0, r = 0} end
+    days[dk] = m
+  end
   if not m.ev[eid] then
     m.ev[eid] = t
-    m.dirty = true
-    local hset = {}
-    if not g or (string.find(g, '?', 1, true) and not string.find(eg, '?', 1, true)) then
-      if g and g ~= eg then
-        redis.call('HDEL', P .. ':peer:' .. g .. ':' .. D, phys)
-        redis.call('HDEL', P .. ':peer:' .. c .. ':' .. D, phys)
+    if not h.g or (string.find(h.g, '?', 1, true) and not string.find(eg, '?', 1, true)) then
+      if h.g and h.g ~= eg then
+        redis.call('HDEL', P .. ':peer:' .. h.g .. ':' .. D, phys)
+        redis.call('HDEL', P .. ':peer:' .. h.c .. ':' .. D, phys)
       end
-      g, c = eg, ec
-      hset[#hset + 1] = 'g'; hset[#hset + 1] = g; hset[#hset + 1] = 'c'; hset[#hset + 1] = c
-    end
-    local mx = tonumber(st[4])
-    if not mx or D > mx then
-      hset[#hset + 1] = 'mx'; hset[#hset + 1] = D
-    elseif D < mx then
-      lv = redis.call('HINCRBY', hk, 'lv', 1)
+      h.g, h.c = eg, ec
+      h.set.g, h.set.c = eg, ec
     end
     m.t = m.t + 1
     if kind == 'o' then
@@ -254,63 +241,106 @@ while a <= #ARGV do
       m.a = m.a + amt
       m.r = m.r + res
     end
-    hset[#hset + 1] = D; hset[#hset + 1] = m.t .. ',' .. m.n .. ',' .. m.a .. ',' .. m.r
-    local val = m.n .. ',' .. m.a .. ',' .. m.r
-    local pk1, pk2 = P .. ':peer:' .. g .. ':' .. D, P .. ':peer:' .. c .. ':' .. D
-    redis.call('HSET', pk1, phys, val)
-    redis.call('HSET', pk2, phys, val)
     if m.t == 1 then
       m.inst = inst
-      local pttl = math.floor(dend - tonumber(t)) + (WP + 1) * 86400 + LATE
-      redis.call('EXPIRE', pk1, pttl)
-      redis.call('EXPIRE', pk2, pttl)
-      local lo = tonumber(st[3])
-      if not lo then
-        hset[#hset + 1] = 'lo'; hset[#hset + 1] = D
-      elseif lo < D - W - 2 then
-        local f = {}
-        for d = lo, math.min(D - W - 2, lo + 60) do f[#f + 1] = d end
-        redis.call('HDEL', hk, unpack(f))
-        hset[#hset + 1] = 'lo'; hset[#hset + 1] = math.min(D - W - 1, lo + 61)
-      end
+      first[dk] = true
     end
-    redis.call('HSET', hk, unpack(hset))
-    if m.t == 1 or m.sw then
-      m.sw = nil
-      redis.call('ZADD', pending, dend + LATE, phys .. '\t' .. D .. '\t' .. label)
-      redis.call('EXPIRE', hk, TTL_H)
+    if not dirty[dk] then
+      dirty[dk] = {phys, D, label, hk, math.floor(dstart + 86400 - tonumber(t)), dstart + 86400}
+      dorder[#dorder + 1] = dk
     end
   end
-  if kind == 'o' and inprog == '1' and g then
-    local res = judge(phys, D, label, m, hk, g, c, lv + 1)
-    if res then out[#out + 1] = res end
+  if kind == 'o' and inprog == 1 and not touched[dk] then
+    touched[dk] = {phys, D, label, hk}
+    torder[#torder + 1] = dk
   end
-  if m.dirty then save(dk, m, dttl) end
 end
 
--- complete days: evaluate pending physician-days whose end + lateness has been passed
-local wm = tonumber(redis.call('GET', wmk) or '0')
-if MAXT > wm then wm = MAXT; redis.call('SET', wmk, tostring(wm)) end
-redis.call('EXPIRE', wmk, TTL_WM)
-local due = redis.call('ZRANGEBYSCORE', pending, '-inf', wm, 'LIMIT', 0, SWEEP)
-for _, mem in ipairs(due) do
+-- write back: day state, history, peers, pending
+for _, dk in ipairs(dorder) do
+  local m, x = days[dk], dirty[dk]
+  local phys, D, label, hk, rest, dend = x[1], x[2], x[3], x[4], x[5], x[6]
+  local h = hists[hk]
+  local hset = {D, m.t .. ',' .. m.n .. ',' .. m.a .. ',' .. m.r}
+  for f, v in pairs(h.set) do hset[#hset + 1] = f; hset[#hset + 1] = v end
+  h.set = {}
+  local val = m.n .. ',' .. m.a .. ',' .. m.r
+  local pk1, pk2 = P .. ':peer:' .. h.g .. ':' .. D, P .. ':peer:' .. h.c .. ':' .. D
+  redis.call('HSET', pk1, phys, val)
+  redis.call('HSET', pk2, phys, val)
+  if first[dk] or m.sw then
+    local pttl = rest + (WP + 1) * 86400 + LATE
+    redis.call('EXPIRE', pk1, pttl)
+    redis.call('EXPIRE', pk2, pttl)
+    if not h.lo then
+      h.lo = D
+      hset[#hset + 1] = 'lo'; hset[#hset + 1] = D
+    elseif h.lo < D - W - 2 then
+      local f = {}
+      for d = h.lo, math.min(D - W - 2, h.lo + 60) do f[#f + 1] = d end
+      redis.call('HDEL', hk, unpack(f))
+      h.lo = math.min(D - W - 1, h.lo + 61)
+      hset[#hset + 1] = 'lo'; hset[#hset + 1] = h.lo
+    end
+    m.sw = nil
+    redis.call('ZADD', pending, dend + LATE, D .. '\t' .. label .. '\t' .. phys)
+  end
+  redis.call('HSET', hk, unpack(hset))
+  redis.call('EXPIRE', hk, TTL_H)
+  redis.call('SET', dk, cjson.encode(m), 'EX', rest + LATE + 2 * 86400)
+end
+
+-- verdicts on the days in progress the batch touched
+local out = {}
+for _, dk in ipairs(torder) do
+  local x = touched[dk]
+  local h = hists[x[4]]
+  if h.g then
+    local res = judge(x[1], x[2], x[3], days[dk], x[4], h.g, h.c)
+    if res then out[#out + 1] = res end
+  end
+end
+
+-- complete days: physician-days whose end + lateness has been passed
+local function complete(mem, mark)
   local i1 = string.find(mem, '\t', 1, true)
   local i2 = string.find(mem, '\t', i1 + 1, true)
-  local phys, D, label = string.sub(mem, 1, i1 - 1), tonumber(string.sub(mem, i1 + 1, i2 - 1)), string.sub(mem, i2 + 1)
-  local dk, hk = P .. ':86400:' .. phys .. ':' .. label, P .. ':' .. (W * 86400) .. ':' .. phys
+  local D, label, phys = tonumber(string.sub(mem, 1, i1 - 1)), string.sub(mem, i1 + 1, i2 - 1), string.sub(mem, i2 + 1)
+  local dk, hk = P .. ':86400:' .. phys .. ':' .. label, HIST .. phys
   local raw = redis.call('GET', dk)
   local v = redis.call('HMGET', hk, 'g', 'c')
   if raw and v[1] and v[2] then
     local m = cjson.decode(raw)
-    local res = judge(phys, D, label, m, hk, v[1], v[2], false)
+    local res = judge(phys, D, label, m, hk, v[1], v[2])
     if res then out[#out + 1] = res end
-    m.sw = 1
-    local ttl = redis.call('TTL', dk)
-    if ttl > 0 then save(dk, m, ttl) end
+    if mark and not m.sw then
+      m.sw = 1
+      local ttl = redis.call('TTL', dk)
+      if ttl > 0 then redis.call('SET', dk, cjson.encode(m), 'EX', ttl) end
+    end
   end
-  redis.call('ZREM', pending, mem)
 end
-if #due > 0 or redis.call('EXISTS', pending) == 1 then redis.call('EXPIRE', pending, TTL_WM) end
+
+local sk = P .. ':swept:' .. TRIGGER
+local before = redis.call('GET', sk)
+if before then
+  for _, mem in ipairs(cjson.decode(before)) do complete(mem, false) end
+end
+local wm = tonumber(redis.call('GET', wmk) or '0')
+if MAXT > wm then wm = MAXT; redis.call('SET', wmk, tostring(wm)) end
+redis.call('EXPIRE', wmk, TTL_WM)
+local due = redis.call('ZRANGEBYSCORE', pending, '-inf', wm, 'LIMIT', 0, SWEEP)
+if #due > 0 then
+  local swept = {}
+  if before then swept = cjson.decode(before) end
+  for _, mem in ipairs(due) do
+    complete(mem, true)
+    redis.call('ZREM', pending, mem)
+    swept[#swept + 1] = mem
+  end
+  redis.call('SET', sk, cjson.encode(swept), 'EX', TTL_WM)
+end
+if redis.call('EXISTS', pending) == 1 then redis.call('EXPIRE', pending, TTL_WM) end
 return out
 """
 
@@ -335,12 +365,18 @@ def _num(v: Any) -> bool:
 
 
 def group_label(group: str, lang: str) -> str:
-    """``三级医院 心血管内科`` for ``hospital|L3|心血管内科``."""
+    """Human name of a peer group.
+
+    >>> group_label("hospital|L3|心血管内科", "zh"), group_label("community|L1|全科", "en")
+    ('三级医院 心血管内科', 'community 全科')
+    """
     itype, _, rest = group.partition("|")
     level, _, dept = rest.partition("|")
     dept = "" if dept == "?" else dept
     if itype == "*":
         return f"department {dept}" if lang == "en" else f"{dept}（各级机构）"
+    if itype != "hospital":       # community centres are all level 1; pharmacies have none
+        level = ""
     if lang == "en":
         return f"{itype} {level if level != 'L?' else ''} {dept}".replace("  ", " ").strip()
     return f"{_LEVEL_ZH.get(level, '')}{_TYPE_ZH.get(itype, itype)} {dept}".strip()
@@ -415,11 +451,12 @@ class PrescriberVolume(Detector):
         self._sha = self.sha(LUA)
         req = sum(b for m, b in zip(_MEASURES, (1, 2, 4)) if m in self.require)
         s, am, sh = ms["settlements"], ms["amount_cny"], ms["resale_share"]
-        self._head = [baseline_days, min_baseline_days, peer_days, min_peers, repr(self.peer_quantile),
-                      repr(float(s["min_per_day"])), repr(float(s["own_factor"])), repr(float(s["poisson_z"])),
-                      int(round(am["min_per_day"] * 100)), repr(float(am["own_factor"])),
-                      int(sh["min_resale_settlements"]), repr(float(sh["min_increase"])), req, min_measures,
-                      lateness_s, sweep_per_batch]
+        self._cfg = orjson.dumps([baseline_days, min_baseline_days, peer_days, min_peers, self.peer_quantile,
+                                  float(s["min_per_day"]), float(s["own_factor"]), float(s["poisson_z"]),
+                                  int(round(am["min_per_day"] * 100)), float(am["own_factor"]),
+                                  int(sh["min_resale_settlements"]), float(sh["min_increase"]), req, min_measures,
+                                  lateness_s, sweep_per_batch, (baseline_days + 1) * 86400 + lateness_s,
+                                  2 * 86400 + lateness_s])
 
     def params(self) -> dict[str, Any]:
         return {"baseline_days": self.baseline_days, "min_baseline_days": self.min_baseline_days,
@@ -435,32 +472,24 @@ class PrescriberVolume(Detector):
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
         if not events:
             return 0
-        prefix = self.key(ns)
         late = self.lateness_s
-        argv: list[Any] = []
-        keys: list[str] = [f"{prefix}:pending", f"{prefix}:wm"]
-        day_key, hist_key = f"{prefix}:86400", f"{prefix}:{self.baseline_days * 86400}"
-        max_t = 0.0
+        rows: list[list[Any]] = []
         for i, ev in enumerate(events):
-            ts = ev.ts
-            if ts > max_t:
-                max_t = ts
             phys = ev.physician_id
             if is_placeholder(phys):
                 continue
+            ts = ev.ts
             d = int((ts + TZ_OFFSET_S) // 86400)
             ds = d * 86400 - TZ_OFFSET_S
-            label = day_label(d)
             inpatient = ev.visit_type == "inpatient"
             dept = ev.department or "?"
-            argv += [i, repr(ts), ev.event_id, phys, d, label, ds, "i" if inpatient else "o",
-                     0 if inpatient else int(round(ev.total_amount * 100)), 0 if inpatient else self._resale(ev),
-                     f"{ev.institution_type}|L{ev.institution_level or '?'}|{dept}", f"*|*|{dept}",
-                     ev.institution_id, "1" if ts >= ds + late else "0"]
-            keys += [f"{day_key}:{phys}:{label}", f"{hist_key}:{phys}"]
-        head = [prefix, *self._head, repr(max_t), (self.baseline_days + 1) * 86400 + late, 2 * 86400 + late,
-                self.max_evidence]
-        pipe.evalsha(self._sha, len(keys), *keys, *head, *argv)
+            rows.append([i, repr(ts), ev.event_id, phys, d, day_label(d), ds, "i" if inpatient else "o",
+                         0 if inpatient else int(round(ev.total_amount * 100)), 0 if inpatient else self._resale(ev),
+                         f"{ev.institution_type}|L{ev.institution_level or '?'}|{dept}", f"*|*|{dept}",
+                         ev.institution_id, int(ts >= ds + late)])
+        newest = max(events, key=lambda e: (e.ts, e.event_id))
+        pipe.evalsha(self._sha, 0, self.key(ns), self._cfg, repr(newest.ts), f"{newest.ts!r}|{newest.event_id}",
+                     orjson.dumps(rows))
         return 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:

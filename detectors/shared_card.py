@@ -21,11 +21,13 @@ conflict is found again, identically, when an event is redelivered (Redis, all k
 
 * ``cw:{run}:shared_card:{history_s}:{card}`` — sorted set of the card's outpatient,
   emergency and pharmacy settlements of the last ``history_s`` (member
-  ``event_id\\tdistrict\\tvisit\\tinstitution``, score = event time), idempotent on ``event_id``;
-* ``…:stay`` — hash admission_id → its institution, admission, discharge, last bill, first bill;
-  an inpatient event also looks back over the sorted set (settlements before the first bill);
-* ``…:ep`` (episode ``start``/``last``), ``…:ev`` (evidence ids by event time),
-  ``…:dt`` (one field per conflict: which sign and its numbers).
+  ``event_id\\tdistrict\\tvisit\\tinstitution``, score = event time; idempotent on
+  ``event_id``) and of its inpatient stays (member ``\\x1f\\tadmission\\tinstitution\\t
+  admitted\\tdischarged\\tlast bill\\tfirst bill id\\tfirst bill time``, scored by when it stops
+  mattering: ``max_stay_s`` after the last bill, soon after the discharge); one read gives both,
+  and an inpatient bill looks back over the settlements too (those before the first bill);
+* ``…:ep`` — the open episode: ``start``/``last``, one ``e\\t{event_id}`` field per evidence
+  event (its time) and one field per conflict (which sign and its numbers).
 
 >>> sc = SharedCard(districts={"310151": {"lat": 31.623, "lon": 121.565},
 ...                            "310120": {"lat": 30.918, "lon": 121.518}})
@@ -221,6 +223,19 @@ _BAD = re.compile("[\t\x1f]")      # separators of the Lua state: never inside a
 @lru_cache(maxsize=65536)
 def _placeholder_inst(inst: str) -> bool:
     return is_placeholder(inst)
+
+
+def _unusable(card: str, event_id: str) -> bool:
+    """A card id never to blame (placeholder) or an id the Lua state cannot hold."""
+    if "\t" in card or "\x1f" in card or "\t" in event_id or "\x1f" in event_id:
+        return True
+    if card.isdigit() and card.count(card[0]) != len(card):   # fast path: a real card number
+        return False
+    return is_placeholder(card)
+
+
+def _clean(s: str) -> str:
+    return _BAD.sub(" ", s) if "\t" in s or "\x1f" in s else s
 _VISIT = {"outpatient": "o", "emergency": "e", "pharmacy": "p", "inpatient": "i"}
 _KIND_ORDER = ("impossible_travel", "inpatient_overlap", "child_adult_drug")
 
@@ -405,18 +420,18 @@ class SharedCard(Detector):
         visit = _VISIT
         for ev in events:
             card = ev.card_id
-            if _BAD.search(card) or _BAD.search(ev.event_id) or is_placeholder(card):
+            if _unusable(card, ev.event_id):
                 continue
             v = visit[ev.visit_type]
             inst = ev.institution_id
-            inst = "" if _placeholder_inst(inst) else _BAD.sub(" ", inst)
+            inst = "" if _placeholder_inst(inst) else _clean(inst)
             aid = adm = dis = ""
             if v == "i":
-                aid = _BAD.sub(" ", ev.admission_id or "") or f"@{inst}"
+                aid = _clean(ev.admission_id or "") or f"@{inst}"
                 adm = repr(ev.admitted_at.timestamp()) if ev.admitted_at is not None else ""
                 dis = repr(ev.discharged_at.timestamp()) if ev.discharged_at is not None else ""
             child = self._child_detail(ev) if ev.birth_year is not None or ev.insured_category == "child" else ""
-            argv.append(f"{ev.ts!r}\x1f{ev.event_id}\x1f{_BAD.sub(' ', ev.district)}\x1f{v}\x1f{inst}\x1f{aid}"
+            argv.append(f"{ev.ts!r}\x1f{ev.event_id}\x1f{_clean(ev.district)}\x1f{v}\x1f{inst}\x1f{aid}"
                         f"\x1f{adm}\x1f{dis}\x1f{card}\x1f{child}")
             base = prefix + card
             keys += [base, base + ":ep"]

@@ -12,7 +12,7 @@ health centre; pharmacy purchases (购药, not 就诊) never count (``card_hoppi
 separately, so of one card's settlements at the same institution and department on the same
 day, one with a registration line (挂号) is a visit of its own unless it is the same bill
 again (same amount and lines: settled twice), and one without is part of that day's visit
-there. Visits whose primary diagnosis is a 门诊大病 (``special_dx_prefixes``: dialysis, cancer
+there for the same primary diagnosis (a visit of its own if there is none). Visits whose primary diagnosis is a 门诊大病 (``special_dx_prefixes``: dialysis, cancer
 treatment, transplant, severe mental illness …) are approved treatment and do not count
 towards the absolute thresholds; they count in the peer comparison, where the card is judged
 against its peers (same insured category, age band and diagnosis chapter, or all patients of
@@ -22,8 +22,12 @@ members, so a dialysis patient going three times a week is compared with dialysi
 One alert per card and calendar month (and one per card and year for yearly sub-rules);
 later visits extend it (the evidence of a yearly alert is the current month's visits).
 
-State per card (Redis, JSON values expiring at the end of the bucket + lateness, so one
-``GET``/``SET`` per event and bucket):
+Each card's states are read once per batch and written back once, and each card-month the
+batch touched is judged once, as of its last event in the batch, so a redelivered batch
+returns the same alerts and writes nothing.
+
+State per card (Redis, JSON values expiring at the end of the bucket + lateness: at most one
+``GET`` and one ``SET`` per batch and bucket):
 
 * ``cw:{run}:visit_frequency:month:{card}:{YYYY-MM}`` — ``ev`` (event id -> event time; a
   redelivered event is a no-op), ``vk`` (visits and bills seen per day and place), ``o``/``em``
@@ -46,6 +50,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import orjson
+
 from alerts.model import Alert, alert_id, now_iso, severity_for
 from detectors._peers import (LUA_LIB, Calendar, PeerSpec, buckets_of, check_prefixes, dx_key, group_label,
                               is_special, peer_bound)
@@ -53,58 +59,64 @@ from detectors.base import Detector, Namespace, check_positive
 from stream.events import Settlement, iso
 
 LUA = LUA_LIB + r"""
--- ARGV: peer prefix, K, {window m|y, mask (1 outpatient, 2 emergency), min} * K,
---       J, {kind v|i, per_day_min, min_days} * J, peer config (see pk_config),
---       per event: idx, t, event_id, day of month, YYYY-MM, ttl month, ttl year, o|e, special 0|1,
---                  institution, department, bill key ('' without a registration line), group base,
---                  diagnosis key, reference day of month
--- KEYS: {month state, year state} per event (JSON)
--- returns the events after which the card is over a threshold: {idx, counts, peer|0, evidence}
-local prefix = ARGV[1]
-local a = 2
-local K = tonumber(ARGV[a]); a = a + 1
-local subs = {}
-for j = 1, K do subs[j] = {ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])}; a = a + 3 end
-local J = tonumber(ARGV[a]); a = a + 1
-local days = {}
-for j = 1, J do days[j] = {ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])}; a = a + 3 end
-local pc
-pc, a = pk_config(a)
-local out = {}
-local k = 1
-while a <= #ARGV do
-  local idx, t, eid, dom, ym = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-  local ttl_m, ttl_y, vt, special = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8]
-  local inst, dept, bill, eb, ed = ARGV[a + 9], ARGV[a + 10], ARGV[a + 11], ARGV[a + 12], ARGV[a + 13]
-  local rdom = tonumber(ARGV[a + 14])
-  a = a + 15
-  local mk, yk = KEYS[k], KEYS[k + 1]
-  k = k + 2
-  local raw = redis.call('GET', mk)
-  local m
-  if raw then m = cjson.decode(raw)
-  else m = {ev = {}, vk = {}, d = {}, dn = {}, di = {}, dd = {}, h = {}, o = 0, em = 0, pv = 0} end
-  raw = redis.call('GET', yk)
-  local y
-  if raw then y = cjson.decode(raw) else y = {o = 0, em = 0} end
+-- ARGV[1] key prefix (cw:{run}:visit_frequency), ARGV[2] JSON {subs: [[window m|y, mask (1 outpatient,
+-- 2 emergency), min]], days: [[kind v|i, per_day_min, min_days]], peers: (see pk_config)}, ARGV[3] JSON
+-- [[idx, t, event_id, card, day of month, YYYY-MM, YYYY, ttl month, ttl year, o|e, special 0|1, institution,
+--   department, bill key ('' without a registration line), primary diagnosis, group base, diagnosis key,
+--   reference day of month], ...]. Keys are built here: {prefix}:month:{card}:{YYYY-MM}, …:year:{card}:{YYYY}
+-- (JSON states), {prefix}:peer:… (peer histograms).
+-- Each state is read once per batch, updated in memory and written back once; each card-month the batch
+-- touched is then judged once, as of its last event in the batch (so a redelivered batch writes nothing
+-- and returns the same verdicts). Returns {idx, counts, peer|0, evidence} per card-month over a threshold.
+local P = ARGV[1]
+local prefix = P .. ':peer'
+local cfg = cjson.decode(ARGV[2])
+local subs, days = cfg.subs, cfg.days
+local K, J = #subs, #days
+local pc = pk_config(cfg.peers)
+local rows = cjson.decode(ARGV[3])
+local ms, ys, mttl, yttl, order, last = {}, {}, {}, {}, {}, {}
+for r = 1, #rows do
+  local e = rows[r]
+  local idx, t, eid, card, dom, ym, yr = e[1], e[2], e[3], e[4], e[5], e[6], e[7]
+  local ttl_m, ttl_y, vt, special, inst, dept, bill = e[8], e[9], e[10], e[11], e[12], e[13], e[14]
+  local pdx, eb, ed, rdom = e[15], e[16], e[17], e[18]
+  local mk, yk = P .. ':month:' .. card .. ':' .. ym, P .. ':year:' .. card .. ':' .. yr
+  local m = ms[mk]
+  if not m then
+    local raw = redis.call('GET', mk)
+    if raw then m = cjson.decode(raw)
+    else m = {ev = {}, vk = {}, d = {}, dn = {}, di = {}, dd = {}, h = {}, o = 0, em = 0, pv = 0} end
+    ms[mk] = m
+    order[#order + 1] = mk
+  end
+  local y = ys[yk]
+  if not y then
+    local raw = redis.call('GET', yk)
+    if raw then y = cjson.decode(raw) else y = {o = 0, em = 0} end
+    ys[yk] = y
+  end
+  last[mk] = {idx, yk, ym, rdom}
   if not m.ev[eid] then
     m.ev[eid] = t
+    mttl[mk] = ttl_m
     -- a settlement with a registration (挂号) is a visit unless the same bill was settled there that day
-    -- before; one without (tests or drugs paid separately) is part of that day's visit there, if any
+    -- before; one without (tests or drugs paid separately) is part of that day's visit there for the
+    -- same diagnosis, if there is one
     local place = dom .. ':' .. inst .. '|' .. dept
     local newvisit
     if bill ~= '' then
       newvisit = not m.vk[place .. '|' .. bill]
-      if newvisit then m.vk[place .. '|' .. bill] = 1; m.vk[place] = 1 end
+      if newvisit then m.vk[place .. '|' .. bill] = 1; m.vk[place .. '#' .. pdx] = 1 end
     else
-      newvisit = not m.vk[place]
-      if newvisit then m.vk[place] = 1 end
+      newvisit = not m.vk[place .. '#' .. pdx]
+      if newvisit then m.vk[place .. '#' .. pdx] = 1 end
     end
     if newvisit then
       m.pv = m.pv + 1
-      if special == '0' then
+      if special == 0 then
         if vt == 'o' then m.o = m.o + 1; y.o = y.o + 1 else m.em = m.em + 1; y.em = y.em + 1 end
-        redis.call('SET', yk, cjson.encode(y), 'EX', ttl_y)
+        yttl[yk] = ttl_y
         if J > 0 then
           local dc = (m.d[dom] or 0) + 1
           m.d[dom] = dc
@@ -129,8 +141,14 @@ while a <= #ARGV do
         m.h[dom] = {m.pv, nb, nd}
       end
     end
-    redis.call('SET', mk, cjson.encode(m), 'EX', ttl_m)
   end
+end
+for mk, ttl in pairs(mttl) do redis.call('SET', mk, cjson.encode(ms[mk]), 'EX', ttl) end
+for yk, ttl in pairs(yttl) do redis.call('SET', yk, cjson.encode(ys[yk]), 'EX', ttl) end
+local out = {}
+for _, mk in ipairs(order) do
+  local m, l = ms[mk], last[mk]
+  local y = ys[l[2]]
   local counts = {m.o, m.em, y.o, y.em, m.pv}
   for j = 1, J do counts[5 + j] = m.dd[tostring(j)] or 0 end
   local fired = false
@@ -147,13 +165,13 @@ while a <= #ARGV do
   end
   local peer = 0
   if pc.enabled and m.gb and m.pv >= pc.floor then
-    local p = pk_peers(prefix, ym, rdom, pc, m.h, m.gb, m.gd)
+    local p = pk_peers(prefix, l[3], l[4], pc, m.h, m.gb, m.gd)
     if p then
       peer = {p[1], p[2], p[3], m.gb, m.gd}
       if pk_fires(pc, m.pv, p) then fired = true end
     end
   end
-  if fired then out[#out + 1] = {idx, counts, peer, pk_evidence(m.ev)} end
+  if fired then out[#out + 1] = {l[1], counts, peer, pk_evidence(m.ev)} end
 end
 return out
 """
@@ -168,7 +186,8 @@ def _bill_key(ev: Settlement) -> str:
     """What makes two settlements of one card, institution, department and day the same visit.
 
     A bill with a registration line is a visit of its own, unless it is the same bill again
-    (same amount and lines: settled twice); a bill without one is part of that day's visit there.
+    (same amount and lines: settled twice); a bill without one is part of that day's visit there
+    for the same primary diagnosis.
     """
     regs = [it for it in ev.items if it.category == "registration"]
     if not regs:
@@ -256,15 +275,12 @@ class VisitFrequency(Detector):
         check_positive(owner, "max_evidence", max_evidence, integer=True)
         self.max_evidence = max_evidence
         self._sha = self.sha(LUA)
-        head: list[Any] = [len(counts)]
-        for c in counts:
-            mask = (1 if "outpatient" in c["visit_types"] else 0) + (2 if "emergency" in c["visit_types"] else 0)
-            head += ["m" if c["window"] == "month" else "y", mask, c["min_visits"]]
-        head.append(len(days))
-        for d in days:
-            head += ["v" if d["kind"] == "visits" else "i", d["per_day"], d["min_days"]]
-        head += self.peers.argv()
-        self._head = head
+        cfg = {"subs": [["m" if c["window"] == "month" else "y",
+                         (1 if "outpatient" in c["visit_types"] else 0) + (2 if "emergency" in c["visit_types"] else 0),
+                         c["min_visits"]] for c in counts],
+               "days": [["v" if d["kind"] == "visits" else "i", d["per_day"], d["min_days"]] for d in days],
+               "peers": self.peers.config()}
+        self._cfg = orjson.dumps(cfg)
 
     def params(self) -> dict[str, Any]:
         return {"sub_rules": [s["name"] for s in self.sub_rules], "special_dx_prefixes": list(self.special),
@@ -272,25 +288,23 @@ class VisitFrequency(Detector):
 
     # -- Redis ---------------------------------------------------------------------------
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
-        argv: list[Any] = [self.key(ns, "peer"), *self._head]
-        keys: list[str] = []
+        rows: list[list[Any]] = []
         late = self.lateness_s
-        month_key, year_key = self.key(ns, "month"), self.key(ns, "year")
         special, base = self.special, self.peers.base
         for i, ev in enumerate(events):
             if ev.visit_type not in VISIT_TYPES or ev.institution_type == "pharmacy":
                 continue
             ts = ev.ts
             dom, month, month_end, year, year_end, year_no, ref_dom = buckets_of(ts, late)
-            dx = dx_key(ev.diagnoses[0] if ev.diagnoses else None, special)
-            argv += [i, repr(ts), ev.event_id, dom, month, max(1, int(month_end - ts) + late),
-                     max(1, int(year_end - ts) + late), "o" if ev.visit_type == "outpatient" else "e",
-                     "1" if dx[0] == "S" else "0", ev.institution_id, ev.department or "-", _bill_key(ev),
-                     base(ev, year_no), dx, ref_dom]
-            keys += [f"{month_key}:{ev.card_id}:{month}", f"{year_key}:{ev.card_id}:{year}"]
-        if not keys:
+            pdx = ev.diagnoses[0].strip().upper() if ev.diagnoses else "-"
+            dx = dx_key(pdx, special)
+            rows.append([i, repr(ts), ev.event_id, ev.card_id, str(dom), month, year,
+                         max(1, int(month_end - ts) + late), max(1, int(year_end - ts) + late),
+                         "o" if ev.visit_type == "outpatient" else "e", int(dx[0] == "S"), ev.institution_id,
+                         ev.department or "-", _bill_key(ev), pdx, base(ev, year_no), dx, ref_dom])
+        if not rows:
             return 0
-        pipe.evalsha(self._sha, len(keys), *keys, *argv)
+        pipe.evalsha(self._sha, 0, self.key(ns), self._cfg, orjson.dumps(rows))
         return 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:

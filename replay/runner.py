@@ -43,7 +43,7 @@ def check_run_id(run_id: str) -> str:
     ...
     replay.runner.ReplayError: invalid run id '../x': use 1-64 letters, digits, '_', '.', '-' (not 'live')
     """
-    if not RUN_ID_RE.match(run_id) or run_id == "live":
+    if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id) or run_id == "live":
         raise ReplayError(f"invalid run id {run_id!r}: use 1-64 letters, digits, '_', '.', '-' (not 'live')")
     return run_id
 

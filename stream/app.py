@@ -110,8 +110,14 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
         async def on_stop(self) -> None:
             await producer.stop()
 
+    from stream.verdicts_agent import register as register_verdicts
+
+    verdicts = register_verdicts(app, settings, processor, store, redis)
+
     async def publish(res: BatchResult) -> None:
         futs = []
+        if res.alerts:
+            res.alerts = verdicts.prioritise(res.alerts)
         for dl in res.dead_letters:
             m = dl.message
             futs.append(await producer.send(settings.topic_dlq, key=m.key, value=m.value if m.value is not None else b"",
@@ -209,6 +215,10 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
             M.rules_reload_errors.inc()
             log.error("rule configuration refused, keeping version %s: %s", processor.rules.version, exc)
             return
+        old = {d.rule: d for d in processor.rules.detectors}
+        for d in new.detectors:
+            if hasattr(d, "adopt_state") and d.rule in old:
+                d.adopt_state(old[d.rule])  # keep online models' learning across a reload
         processor.rules = new
         state["rules"] = new
         M.rules_version.clear()

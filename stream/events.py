@@ -26,6 +26,7 @@ import msgspec
 
 MAX_AMOUNT_CNY = 10_000_000.0
 MIN_EVENT_YEAR = 2000
+_MIN_TS = 946684800.0  # 2000-01-01T00:00:00Z
 
 NonEmpty64 = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
@@ -91,13 +92,19 @@ def parse_event(raw: bytes, *, max_bytes: int = 256 * 1024, future_tolerance_s: 
         raise InvalidEvent(str(exc)) from None
     except msgspec.DecodeError as exc:
         raise InvalidEvent(f"not valid JSON: {exc}") from None
-    except UnicodeDecodeError as exc:  # pragma: no cover - msgspec reports this as DecodeError
-        raise InvalidEvent(f"not valid UTF-8: {exc}") from None
+    except RecursionError:
+        raise InvalidEvent("not valid JSON: nested too deeply") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent(f"not valid UTF-8 at byte {exc.start}") from None
+    try:
+        raw.decode("utf-8")  # msgspec skips unknown fields without checking them; evidence must be valid text
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent(f"not valid UTF-8 at byte {exc.start}") from None
     t = ev.event_time
     if t.tzinfo is None:
         raise InvalidEvent("event_time has no UTC offset - at `$.event_time`")
     ts = t.timestamp()
-    if t.year < MIN_EVENT_YEAR:
+    if ts < _MIN_TS:
         raise InvalidEvent(f"event_time {t.isoformat()} is before {MIN_EVENT_YEAR} - at `$.event_time`")
     limit = (time.time() if now is None else now) + future_tolerance_s
     if ts > limit:

@@ -91,7 +91,15 @@ class DirectIngest(Service):
         return set(self.consumer.assignment()) if self.consumer is not None else set()
 
     async def on_start(self) -> None:
+        from stream.topics import ensure_topics
+
         s = self.settings
+        try:
+            await ensure_topics(s.bootstrap_servers, [s.topic_settlements, s.topic_replay, s.topic_alerts,
+                                                      s.topic_dlq], s.topic_partitions)
+            await ensure_topics(s.bootstrap_servers, [s.topic_verdicts], 1)
+        except Exception as exc:  # the broker may refuse (ACLs) or be away: topics may exist already
+            log.warning("could not ensure topics: %s", exc)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=s.bootstrap_servers, group_id=f"{s.app_id}-settlements",
             enable_auto_commit=False, auto_offset_reset="earliest",

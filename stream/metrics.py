@@ -51,6 +51,9 @@ model_score = Histogram("claimwatch_model_score", "Online-model outlier scores",
                         buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0), registry=REGISTRY)
 model_threshold = Gauge("claimwatch_model_alert_threshold", "Running score quantile above which ml_outlier fires",
                         registry=REGISTRY)
+verdicts = Counter("claimwatch_verdicts_total",
+                   "Verdicts consumed, by outcome (learned, duplicate, unknown_alert, invalid, error)",
+                   ["outcome"], registry=REGISTRY)
 
 _REASONS = [
     ("oversize", re.compile(r"exceeds max_event_bytes")),

@@ -69,11 +69,22 @@ def headers_dict(headers: Any) -> dict[str, bytes]:
     return {k: (v if isinstance(v, bytes) else str(v).encode()) for k, v in items}
 
 
+_RUN_OK = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+
+
 def run_id_of(headers: dict[str, bytes]) -> str:
+    """The run a message belongs to: its ``cw-run-id`` header, ``live`` without one.
+
+    A header that is not a valid run id (it names Redis keys) is mapped to ``invalid-run`` so it
+    can never address another run's state.
+    """
     raw = headers.get(H_RUN_ID)
     if not raw:
         return LIVE_RUN
-    return raw.decode("utf-8", "replace")
+    rid = raw.decode("utf-8", "replace")
+    if len(rid) > 64 or not set(rid) <= _RUN_OK or rid[0] in "._-":
+        return "invalid-run"
+    return rid
 
 
 class Processor:
@@ -112,6 +123,10 @@ class Processor:
                                  future_tolerance_s=self.future_tolerance_s, now=now)
             except InvalidEvent as exc:
                 res.dead_letters.append(DeadLetter(m, str(exc), run))
+                res.invalid[run] = res.invalid.get(run, 0) + 1
+                continue
+            except Exception as exc:  # whatever a hostile message does, it is dead-lettered, never fatal
+                res.dead_letters.append(DeadLetter(m, f"unparseable message ({type(exc).__name__})", run))
                 res.invalid[run] = res.invalid.get(run, 0) + 1
                 continue
             ev.partition = m.partition

@@ -40,23 +40,7 @@ RERANK_WINDOW_S = 7 * 86400
 RERANK_LIMIT = 20_000
 
 
-def _counter():
-    """``claimwatch_verdicts_total{outcome}`` on the worker's registry (None when unavailable)."""
-    try:
-        from prometheus_client import Counter as PCounter
-
-        from stream.metrics import REGISTRY
-
-        existing = getattr(REGISTRY, "_names_to_collectors", {}).get("claimwatch_verdicts_total")
-        if existing is not None:
-            return existing
-        return PCounter("claimwatch_verdicts_total", "Verdicts consumed, by outcome "
-                        "(learned, duplicate, unknown_alert, invalid, error)", ["outcome"], registry=REGISTRY)
-    except Exception:  # metrics never break the worker
-        return None
-
-
-VERDICTS_TOTAL = _counter()
+from stream.metrics import verdicts as VERDICTS_TOTAL  # noqa: E402
 
 
 class VerdictService:

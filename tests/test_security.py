@@ -453,7 +453,7 @@ _KEY = "PRIVATE" + " KEY"
 SECRET_PATTERNS = [
     ("private key", re.compile(r"-----BEGIN [A-Z ]*" + _KEY + "-----")),
     ("literal requirepass (redis.conf directive)", re.compile(r"(?m)^[ \t]*requirepass[ \t]+(?P<v>\S+)")),
-    ("literal --requirepass argument",
+    ("requirepass on a command line",
      re.compile(r"(?m)^[^#\n]*--requirepass(?:[\"']?[ \t]*,[ \t]*[\"']?|[ \t=]+[\"']?)(?P<v>[^\s\"'`,\]]+)")),
     ("quoted password/secret/token literal", re.compile(
         r"(?i)\b(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key|auth[_-]?token|token)\b[\"']?\s*"
@@ -509,9 +509,9 @@ def test_secret_patterns_catch_real_leaks():
     samples = {
         "private key": "-----BEGIN RSA " + _KEY + "-----",
         "literal requirepass (redis.conf directive)": "require" + "pass " + v,
-        "literal --requirepass argument": 'command: ["redis-server", "--require' + 'pass", "' + v + '"]',
+        "requirepass on a command line": 'command: ["redis-server", "--require' + 'pass", "' + v + '"]',
         "quoted password/secret/token literal": "pass" + 'word = "' + v + '"',
-        "literal --requirepass argument ": "redis-server --require" + "pass " + v,
+        "requirepass on a command line ": "redis-server --require" + "pass " + v,
         "password in an env-style assignment": "REDIS_PASS" + "WORD=" + v,
         "credentials in a URL": "redis://:" + v + "@redis:6379/0",
         "AWS access key": "AKIA" + "ABCDEFGHIJKLMNOP",

@@ -155,7 +155,7 @@ def test_keys_expire(windows, redis_sync):
     for k in keys:
         ttl = redis_sync.ttl(k)
         assert 0 < ttl <= F.VOLUME_TTL_S, k
-    assert redis_sync.ttl(windows.prefix + ":card:K") == 7 * 86400 + 3600
+    assert 7 * 86400 + 3600 - 60 <= redis_sync.ttl(windows.prefix + ":card:K") <= 7 * 86400 + 3600   # a slow box
 
 
 def test_placeholder_physician_is_no_physician(windows, redis_sync):

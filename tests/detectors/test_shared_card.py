@@ -297,7 +297,8 @@ def test_redelivered_events_change_nothing(process, rules, redis_sync):
 
 def test_placeholder_card_is_never_blamed(process, rules):
     rid = run_id()
-    evs = [visit("未知", "H310151001", T0, "310151"), visit("未知", "H310120001", T0 + 600, "310120")]
+    evs = [visit("未知", "H310151001", T0, "310151"), visit("未知", "H310120001", T0 + 600, "310120"),
+           visit("0000", "H310151001", T0, "310151"), visit("0000", "H310120001", T0 + 600, "310120")]
     assert alerts_of(process(rules, [[dumps(e) for e in evs]], rid)) == []
 
 

@@ -141,6 +141,10 @@ def test_one_visit_settled_in_parts_or_twice_counts_once(process, rules):
     a, = alerts_of(process(rules, [[visit("PARTS", "H001", at(16, 9)), visit("PARTS", "H001", at(16, 14), amount=55)]],
                            rid))
     assert a.metrics["outpatient_month"] == 17
+    # so is a bill without a registration for another diagnosis (the same one is part of the visit)
+    a, = alerts_of(process(rules, [[visit("PARTS", "H001", at(16, 15), reg=False, dx="M54.5"),
+                                    visit("PARTS", "H001", at(16, 16), reg=False, dx="M54.5", amount=12)]], rid))
+    assert a.metrics["outpatient_month"] == 18
 
 
 def test_dialysis_patients_are_compared_with_dialysis_patients_not_flagged(process):

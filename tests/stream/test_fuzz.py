@@ -201,13 +201,16 @@ def accepted_problems(raw: bytes, ev: Settlement, *, now: float = NOW, tol: floa
     try:
         doc = orjson.loads(raw)  # a strict RFC 8259 reader: UTF-8, no NaN, no lone surrogates; last key wins
     except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc):  # nesting limits differ between readers (RFC 8259 allows any): no verdict
+            return out
         return out + [f"accepted a message a strict JSON reader (orjson) refuses || {exc}"]
     if not isinstance(doc, dict):
         return out + ["accepted a JSON value that is not an object"]
     items = doc.get("items")
+    checked = doc
     if isinstance(items, list) and len(items) > 60:  # one schema per line: the ends are enough for long bills
-        doc = {**doc, "items": items[:30] + items[-30:]}
-    errs = schema_errors(SCHEMA, doc)
+        checked = {**doc, "items": items[:30] + items[-30:]}
+    errs = schema_errors(SCHEMA, checked)
     if errs:
         out.append("accepted a message that violates settlement-event.schema.json || " + "; ".join(errs[:3]))
     # what the detectors see must be what any JSON reader sees in the kept bytes
@@ -390,10 +393,27 @@ def test_named_hostile_input_is_an_invalid_event_with_a_reason(name):
     pytest.fail(f"parse_event accepted {name!r} ({len(raw)} bytes): {res.event_id!r}")
 
 
+@pytest.mark.parametrize("instant", ["2000-01-01T02:00:00+00:00", "2026-11-24T01:00:00+00:00"])
+def test_verdict_does_not_depend_on_how_the_offset_writes_the_same_instant(instant):
+    """One instant, written with different UTC offsets: one verdict (the year limit is about time, not notation)."""
+    t = datetime.fromisoformat(instant)
+    verdicts = {}
+    for hours in (0, 8, -5, 14, -12):
+        s = t.astimezone(timezone(timedelta(hours=hours))).isoformat()
+        try:
+            parse_event(_raw(event_time=s), max_bytes=MAX_BYTES, future_tolerance_s=TOL, now=NOW)
+            verdicts[s] = "valid"
+        except InvalidEvent as exc:
+            verdicts[s] = f"invalid: {exc}"
+    assert len(set(verdicts.values())) == 1, verdicts
+
+
 def test_named_inputs_through_the_processor_are_dead_lettered_with_original_bytes():
     """The whole table in ONE batch, with valid events around it: nothing stops the batch."""
     valid = [orjson.dumps(_ev(event_id=f"OK{i}")) for i in range(5)]
-    values = [valid[0]] + [NAMED_INVALID[n] for n in sorted(NAMED_INVALID)] + valid[1:]
+    # the processor here tolerates event times up to PROC_TOL ahead, so "2 days ahead" is valid for it
+    named = {n: v for n, v in NAMED_INVALID.items() if n != "event_time 2 days ahead"}
+    values = [valid[0]] + [named[n] for n in sorted(named)] + valid[1:]
     msgs = [Message(v, {H_RUN_ID: b"named"}, "settlements", 0, i) for i, v in enumerate(values)]
     proc = Processor(rules(), None, future_tolerance_s=PROC_TOL)
     try:
@@ -403,8 +423,8 @@ def test_named_inputs_through_the_processor_are_dead_lettered_with_original_byte
                     "(one bad message must never stop the batch)")
     assert res.processed == {"named": 5}
     assert sorted(e.event_id for e in by_run["named"]) == [f"OK{i}" for i in range(5)]
-    assert res.invalid == {"named": len(NAMED_INVALID)}
-    assert len(res.dead_letters) == len(NAMED_INVALID)
+    assert res.invalid == {"named": len(named)}
+    assert len(res.dead_letters) == len(named)
     for dl, m in zip(res.dead_letters, msgs[1:-4]):
         assert dl.message is m and dl.message.value is m.value
         assert dl.reason.strip() and dl.run_id == "named"
@@ -444,7 +464,10 @@ def _hostile_event_bytes(draw) -> tuple[bytes, str]:
             if not isinstance(items, list) or not items or not isinstance(items[0], dict):
                 ev["items"] = draw(_json_value())
             elif field == "items[0]":
-                items[0] = draw(_json_value()) if action == "set" else items.pop(0)
+                if action == "set":
+                    items[0] = draw(_json_value())
+                else:
+                    items.pop(0)
             else:
                 f2 = draw(st.sampled_from(ITEM_FIELDS))
                 if action == "drop":
@@ -897,7 +920,7 @@ async def isolate_redis_failure(r, msgs: list[Message], exc: Exception) -> tuple
     return "(not reproducible on a fresh run)", None, str(exc)
 
 
-def test_mutation_fuzz_at_least_100k_inputs(stack, capsys):
+def test_mutation_fuzz_at_least_100k_inputs(stack, capsys, record_property):
     """>= 100,000 mutated inputs: parse_event and Processor.parse properties; a share through Redis too."""
     import redis.asyncio as aioredis
 
@@ -1016,6 +1039,8 @@ def test_mutation_fuzz_at_least_100k_inputs(stack, capsys):
     t_redis = time.perf_counter() - t1
     n = sum(by_op.values())
     STATS["mutation"] += n
+    record_property("fuzz_cases", n)
+    record_property("fuzz_seconds", round(t_parse + t_redis, 1))
     with capsys.disabled():
         print(f"\n[fuzz] {n:,} mutated inputs (seed {FUZZ_SEED}) in {t_parse:.1f} s: {dict(outcome)}; "
               f"{n_batches} Processor.parse batches; {len(redis_batches)} batches through Redis "

@@ -63,3 +63,28 @@ def test_metrics_and_readiness(settings, worker):
                  "claimwatch_rules_info"):
         assert name in body
     assert "card_id" not in body
+
+
+def test_verdict_cli_reaches_the_worker_and_the_store(settings, worker, cli_env):
+    import time
+
+    from tests.helpers import run_cli
+
+    card = "VERD" + uuid.uuid4().hex[:8]
+    evs = [orjson.dumps(make_event(card, f"P{k:03d}", T0 + k * 1200)) for k in range(13)]
+    asyncio.run(produce(settings.bootstrap_servers, settings.topic_settlements, evs, keys=[card.encode()] * 13))
+    store = AlertStore(settings.store_url_resolved)
+    deadline = time.monotonic() + 60
+    while not (found := store.query(run_id="live", subject_id=card, rule="card_hopping")):
+        assert time.monotonic() < deadline, worker.log_tail()
+        time.sleep(0.3)
+    aid = found[0].alert_id
+    p = run_cli("alerts", "verdict", aid, "--fraud", "--author", "王审核", "--note", "已移送", env=cli_env)
+    assert p.returncode == 0, p.stderr.decode()
+    while not (got := store.query(subject_id=card, rule="card_hopping")[0]).metrics.get("verdict"):
+        assert time.monotonic() < deadline + 30, worker.log_tail()
+        time.sleep(0.3)
+    assert got.metrics["verdict"]["verdict"] == "fraud" and got.metrics["verdict"]["author"] == "王审核"
+    bad = run_cli("alerts", "verdict", "A-nope", "--fraud", "--author", "x", env=cli_env)
+    assert bad.returncode == 1 and b"no alert" in bad.stderr
+    store.close()
