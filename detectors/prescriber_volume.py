@@ -80,6 +80,7 @@ local cfg = cjson.decode(ARGV[2])
 local W, MINB, WP, MINP, Q = cfg[1], cfg[2], cfg[3], cfg[4], cfg[5]
 local N_MIN, N_F, N_Z, A_MIN, A_F, S_MIN, S_INC = cfg[6], cfg[7], cfg[8], cfg[9], cfg[10], cfg[11], cfg[12]
 local REQ, MINM, LATE, SWEEP, TTL_H, TTL_WM = cfg[13], cfg[14], cfg[15], cfg[16], cfg[17], cfg[18]
+local INPROG = cfg[19] == 1
 local MAXT, TRIGGER = tonumber(ARGV[3]), ARGV[4]
 local rows = cjson.decode(ARGV[5])
 local pending, wmk = P .. ':pending', P .. ':wm'
@@ -290,9 +291,10 @@ for _, dk in ipairs(dorder) do
   redis.call('SET', dk, cjson.encode(m), 'EX', rest + LATE + 2 * 86400)
 end
 
--- verdicts on the days in progress the batch touched
+-- verdicts on the days in progress the batch touched (judge_in_progress: faster, but which events of
+-- the day have arrived depends on how partitions interleave; off, a day is judged once complete)
 local out = {}
-for _, dk in ipairs(torder) do
+for _, dk in ipairs(INPROG and torder or {}) do
   local x = touched[dk]
   local h = hists[x[4]]
   if h.g then
@@ -392,6 +394,7 @@ class PrescriberVolume(Detector):
     def __init__(self, *, baseline_days: int = 28, min_baseline_days: int = 3, peer_days: int = 7,
                  min_peers: int = 5, peer_quantile: float = 0.9, measures: dict[str, Any] | None = None,
                  require: Sequence[str] = ("settlements",), min_measures: int = 2, sweep_per_batch: int = 500,
+                 judge_in_progress: bool = False,
                  max_evidence: int = 200, resale_prone: DrugList = EMPTY, lateness_s: int = 3600, lang: str = "zh",
                  version: str = "") -> None:
         super().__init__(lateness_s=lateness_s, lang=lang, version=version)
@@ -446,6 +449,9 @@ class PrescriberVolume(Detector):
         self.require = tuple(dict.fromkeys(require))
         self.min_measures = min_measures
         self.sweep_per_batch = sweep_per_batch
+        if not isinstance(judge_in_progress, bool):
+            raise ValueError(f"prescriber_volume: judge_in_progress must be true or false, got {judge_in_progress!r}")
+        self.judge_in_progress = judge_in_progress
         self.max_evidence = max_evidence
         self.resale_prone = resale_prone
         self._sha = self.sha(LUA)
@@ -456,13 +462,14 @@ class PrescriberVolume(Detector):
                                   int(round(am["min_per_day"] * 100)), float(am["own_factor"]),
                                   int(sh["min_resale_settlements"]), float(sh["min_increase"]), req, min_measures,
                                   lateness_s, sweep_per_batch, (baseline_days + 1) * 86400 + lateness_s,
-                                  2 * 86400 + lateness_s])
+                                  2 * 86400 + lateness_s, 1 if judge_in_progress else 0])
 
     def params(self) -> dict[str, Any]:
         return {"baseline_days": self.baseline_days, "min_baseline_days": self.min_baseline_days,
                 "peer_days": self.peer_days, "min_peers": self.min_peers, "peer_quantile": self.peer_quantile,
                 "measures": self.measures, "require": list(self.require), "min_measures": self.min_measures,
-                "sweep_per_batch": self.sweep_per_batch, "lateness_s": self.lateness_s}
+                "sweep_per_batch": self.sweep_per_batch, "judge_in_progress": self.judge_in_progress,
+                "lateness_s": self.lateness_s}
 
     # -- Redis ---------------------------------------------------------------------------
     def _resale(self, ev: Settlement) -> int:
