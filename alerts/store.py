@@ -64,7 +64,20 @@ class AlertStore:
                 url = "postgresql+psycopg://" + url[len("postgresql://"):]
             self.engine = sa.create_engine(url, pool_pre_ping=True)
         metadata.create_all(self.engine)
+        self._migrate()
         self.url = url
+
+    def _migrate(self) -> None:
+        """Bring a store written by an older claimwatch up to this schema (idempotent)."""
+        cols = {c["name"] for c in sa.inspect(self.engine).get_columns("alerts")}
+        if "window_end_ts" not in cols:
+            with self.engine.begin() as conn:
+                conn.execute(sa.text("ALTER TABLE alerts ADD COLUMN window_end_ts FLOAT NOT NULL DEFAULT 0"))
+                rows = conn.execute(sa.select(alerts_table.c.alert_id, alerts_table.c.window_end)).all()
+                for aid, we in rows:
+                    conn.execute(sa.update(alerts_table).where(alerts_table.c.alert_id == aid)
+                                 .values(window_end_ts=_ts(we)))
+                conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_alerts_window_end_ts ON alerts (window_end_ts)"))
 
     def _insert(self):
         return (postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert)(alerts_table)

@@ -58,3 +58,28 @@ def test_exported_alerts_follow_the_contract(store):
     store.upsert([mk(summary="卡 C1 …", score=1.2, rule_version="abc")])
     for a in store.query():
         jsonschema.validate(to_dict(a), SCHEMA)
+
+
+def test_a_store_from_an_older_schema_is_migrated(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "old.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE alerts (alert_id VARCHAR(64) PRIMARY KEY, run_id VARCHAR(128) NOT NULL, "
+                "rule VARCHAR(64) NOT NULL, severity VARCHAR(16) NOT NULL, subject_type VARCHAR(16) NOT NULL, "
+                "subject_id VARCHAR(256) NOT NULL, window_start VARCHAR(40) NOT NULL, window_end VARCHAR(40) NOT NULL, "
+                "detected_at VARCHAR(40) NOT NULL, updated_at VARCHAR(40) NOT NULL, status VARCHAR(32) NOT NULL "
+                "DEFAULT 'open', suppressed BOOLEAN NOT NULL DEFAULT 0, doc TEXT NOT NULL)")
+    from alerts.model import to_json
+
+    old = mk("A-old")
+    con.execute("INSERT INTO alerts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                ("A-old", "r1", "card_hopping", "high", "card", "C1", old.window_start, old.window_end, "x", "x",
+                 "open", 0, to_json(old).decode()))
+    con.commit()
+    con.close()
+    st = AlertStore(f"sqlite:///{db}")
+    st.upsert([mk("A-new")])
+    assert sorted(a.alert_id for a in st.query(since="2026-11-24T17:00:00+08:00")) == ["A-new", "A-old"]
+    assert st.query(since="2026-11-24T18:00:01+08:00") == []
+    st.close()
