@@ -176,7 +176,8 @@ def throughput(settings: Settings, *, events: int, workers: int, seed: int = 1, 
                 t0 = time.perf_counter()
                 asyncio.run(publish_file(s2, path, run_id, stats, progress))
                 t_pub = time.perf_counter() - t0
-                asyncio.run(wait_done(s2, run_id, stats, progress=progress, idle_timeout_s=300))
+                asyncio.run(wait_done(s2, run_id, stats, progress=progress, idle_timeout_s=300,
+                                      alive=lambda: all(p.alive() for p in procs)))
                 pipe_s = time.perf_counter() - t0
                 mem1 = r.info("memory")["used_memory"]
                 rss1 = [_rss_kb(p.proc.pid) for p in procs]
@@ -312,7 +313,8 @@ def day(settings: Settings, *, events: int = 1_200_000, workers: int = 1, seed: 
             t0 = time.perf_counter()
             asyncio.run(publish_file(s, path, run_id, st, progress))
             pub_s = time.perf_counter() - t0
-            asyncio.run(wait_done(s, run_id, st, progress=progress, idle_timeout_s=600))
+            asyncio.run(wait_done(s, run_id, st, progress=progress, idle_timeout_s=600,
+                                  alive=lambda: all(p.alive() for p in procs)))
             total_s = time.perf_counter() - t0
             asyncio.run(drop_run_state(s.redis_url, run_id))
     return {"events": events, "workers": workers, "generate_s": round(gen_s, 1), "publish_s": round(pub_s, 1),
