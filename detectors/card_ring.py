@@ -50,14 +50,13 @@ ValueError: card_ring: min_cards must be >= 3, got 1
 from __future__ import annotations
 
 import hashlib
-import re
 from collections import defaultdict
-from functools import lru_cache
 from typing import Any, Sequence
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
 from detectors.base import Detector, Namespace, check_positive
-from detectors.drugs import EMPTY, DrugList, is_placeholder
+from detectors.drugs import placeholder_institution as _placeholder_inst, unusable_ids as _unusable, clean_text as _clean
+from detectors.drugs import EMPTY, DrugList
 from stream.events import Settlement, iso
 
 LUA = r"""
@@ -255,7 +254,6 @@ return out
 """
 
 _SEP = "\t"
-_BAD = re.compile("[\t\x1f]")      # separators of the Lua state: never inside an id
 #: day boundaries (which day a burst is on) in China Standard Time, UTC+8 all year
 TZ_S = 8 * 3600
 #: cards of an earlier ring (same counter, same drug, within recur_s) that make a burst that ring's:
@@ -281,23 +279,6 @@ def day_label(day: int) -> str:
     """
     return iso(day * 86400 - TZ_S)[:10]
 
-
-@lru_cache(maxsize=65536)
-def _placeholder_inst(inst: str) -> bool:
-    return is_placeholder(inst)
-
-
-def _unusable(card: str, event_id: str) -> bool:
-    """A card id never to blame (placeholder) or an id the Lua state cannot hold."""
-    if "\t" in card or "\x1f" in card or "\t" in event_id or "\x1f" in event_id:
-        return True
-    if card.isdigit() and card.count(card[0]) != len(card):   # fast path: a real card number
-        return False
-    return is_placeholder(card)
-
-
-def _clean(s: str) -> str:
-    return _BAD.sub(" ", s) if "\t" in s or "\x1f" in s else s
 
 
 def _s(x: Any) -> str:

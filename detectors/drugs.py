@@ -12,6 +12,7 @@ so a city whose sources use another coding scheme is still covered by the names.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Iterable, Sequence
 
 
@@ -66,3 +67,29 @@ def iter_drug_lines(items: Iterable) -> Iterable:
     for it in items:
         if it.category == "drug":
             yield it
+
+
+_SEPARATORS = re.compile("[\t\x1f]")  # separators of the detectors' Lua state: never inside an id
+
+
+@lru_cache(maxsize=65536)
+def placeholder_institution(inst: str) -> bool:
+    return is_placeholder(inst)
+
+
+def unusable_ids(card: str, event_id: str) -> bool:
+    """A card id never to blame (placeholder) or an id the Lua state cannot hold.
+
+    >>> unusable_ids("3101198701011234", "E1"), unusable_ids("0000", "E1"), unusable_ids("C" + chr(9) + "1", "E1")
+    (False, True, True)
+    """
+    if "\t" in card or "\x1f" in card or "\t" in event_id or "\x1f" in event_id:
+        return True
+    if card.isdigit() and card.count(card[0]) != len(card):  # fast path: a real card number
+        return False
+    return is_placeholder(card)
+
+
+def clean_text(s: str) -> str:
+    """Text safe to embed in the Lua state (separators replaced by spaces)."""
+    return _SEPARATORS.sub(" ", s) if "\t" in s or "\x1f" in s else s

@@ -44,13 +44,15 @@ ValueError: shared_card: max_speed_kmh must be a positive number, got 0
 from __future__ import annotations
 
 import math
-import re
-from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
 from detectors.base import Detector, Namespace, check_positive
-from detectors.drugs import DrugList, is_placeholder
+from detectors.drugs import _SEPARATORS, clean_text as _clean, placeholder_institution as _placeholder_inst, unusable_ids as _unusable  # noqa: F401
+from detectors.drugs import DrugList
+
+_VISIT = {"outpatient": "o", "emergency": "e", "pharmacy": "p", "inpatient": "i"}
+_KIND_ORDER = ("impossible_travel", "inpatient_overlap", "child_adult_drug")
 from stream.events import Settlement, iso
 
 LUA = r"""
@@ -217,27 +219,7 @@ return out
 """
 
 _SEP = "\t"
-_BAD = re.compile("[\t\x1f]")      # separators of the Lua state: never inside an id
 
-
-@lru_cache(maxsize=65536)
-def _placeholder_inst(inst: str) -> bool:
-    return is_placeholder(inst)
-
-
-def _unusable(card: str, event_id: str) -> bool:
-    """A card id never to blame (placeholder) or an id the Lua state cannot hold."""
-    if "\t" in card or "\x1f" in card or "\t" in event_id or "\x1f" in event_id:
-        return True
-    if card.isdigit() and card.count(card[0]) != len(card):   # fast path: a real card number
-        return False
-    return is_placeholder(card)
-
-
-def _clean(s: str) -> str:
-    return _BAD.sub(" ", s) if "\t" in s or "\x1f" in s else s
-_VISIT = {"outpatient": "o", "emergency": "e", "pharmacy": "p", "inpatient": "i"}
-_KIND_ORDER = ("impossible_travel", "inpatient_overlap", "child_adult_drug")
 
 
 def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
@@ -406,11 +388,11 @@ class SharedCard(Detector):
             if it.days_supply is not None and it.days_supply < self.min_days_supply:
                 continue
             by_dx = by_dx or not drug
-            names.append(_BAD.sub(" ", it.name or it.code).replace("|", "/"))
+            names.append(_SEPARATORS.sub(" ", it.name or it.code).replace("|", "/"))
             days += it.days_supply or 0
         if not names:
             return ""
-        dx = "|".join(_BAD.sub(" ", d).replace("|", "/") for d in adult_dx) if by_dx else ""
+        dx = "|".join(_SEPARATORS.sub(" ", d).replace("|", "/") for d in adult_dx) if by_dx else ""
         return f"{age}{_SEP}{'|'.join(dict.fromkeys(names))}{_SEP}{days}{_SEP}{dx}"
 
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:

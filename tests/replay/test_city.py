@@ -10,7 +10,6 @@ import re
 import time
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta
-from itertools import islice
 from pathlib import Path
 
 import orjson

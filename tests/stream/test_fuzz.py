@@ -32,7 +32,6 @@ import random
 import re
 import time
 import uuid
-import zlib
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
