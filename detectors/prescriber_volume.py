@@ -81,9 +81,9 @@ local W, MINB, WP, MINP, Q = cfg[1], cfg[2], cfg[3], cfg[4], cfg[5]
 local N_MIN, N_F, N_Z, A_MIN, A_F, S_MIN, S_INC = cfg[6], cfg[7], cfg[8], cfg[9], cfg[10], cfg[11], cfg[12]
 local REQ, MINM, LATE, SWEEP, TTL_H, TTL_WM = cfg[13], cfg[14], cfg[15], cfg[16], cfg[17], cfg[18]
 local INPROG = cfg[19] == 1
-local MAXT, TRIGGER = tonumber(ARGV[3]), ARGV[4]
+local PMAX, TRIGGER = cjson.decode(ARGV[3]), ARGV[4]
 local rows = cjson.decode(ARGV[5])
-local pending, wmk = P .. ':pending', P .. ':wm'
+local pending, wmk = P .. ':pending', P .. ':wmp'
 local HIST = P .. ':' .. (W * 86400) .. ':'
 
 local function bit(mask, b) return math.floor(mask / b) % 2 == 1 end
@@ -328,8 +328,18 @@ local before = redis.call('GET', sk)
 if before then
   for _, mem in ipairs(cjson.decode(before)) do complete(mem, false) end
 end
-local wm = tonumber(redis.call('GET', wmk) or '0')
-if MAXT > wm then wm = MAXT; redis.call('SET', wmk, tostring(wm)) end
+-- the watermark is the slowest input partition's newest event time (partitions more than 6 h behind
+-- the newest are idle and ignored), so a day is complete only once every partition is past it,
+-- whatever the interleaving of partitions
+for p, t in pairs(PMAX) do
+  local cur = tonumber(redis.call('HGET', wmk, p) or '0')
+  if t > cur then redis.call('HSET', wmk, p, t) end
+end
+local top = 0
+local pv = redis.call('HVALS', wmk)
+for _, v in ipairs(pv) do v = tonumber(v); if v > top then top = v end end
+local wm = top
+for _, v in ipairs(pv) do v = tonumber(v); if v >= top - 21600 and v < wm then wm = v end end
 redis.call('EXPIRE', wmk, TTL_WM)
 local due = redis.call('ZRANGEBYSCORE', pending, '-inf', wm, 'LIMIT', 0, SWEEP)
 if #due > 0 then
@@ -495,7 +505,12 @@ class PrescriberVolume(Detector):
                          f"{ev.institution_type}|L{ev.institution_level or '?'}|{dept}", f"*|*|{dept}",
                          ev.institution_id, int(ts >= ds + late)])
         newest = max(events, key=lambda e: (e.ts, e.event_id))
-        pipe.evalsha(self._sha, 0, self.key(ns), self._cfg, repr(newest.ts), f"{newest.ts!r}|{newest.event_id}",
+        pmax: dict[str, float] = {}
+        for ev in events:
+            k = str(ev.partition)
+            if ev.ts > pmax.get(k, 0.0):
+                pmax[k] = ev.ts
+        pipe.evalsha(self._sha, 0, self.key(ns), self._cfg, orjson.dumps(pmax), f"{newest.ts!r}|{newest.event_id}",
                      orjson.dumps(rows))
         return 1
 

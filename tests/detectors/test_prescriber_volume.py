@@ -201,7 +201,7 @@ def test_every_key_expires(process, rules, redis_sync):
     rid = run_id()
     process(rules, batches(history(PEERS + [SUBJ], range(1, 7)) + spike(6, 12) + [trigger(7)]), rid)
     keys = list(redis_sync.scan_iter(match=f"cw:{rid}:*"))
-    assert any(b":peer:" in k for k in keys) and any(k.endswith(b":wm") for k in keys)
+    assert any(b":peer:" in k for k in keys) and any(k.endswith(b":wmp") for k in keys)
     for k in keys:
         ttl = redis_sync.ttl(k)
         assert 0 < ttl <= 29 * 86400 + 3600, (k, ttl)
