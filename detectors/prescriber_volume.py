@@ -328,9 +328,10 @@ local before = redis.call('GET', sk)
 if before then
   for _, mem in ipairs(cjson.decode(before)) do complete(mem, false) end
 end
--- the watermark is the slowest input partition's newest event time (partitions more than 6 h behind
--- the newest are idle and ignored), so a day is complete only once every partition is past it,
--- whatever the interleaving of partitions
+-- the watermark is the slowest input partition's newest event time, so a day is complete only once
+-- every partition is past it, whatever the interleaving of partitions (a replay may drain one
+-- partition days ahead of another). A partition that stops receiving holds it back: at city scale
+-- every partition receives settlements all day.
 for p, t in pairs(PMAX) do
   local cur = tonumber(redis.call('HGET', wmk, p) or '0')
   if t > cur then redis.call('HSET', wmk, p, t) end
@@ -339,7 +340,7 @@ local top = 0
 local pv = redis.call('HVALS', wmk)
 for _, v in ipairs(pv) do v = tonumber(v); if v > top then top = v end end
 local wm = top
-for _, v in ipairs(pv) do v = tonumber(v); if v >= top - 21600 and v < wm then wm = v end end
+for _, v in ipairs(pv) do v = tonumber(v); if v < wm then wm = v end end
 redis.call('EXPIRE', wmk, TTL_WM)
 local due = redis.call('ZRANGEBYSCORE', pending, '-inf', wm, 'LIMIT', 0, SWEEP)
 if #due > 0 then

@@ -30,7 +30,7 @@ from stream import metrics as M
 from stream.ingest import DirectIngest, Producer
 from claimwatch.settings import Settings
 from detectors.config import ConfigError, RuleSet, load_rules
-from stream.pipeline import BatchResult, Message, Processor, headers_dict
+from stream.pipeline import OUTBOX_KEY, BatchResult, Message, Processor, headers_dict
 from stream.topics import H_REASON, H_RUN_ID, H_SOURCE_OFFSET, H_SOURCE_PARTITION, H_SOURCE_TOPIC
 
 log = logging.getLogger("claimwatch.worker")
@@ -75,6 +75,7 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
     state: dict[str, Any] = {"rules": rules, "mtime": _mtime(settings.rules_path), "batches": 0}
     processor = Processor(rules, redis, max_event_bytes=settings.max_event_bytes,
                           future_tolerance_s=settings.future_tolerance_s)
+    processor.outbox = True
     app.claimwatch = {"processor": processor, "store": store, "redis": redis, "state": state}  # type: ignore[attr-defined]
     M.rules_version.labels(rules.version).set(1)
     exemptions_path = Path(settings.exemptions_path)
@@ -98,6 +99,30 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
     @app.timer(interval=30.0)
     async def _exemptions_timer() -> None:
         await refresh_exemptions()
+
+    async def drain_outbox() -> int:
+        """Publish and store alerts a crashed worker computed but never published (idempotent upserts)."""
+        try:
+            raw = await redis.hgetall(OUTBOX_KEY)
+        except Exception as exc:
+            log.error("could not read the alert outbox: %s", exc)
+            return 0
+        if not raw:
+            return 0
+        from alerts.model import from_json
+
+        res = BatchResult(alerts=[from_json(v) for v in raw.values()])
+        await publish(res)
+        log.warning("published %d alert(s) left in the outbox by an interrupted batch", len(res.alerts))
+        return len(res.alerts)
+
+    @app.task
+    async def _drain_at_start() -> None:
+        await drain_outbox()
+
+    @app.timer(interval=20.0)
+    async def _drain_timer() -> None:
+        await drain_outbox()
 
     producer = Producer(settings)
     app.claimwatch["producer"] = producer  # type: ignore[index]
@@ -143,6 +168,8 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
         for (run, fld), counts in res.data_quality.items():
             M.data_quality.labels(fld).inc(sum(counts.values()))
         runs = set(res.processed) | set(res.invalid) | {r for r, _, _ in res.eofs}
+        if res.alerts:
+            await redis.hdel(OUTBOX_KEY, *{a.alert_id for a in res.alerts})
         if runs:
             async with redis.pipeline(transaction=False) as pipe:
                 for run in runs:

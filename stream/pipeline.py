@@ -17,6 +17,7 @@ from alerts.model import Alert
 from redis.exceptions import NoScriptError
 
 from alerts.exemptions import ExemptionRegistry
+from alerts.model import to_json
 from detectors.base import Detector, Namespace
 from detectors.drugs import is_placeholder
 from detectors.config import RuleSet
@@ -24,6 +25,9 @@ from stream.events import InvalidEvent, Settlement, parse_event
 from stream.topics import CONTROL_EOF, H_CONTROL, H_RUN_ID, LIVE_RUN
 
 log = logging.getLogger("claimwatch.pipeline")
+
+#: alerts computed but not yet published and stored (alert_id -> alert JSON)
+OUTBOX_KEY = "cw:outbox"
 
 
 @dataclass
@@ -98,6 +102,7 @@ class Processor:
         self.future_tolerance_s = future_tolerance_s
         self._loaded: set[str] = set()
         self.exemptions = ExemptionRegistry()
+        self.outbox = False  # the worker turns it on; in-process runs (tests, quality) need none
         self._watermarks: dict[tuple[str, str, int], float] = {}
 
     async def load_scripts(self) -> None:
@@ -194,6 +199,11 @@ class Processor:
             res.alerts.extend(det.collect(events, replies[start:start + k], ns))
         if len(self.exemptions):
             res.alerts = [self._exempt(a) for a in res.alerts]
+        if res.alerts and self.outbox:
+            # Outbox: some rules fire once (a swept day, a month bucket) and record that in Redis; a crash
+            # before the alert is published would lose it, since the redelivered batch no longer fires.
+            # The alerts wait here until published and stored (see stream.app); a restarted worker drains it.
+            await self.redis.hset(OUTBOX_KEY, mapping={a.alert_id: to_json(a) for a in res.alerts})
         return res
 
     def _exempt(self, a: Alert) -> Alert:

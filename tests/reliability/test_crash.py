@@ -20,8 +20,15 @@ from stream.app import progress_key
 from tests.reliability.conftest import wait_ready
 
 
-def _alert_keys(store: AlertStore, run_id: str) -> Counter:
-    return Counter((a.rule, a.subject_type, a.subject_id, a.window_s) for a in store.query(run_id=run_id))
+# Verdicts of these rules depend on more than the events: prescriber_volume on when every partition's
+# watermark passes a day (how a replay's partitions interleave), ml_outlier on the model checkpoint a
+# restarted worker resumes from. They are checked for duplicates only (README, Guarantees).
+TIMING_DEPENDENT = {"prescriber_volume", "ml_outlier"}
+
+
+def _alert_keys(store: AlertStore, run_id: str, *, all_rules: bool = False) -> Counter:
+    return Counter((a.rule, a.subject_type, a.subject_id, a.window_s) for a in store.query(run_id=run_id)
+                   if all_rules or a.rule not in TIMING_DEPENDENT)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +138,9 @@ def test_rebuild_state_after_redis_loss_gives_the_same_alerts(isolated, stack_re
         w.stop()
 
     def keyset(run):
-        return Counter((a.rule, a.subject_id, a.window_s, a.window_start) for a in store.query(run_id=run))
+        # card_ring's ring id also depends on which ring state survived (README, Guarantees)
+        return Counter((a.rule, a.subject_id, a.window_s, a.window_start) for a in store.query(run_id=run)
+                       if a.rule not in TIMING_DEPENDENT | {"card_ring"})
 
     assert keyset("live") == keyset("ref")
     store.close()
