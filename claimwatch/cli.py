@@ -79,6 +79,18 @@ def generate(cards: int = typer.Option(20_000, min=10, help="number of insured c
                   f"in {time.perf_counter() - t0:.1f} s")
 
 
+def _stage_progress(prog: Progress, names: dict[str, str] | None = None):
+    """A ``progress(stage, done, total)`` callback that keeps one bar per stage."""
+    tasks: dict[str, int] = {}
+
+    def on_progress(stage: str, done: int, total: int | None) -> None:
+        if stage not in tasks:
+            tasks[stage] = prog.add_task((names or {}).get(stage, stage), total=total)
+        prog.update(tasks[stage], completed=done, total=total)
+
+    return on_progress
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, transient=False)
@@ -111,14 +123,7 @@ def replay(file: Path = typer.Argument(..., help="settlements, one JSON per line
     if workers == 0 and (not s.kafka_url or not s.redis_url):
         fail("--workers 0 needs running workers, so CLAIMWATCH_KAFKA_URL and CLAIMWATCH_REDIS_URL must be set")
     with _progress() as prog:
-        tasks: dict[str, int] = {}
-
-        def on_progress(stage: str, done: int, total: int | None) -> None:
-            name = {"publish": "publishing lines", "process": "processed events"}[stage]
-            if stage not in tasks:
-                tasks[stage] = prog.add_task(name, total=total)
-            prog.update(tasks[stage], completed=done, total=total)
-
+        on_progress = _stage_progress(prog, {"publish": "publishing lines", "process": "processed events"})
         try:
             stats, alerts = replay_file(s, file, run_id, workers=workers, keep_state=keep_state,
                                         idle_timeout_s=idle_timeout, progress=on_progress, log=console.print)
@@ -415,13 +420,7 @@ def bench_quality(cards: int = typer.Option(20_000, min=100), days: int = typer.
 
     s = load_settings()
     with _progress() as prog:
-        tasks: dict[str, int] = {}
-
-        def on_progress(stage: str, done: int, total: int | None) -> None:
-            if stage not in tasks:
-                tasks[stage] = prog.add_task(stage, total=total)
-            prog.update(tasks[stage], completed=done, total=total)
-
+        on_progress = _stage_progress(prog)
         rep = quality(s, cards=cards, days=days, seed=seed, workers=workers, progress=on_progress, ml=ml)
     out = Console()
     t = Table(title=f"detection quality — {cards:,} cards × {days} days, seed {seed}, {rep['events']:,} settlements")
@@ -498,13 +497,7 @@ def bench_day(events: int = typer.Option(1_200_000, min=1000), workers: int = ty
 
     s = load_settings()
     with _progress() as prog:
-        tasks: dict[str, int] = {}
-
-        def on_progress(stage: str, done: int, total: int | None) -> None:
-            if stage not in tasks:
-                tasks[stage] = prog.add_task(stage, total=total)
-            prog.update(tasks[stage], completed=done, total=total)
-
+        on_progress = _stage_progress(prog)
         rep = day(s, events=events, workers=workers, progress=on_progress, log=lambda m: console.print(m))
     Console().print(f"{rep['events']:,} settlements in {rep['seconds']} s ({rep['per_s']:,}/s) with "
                     f"{workers} worker(s); target ≤ 180 s")
