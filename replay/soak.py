@@ -85,6 +85,9 @@ def soak(settings: Settings, *, seconds: float, rate: float, cards: int = 50_000
         deadline = time.monotonic() + 60
         while int(r.hget("cw:live:progress", "processed") or 0) < sent and time.monotonic() < deadline:
             time.sleep(0.5)
+        lag_deadline = time.monotonic() + 25  # the lag gauge refreshes from committed offsets every 10 s
+        while _lag(w.web_port) > 0 and time.monotonic() < lag_deadline:
+            time.sleep(1.0)
         samples.append(sample(sent))
         alive = w.alive()
     first = samples[min(1, len(samples) - 1)]  # after warm-up
