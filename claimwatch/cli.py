@@ -522,6 +522,11 @@ def bench_soak(minutes: float = typer.Option(20.0, min=0.1), rate: float = typer
 
 
 def main() -> None:
+    import signal
+
+    # SIGTERM (a supervisor, `kill`) unwinds like Ctrl-C, so the embedded broker, Redis and worker
+    # processes a command started are stopped too (a worker's Faust loop installs its own handler).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     app()
 
 
