@@ -70,7 +70,8 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
     )
     settlements = app.topic(settings.topic_settlements, settings.topic_replay,
                             value_serializer="raw", key_serializer="raw")
-    redis = aioredis.from_url(settings.redis_url, socket_keepalive=True, health_check_interval=30)
+    redis = aioredis.from_url(settings.redis_url, socket_keepalive=True, health_check_interval=30,
+                              socket_timeout=15, socket_connect_timeout=5, retry_on_timeout=False)
     store = AlertStore(settings.store_url_resolved)
     state: dict[str, Any] = {"rules": rules, "mtime": _mtime(settings.rules_path), "batches": 0}
     processor = Processor(rules, redis, max_event_bytes=settings.max_event_bytes,
