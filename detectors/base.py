@@ -27,6 +27,26 @@ from alerts.model import Alert
 from stream.events import Settlement
 
 
+#: Lua shared by detectors that keep episodes (prepend it to a script): the episode of ``ek`` that event
+#: time ``t`` belongs to, extended while firing events stay within ``window`` of its last one; a new
+#: episode starts otherwise (and its evidence set ``vk`` is cleared). Returns the episode start.
+EPISODE_LUA = r"""
+local function episode(ek, vk, t, window)
+  local ep = redis.call('HMGET', ek, 'start', 'last')
+  local start = tonumber(ep[1])
+  local last = tonumber(ep[2])
+  if start and (t - last) <= window and t >= start - window then
+    if t > last then redis.call('HSET', ek, 'last', t) end
+  else
+    start = t
+    redis.call('HSET', ek, 'start', t, 'last', t)
+    redis.call('DEL', vk)
+  end
+  return start
+end
+"""
+
+
 @dataclass(frozen=True)
 class Namespace:
     """Where a run's state lives: ``cw:{run_id}`` (``live`` for the live stream)."""

@@ -29,10 +29,10 @@ from typing import Any, Sequence
 import orjson
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
-from detectors.base import Detector, Namespace, check_positive
+from detectors.base import EPISODE_LUA, Detector, Namespace, check_positive
 from stream.events import Settlement, iso
 
-LUA = r"""
+LUA = EPISODE_LUA + r"""
 -- ARGV[1] key prefix (cw:{run}:card_hopping), ARGV[2] JSON {lateness, windows: [[window_s, min_n, ttl]]},
 -- ARGV[3] JSON [[t, card, institution, event_id], ...]. Keys are built here from the prefix
 -- (standalone Redis; for Redis Cluster the caller groups a batch by hash slot of {card}).
@@ -65,16 +65,7 @@ for i = 1, #evs do
       end
     end
     if n >= minn then
-      local ep = redis.call('HMGET', ek, 'start', 'last')
-      local start = tonumber(ep[1])
-      local last = tonumber(ep[2])
-      if start and (t - last) <= W and t >= start - W then
-        if t > last then redis.call('HSET', ek, 'last', t) end
-      else
-        start = t
-        redis.call('HSET', ek, 'start', t, 'last', t)
-        redis.call('DEL', vk)
-      end
+      local start = episode(ek, vk, t, W)
       for m = 1, #members, 2 do
         local s = members[m]
         redis.call('ZADD', vk, members[m + 1], string.sub(s, string.find(s, '\t', 1, true) + 1))

@@ -46,12 +46,12 @@ from typing import Any, Sequence
 import orjson
 
 from alerts.model import SEVERITIES, Alert, alert_id, now_iso, severity_for
-from detectors.base import Detector, Namespace, check_positive
+from detectors.base import EPISODE_LUA, Detector, Namespace, check_positive
 from detectors.card_hopping import window_label
 from detectors.drugs import EMPTY, DrugList, ingredient_key, is_placeholder
 from stream.events import Settlement, iso
 
-LUA = r"""
+LUA = EPISODE_LUA + r"""
 -- ARGV[1] key prefix (cw:{run}:overdispensing:{window_s}), ARGV[2] JSON [W, lateness, ttl, max_ratio,
 -- min_excess_days, early_share, min_early, min_left_days, min_fills], ARGV[3] JSON
 -- [[index, t, event_id, card, institution, [[ingredient, days], ...]], ...]. Keys are built here from
@@ -137,16 +137,7 @@ for i = 1, #evs do
     end
   end
   if #fired > 0 then
-    local ep = redis.call('HMGET', ek, 'start', 'last')
-    local start = tonumber(ep[1])
-    local last = tonumber(ep[2])
-    if start and (t - last) <= W and t >= start - W then
-      if t > last then redis.call('HSET', ek, 'last', t) end
-    else
-      start = t
-      redis.call('HSET', ek, 'start', t, 'last', t)
-      redis.call('DEL', vk)
-    end
+    local start = episode(ek, vk, t, W)
     redis.call('ZADD', vk, unpack(evid))
     redis.call('EXPIRE', ek, ttl)
     redis.call('EXPIRE', vk, ttl)
