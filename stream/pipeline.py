@@ -18,13 +18,15 @@ from redis.exceptions import NoScriptError
 
 from alerts.exemptions import ExemptionRegistry
 from alerts.model import to_json
-from detectors.base import Detector, Namespace
+from detectors.base import CARD_HASHES, TOUCH_LUA, Detector, Namespace
 from detectors.drugs import is_placeholder
 from detectors.config import RuleSet
 from stream.events import InvalidEvent, Settlement, parse_event
 from stream.topics import CONTROL_EOF, H_CONTROL, H_RUN_ID, LIVE_RUN
 
 log = logging.getLogger("claimwatch.pipeline")
+
+_TOUCH_SHA = Detector.sha(TOUCH_LUA)
 
 #: alerts computed but not yet published and stored (alert_id -> alert JSON)
 OUTBOX_KEY = "cw:outbox"
@@ -107,10 +109,9 @@ class Processor:
 
     async def load_scripts(self) -> None:
         """Load every detector's Lua scripts (again after a Redis restart emptied the script cache)."""
-        for det in self.rules.detectors:
-            for src in det.scripts:
-                sha = await self.redis.script_load(src)
-                self._loaded.add(sha)
+        for src in (TOUCH_LUA, *(src for det in self.rules.detectors for src in det.scripts)):
+            sha = await self.redis.script_load(src)
+            self._loaded.add(sha)
 
     def parse(self, msgs: Sequence[Message]) -> tuple[dict[str, list[Settlement]], BatchResult]:
         res = BatchResult()
@@ -171,7 +172,7 @@ class Processor:
         res.alerts = []
         if not by_run:
             return res
-        want = {Detector.sha(src) for det in self.rules.detectors for src in det.scripts}
+        want = {Detector.sha(src) for det in self.rules.detectors for src in det.scripts} | {_TOUCH_SHA}
         if not want <= self._loaded:
             await self.load_scripts()
         try:
@@ -184,6 +185,7 @@ class Processor:
     async def _run(self, by_run: dict[str, list[Settlement]], res: BatchResult) -> BatchResult:
         detectors = self.rules.detectors
         plan: list[tuple[Any, Namespace, list[Settlement], int, int]] = []
+        card_ttls = self.card_ttls()
         t0 = time.perf_counter()
         async with self.redis.pipeline(transaction=False) as pipe:
             n = 0
@@ -193,6 +195,11 @@ class Processor:
                     k = det.queue(pipe, events, ns)
                     plan.append((det, ns, events, n, k))
                     n += k
+                if card_ttls and n:
+                    cards = list(dict.fromkeys(ev.card_id for ev in events))
+                    for h, ttl in card_ttls.items():  # after the rules' scripts: new card hashes get their TTL too
+                        pipe.evalsha(_TOUCH_SHA, 0, ns.card_prefix(h), ttl, *cards)
+                        n += 1
             replies = await pipe.execute() if n else []
         res.redis_s = time.perf_counter() - t0
         for det, ns, events, start, k in plan:
@@ -205,6 +212,17 @@ class Processor:
             # The alerts wait here until published and stored (see stream.app); a restarted worker drains it.
             await self.redis.hset(OUTBOX_KEY, mapping={a.alert_id: to_json(a) for a in res.alerts})
         return res
+
+    def card_ttls(self) -> dict[str, int]:
+        """TTL of each per-card hash in use: the largest ``card_ttl_s`` of the detectors keeping state there."""
+        out: dict[str, int] = {}
+        for det in self.rules.detectors:
+            h = det.card_hash
+            if h:
+                if h not in CARD_HASHES:
+                    raise ValueError(f"{det.rule}: card_hash must be one of {CARD_HASHES}, got {h!r}")
+                out[h] = max(out.get(h, 1), int(det.card_ttl_s))
+        return out
 
     def _exempt(self, a: Alert) -> Alert:
         from datetime import datetime
