@@ -194,14 +194,21 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
                     pipe.expire(eof_key(run), PROGRESS_TTL_S)
                 await pipe.execute()
 
-    async def handle_batch(msgs: list[Message], parsed=None) -> BatchResult:
-        """Process and publish one batch; retry on Redis/broker errors; exit on a bug (crash-only)."""
+    async def handle_batch(msgs: list[Message], parsed=None, pending=None) -> BatchResult:
+        """Process and publish one batch; retry on Redis/broker errors; exit on a bug (crash-only).
+
+        ``pending``: the batch's Redis round trip, already submitted (:meth:`Processor.submit`).
+        """
         backoff = 0.5
         if parsed is None:
             parsed = processor.parse(msgs)
         while True:
             try:
-                res = await processor.run(parsed)
+                if pending is not None:
+                    started, pending = pending, None
+                    res = await processor.finish(started)
+                else:
+                    res = await processor.run(parsed)
                 await publish(res)
                 state["batches"] += 1
                 return res
@@ -227,7 +234,7 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
                 res = await handle_batch(msgs)  # acked (committed) by take_events after this returns
                 _observe_batch(app.consumer, msgs, res, t0)
     else:
-        ingest = DirectIngest(settings, handle_batch, processor.parse)
+        ingest = DirectIngest(settings, handle_batch, processor.parse, processor.submit)
         app.claimwatch["ingest"] = ingest  # type: ignore[index]
         app.service(ingest)
 

@@ -21,7 +21,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from mode import Service
 
 from claimwatch.settings import Settings
-from stream.pipeline import BatchResult, Message
+from stream.pipeline import BatchResult, Message, Pending
 
 log = logging.getLogger("claimwatch.ingest")
 
@@ -80,11 +80,13 @@ class DirectIngest(Service):
     """Consume settlement topics in batches; commit offsets only after a batch is fully handled."""
 
     def __init__(self, settings: Settings, handle: Callable[..., Awaitable[BatchResult]],
-                 parse: Callable | None = None, **kwargs) -> None:
+                 parse: Callable | None = None, submit: Callable[..., Awaitable[Pending]] | None = None,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.settings = settings
         self.handle = handle
         self.parse = parse
+        self.submit = submit
         self.consumer: AIOKafkaConsumer | None = None
 
     def assignment(self) -> set:
@@ -142,10 +144,11 @@ class DirectIngest(Service):
         c = self.consumer
         assert c is not None
         timeout_ms = int(self.settings.batch_within_s * 1000)
-        # Two stages overlap: while batch N is in Redis / being published, batch N+1 is fetched
-        # and parsed. Batch N+1's Redis work starts only after N finished, so per-card order holds,
+        # Three stages overlap, so Python and Redis work at the same time: while Redis runs batch N+1's
+        # scripts, batch N's replies become alerts and are published, and batch N+2 is fetched and parsed.
+        # Batch N+1 is sent to Redis only once N's round trip completed (per-card order is batch order),
         # and offsets are committed in batch order, each after its batch was fully handled.
-        inflight: tuple[asyncio.Task, dict, list[Message], float] | None = None
+        inflight: list | None = None  # [msgs, offsets, parsed, t0, pending]
         while not self.should_stop:
             try:
                 got = await c.getmany(timeout_ms=timeout_ms, max_records=self.settings.batch_max)
@@ -164,20 +167,41 @@ class DirectIngest(Service):
                                             r.offset, r.key, r.timestamp / 1000.0 if r.timestamp else None))
                     offsets[tp] = recs[-1].offset + 1
                 parsed = self.parse(msgs) if self.parse is not None else None
-                nxt = (msgs, offsets, parsed, t0)
+                nxt = [msgs, offsets, parsed, t0, None, None]
             if inflight is not None:
+                pending = inflight[4]
+                if pending is not None:
+                    await pending.wait()
+                if nxt is not None and pending is not None and not pending.failed():
+                    self._start(nxt, await self._submit(nxt[2]))
                 await self._finish(c, inflight)
                 inflight = None
-            if nxt is not None:
-                msgs, offsets, parsed, t0 = nxt
-                inflight = (asyncio.ensure_future(self.handle(msgs, parsed)), offsets, msgs, t0)
+            if nxt is not None and nxt[5] is None:
+                self._start(nxt, await self._submit(nxt[2]))
+            inflight = nxt
         if inflight is not None:
             await self._finish(c, inflight)
+
+    def _start(self, batch: list, pending: Pending | None) -> None:
+        """Collect and publish a batch as soon as its Redis round trip ends (a task: fetching goes on)."""
+        msgs, offsets, parsed, t0, _, _ = batch
+        batch[4] = pending
+        batch[5] = asyncio.ensure_future(self.handle(msgs, parsed, pending))
+
+    async def _submit(self, parsed) -> Pending | None:
+        """Start a batch's Redis round trip; on trouble leave it to ``handle`` (which retries)."""
+        if self.submit is None or parsed is None:
+            return None
+        try:
+            return await self.submit(parsed)
+        except Exception as exc:  # Redis away (loading scripts): handle() retries with backoff
+            log.warning("could not send a batch to Redis yet (%s)", exc)
+            return None
 
     async def _finish(self, c: AIOKafkaConsumer, inflight) -> None:
         from stream.app import _observe_batch
 
-        task, offsets, msgs, t0 = inflight
+        msgs, offsets, parsed, t0, pending, task = inflight
         res = await task
         try:
             await c.commit(offsets)

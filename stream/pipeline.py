@@ -7,6 +7,7 @@ shared pipeline), whatever the number of events. The Faust agent in
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -66,6 +67,28 @@ class BatchResult:
     @property
     def published_alerts(self) -> list[Alert]:
         return [a for a in self.alerts if not a.suppressed]
+
+
+@dataclass
+class Pending:
+    """A batch whose Redis round trip is under way (see :meth:`Processor.submit`)."""
+
+    by_run: dict[str, list[Settlement]]
+    res: BatchResult
+    plan: list[tuple[Any, Namespace, list[Settlement], int, int]]
+    task: "asyncio.Future | None"
+    t0: float
+
+    def done(self) -> bool:
+        return self.task is None or self.task.done()
+
+    def failed(self) -> bool:
+        return self.task is not None and self.task.done() and not self.task.cancelled() and self.task.exception() is not None
+
+    async def wait(self) -> None:
+        """Until the round trip ended, whatever its outcome (:meth:`Processor.finish` raises its error)."""
+        if self.task is not None:
+            await asyncio.wait([self.task])
 
 
 def headers_dict(headers: Any) -> dict[str, bytes]:
@@ -166,43 +189,37 @@ class Processor:
         """Parse and run a batch (see :meth:`run`)."""
         return await self.run(self.parse(msgs))
 
+
     async def run(self, parsed: tuple[dict[str, list[Settlement]], BatchResult]) -> BatchResult:
         """Run parsed events through every detector with one Redis round trip; safe to retry."""
+        return await self.finish(await self.submit(parsed))
+
+    async def submit(self, parsed: tuple[dict[str, list[Settlement]], BatchResult]) -> "Pending":
+        """Queue every detector's work for a parsed batch and send it to Redis; :meth:`finish` collects.
+
+        The round trip runs as a task, so the caller can do other work meanwhile (the worker
+        publishes the previous batch and parses the next one while Redis runs this one). Submit
+        a batch only after the previous batch's round trip completed: per-card order is batch order.
+        """
         by_run, res = parsed
         res.alerts = []
-        if not by_run:
-            return res
         want = {Detector.sha(src) for det in self.rules.detectors for src in det.scripts} | {_TOUCH_SHA}
-        if not want <= self._loaded:
+        if by_run and not want <= self._loaded:
             await self.load_scripts()
+        return self._send(by_run, res)
+
+    async def finish(self, pending: "Pending") -> BatchResult:
+        """Wait for a submitted batch's replies and turn them into alerts (outbox written when on)."""
         try:
-            return await self._run(by_run, res)
+            replies = await pending.task if pending.task is not None else []
         except NoScriptError:  # Redis restarted and lost its script cache: load and redo (idempotent)
             self._loaded.clear()
             await self.load_scripts()
-            return await self._run(by_run, res)
-
-    async def _run(self, by_run: dict[str, list[Settlement]], res: BatchResult) -> BatchResult:
-        detectors = self.rules.detectors
-        plan: list[tuple[Any, Namespace, list[Settlement], int, int]] = []
-        card_ttls = self.card_ttls()
-        t0 = time.perf_counter()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            n = 0
-            for run, events in by_run.items():
-                ns = Namespace(run)
-                for det in detectors:
-                    k = det.queue(pipe, events, ns)
-                    plan.append((det, ns, events, n, k))
-                    n += k
-                if card_ttls and n:
-                    cards = list(dict.fromkeys(ev.card_id for ev in events))
-                    for h, ttl in card_ttls.items():  # after the rules' scripts: new card hashes get their TTL too
-                        pipe.evalsha(_TOUCH_SHA, 0, ns.card_prefix(h), ttl, *cards)
-                        n += 1
-            replies = await pipe.execute() if n else []
-        res.redis_s = time.perf_counter() - t0
-        for det, ns, events, start, k in plan:
+            pending = self._send(pending.by_run, pending.res)
+            replies = await pending.task if pending.task is not None else []
+        res = pending.res
+        res.redis_s = time.perf_counter() - pending.t0
+        for det, ns, events, start, k in pending.plan:
             res.alerts.extend(det.collect(events, replies[start:start + k], ns))
         if len(self.exemptions):
             res.alerts = [self._exempt(a) for a in res.alerts]
@@ -212,6 +229,26 @@ class Processor:
             # The alerts wait here until published and stored (see stream.app); a restarted worker drains it.
             await self.redis.hset(OUTBOX_KEY, mapping={a.alert_id: to_json(a) for a in res.alerts})
         return res
+
+    def _send(self, by_run: dict[str, list[Settlement]], res: BatchResult) -> "Pending":
+        plan: list[tuple[Any, Namespace, list[Settlement], int, int]] = []
+        card_ttls = self.card_ttls()
+        t0 = time.perf_counter()
+        pipe = self.redis.pipeline(transaction=False)
+        n = 0
+        for run, events in by_run.items():
+            ns = Namespace(run)
+            for det in self.rules.detectors:
+                k = det.queue(pipe, events, ns)
+                plan.append((det, ns, events, n, k))
+                n += k
+            if card_ttls and n:
+                cards = list(dict.fromkeys(ev.card_id for ev in events))
+                for h, ttl in card_ttls.items():  # after the rules' scripts: new card hashes get their TTL too
+                    pipe.evalsha(_TOUCH_SHA, 0, ns.card_prefix(h), ttl, *cards)
+                    n += 1
+        task = asyncio.ensure_future(pipe.execute()) if n else None
+        return Pending(by_run, res, plan, task, t0)
 
     def card_ttls(self) -> dict[str, int]:
         """TTL of each per-card hash in use: the largest ``card_ttl_s`` of the detectors keeping state there."""
