@@ -55,7 +55,16 @@ def is_placeholder(value: str | None) -> bool:
     >>> [is_placeholder(x) for x in ("未知", "0000", "", None, "D310104001007", "UNKNOWN", "99999")]
     [True, True, True, True, False, True, True]
     """
-    return value is None or not value.strip() or bool(_PLACEHOLDER.match(value))
+    if value is None:
+        return True
+    v = value.strip()
+    if not v:
+        return True
+    if len(v) > 7:
+        u = v.lower().replace("０", "0")
+        if u.count(u[0]) != len(u):
+            return False  # fast path: every longer placeholder is one repeated character ("0000…", "9999…", "----")
+    return bool(_PLACEHOLDER.match(value))
 
 
 def ingredient_key(code: str, prefix_len: int) -> str:
