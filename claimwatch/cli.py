@@ -484,6 +484,10 @@ def bench_throughput(events: int = typer.Option(200_000, min=1000, help="settlem
         t.add_row(f"event → alert latency at {L['offered_rate']:,.0f}/s: p50 / p95 / p99 (ms)",
                   f"{L['p50_ms']} / {L['p95_ms']} / {L['p99_ms']}")
     t.add_row("Redis bytes per active card", str(rep["redis_bytes_per_active_card"]))
+    cards = rep.get("active_cards") or 0
+    for g, v in (rep.get("redis_bytes_by_key_group") or {}).items():
+        name = {"c": "card hashes (recent)", "h": "card hashes (calendar)"}.get(g, g)
+        t.add_row(f"  Redis: {name}", f"{v['keys']:,} keys, {v['bytes'] / max(1, cards):,.0f} B/card")
     t.add_row("worker RSS start → end (MB)", f"{rep['worker_rss_mb']['start']} → {rep['worker_rss_mb']['end']}")
     Console().print(t)
     dump(rep, json_out)

@@ -143,6 +143,40 @@ async def raw_transport(settings: Settings, lines: list[bytes], partitions: int)
     return {"produce_per_s": len(lines) / produce_s, "consume_parse_per_s": len(lines) / consume_s}
 
 
+def _distinct_cards(lines: list[bytes]) -> int:
+    """Distinct ``card_id`` values of the settlements (the cards active in the run)."""
+    import orjson
+
+    return len({orjson.loads(line).get("card_id") for line in lines})
+
+
+def _memory_by_group(r: Any, run_id: str, sample: int = 2000) -> dict[str, dict[str, int]]:
+    """Keys and estimated bytes of a run's state by group (``c``/``h`` card hashes, else the rule):
+    every key is counted, ``MEMORY USAGE`` is sampled on up to ``sample`` keys a group."""
+    import random
+
+    prefix = f"cw:{run_id}:"
+    groups: dict[str, list[bytes]] = {}
+    counts: dict[str, int] = {}
+    rng = random.Random(0)
+    for k in r.scan_iter(match=prefix + "*", count=5000):
+        g = k[len(prefix):].split(b":", 1)[0].decode("utf-8", "replace")
+        n = counts[g] = counts.get(g, 0) + 1
+        keep = groups.setdefault(g, [])
+        if len(keep) < sample:
+            keep.append(k)
+        elif rng.random() < sample / n:  # reservoir sample
+            keep[rng.randrange(sample)] = k
+    out = {}
+    for g, keys in sorted(groups.items()):
+        pipe = r.pipeline(transaction=False)
+        for k in keys:
+            pipe.memory_usage(k, samples=0)
+        sizes = [x or 0 for x in pipe.execute()]
+        out[g] = {"keys": counts[g], "bytes": round(sum(sizes) / max(1, len(sizes)) * counts[g])}
+    return out
+
+
 def throughput(settings: Settings, *, events: int, workers: int, seed: int = 1, progress=None,
                log=print) -> dict[str, Any]:
     import asyncio
@@ -161,6 +195,7 @@ def throughput(settings: Settings, *, events: int, workers: int, seed: int = 1, 
         with open(path, "wb") as fh:
             fh.writelines(lines)
         report["generate_s"] = round(time.perf_counter() - t0, 2)
+        cards = _distinct_cards(lines)
         with runtime.services(settings) as s2:
             log("raw transport (aiokafka produce, then consume + orjson parse)…")
             report["raw"] = asyncio.run(raw_transport(s2, lines, s2.topic_partitions))
@@ -181,8 +216,7 @@ def throughput(settings: Settings, *, events: int, workers: int, seed: int = 1, 
                 pipe_s = time.perf_counter() - t0
                 mem1 = r.info("memory")["used_memory"]
                 rss1 = [_rss_kb(p.proc.pid) for p in procs]
-                cards = sum(1 for _ in r.scan_iter(match=f"cw:{run_id}:card_hopping:86400:*", count=5000)
-                            if True)
+                report["redis_bytes_by_key_group"] = _memory_by_group(r, run_id)
                 asyncio.run(drop_run_state(s2.redis_url, run_id))
         report["pipeline"] = {"seconds": round(pipe_s, 2), "publish_s": round(t_pub, 2),
                               "per_s": round(events / pipe_s), "processed": stats.processed}
