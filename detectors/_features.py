@@ -30,11 +30,17 @@ signal on a sample. The baseline is the running mean of the completed past days
 (exponential with a 7-day memory once 7 days are complete); before one day is complete
 the ratio is neutral (1.0).
 
-State (all keys expire, all idempotent on ``event_id``):
+State (all idempotent on ``event_id``; one script call per batch reads each card and volume key
+once and writes it once):
 
-* ``cw:{run}:ml_outlier:card:{card}`` — sorted set, member
-  ``institution\\tdistrict\\tdays_supply\\tevent_id``, score = event time, 7 d + lateness;
-  a redelivered event re-adds the same member (no-op) and is reported as not new.
+* field ``ml_outlier`` (:data:`CARD_FIELD`) of the per-card hash ``cw:{run}:c:{card}``
+  (``card_hash = "c"``; the processor expires the hash, at least 7 d + lateness after the card's
+  last settlement) — a compact cjson array, five values per settlement:
+  ``[t, event_id, institution, district, days_supply, …]``, in (event time, event id) order;
+  event times are seconds (cjson keeps 14 significant digits, so 0.1 ms). Only settlements
+  within 7 d + lateness of the newest are kept (pruned at every write, so a hash kept alive
+  by another rule holds no stale entries of this one); a redelivered event id is found in the
+  array, not added again, and reported as not new.
 * ``cw:{run}:ml_outlier:p{partition}:phys:{physician}`` and ``…:inst:{institution}`` —
   string ``"d n b k"``: current local day, settlements that day, baseline per day,
   completed days seen; 14 d.
@@ -64,6 +70,9 @@ TZ_OFFSET_S = 8 * 3600
 DAY_S = 86400
 WINDOWS_S = (3600, 86400, 7 * 86400)
 VOLUME_TTL_S = 14 * 86400
+#: the field of the per-card hash (``card_hash = "c"``) holding a card's recent settlements (no parameter
+#: in the name: none changes what an entry means; a longer or shorter horizon just keeps more or fewer)
+CARD_FIELD = "ml_outlier"
 #: days a baseline remembers once that many days are complete (exponential memory)
 BASELINE_DAYS = 7
 SUPPLY_HORIZON_D = 30.0
@@ -90,121 +99,194 @@ FEATURES: dict[str, tuple[str, str]] = {
 }
 
 LUA = r"""
--- Card windows and per-partition physician / institution volumes, one call per batch.
--- ARGV[1] key prefix (cw:{run}:ml_outlier), ARGV[2] JSON [lateness, week_s, card_ttl, vol_ttl, base_days],
--- ARGV[3] JSON [[t, day, card, institution, district, days_supply, event_id, physician or "", partition], ...]
--- (institution and district carry no tab). Keys are built here from the prefix (standalone Redis).
--- Returns one string: a line of 17 numbers per event (see Window.from_reply), lines joined by "\n".
-local prefix = ARGV[1]
-local cfg = cjson.decode(ARGV[2])
-local evs = cjson.decode(ARGV[3])
-local lateness, week, card_ttl, vol_ttl, base_days = cfg[1], cfg[2], cfg[3], cfg[4], cfg[5]
+-- Card windows (one field of the per-card hash) and per-partition physician / institution volumes,
+-- one call per batch. ARGV[1] key prefix of the volume keys (cw:{run}:ml_outlier), ARGV[2] prefix of
+-- the card hashes (cw:{run}:c:), ARGV[3] JSON [field, lateness, week_s, vol_ttl, base_days],
+-- ARGV[4] JSON [[t, day, card, institution, district, days_supply, event_id, physician or "", partition], ...].
+-- Keys are built here from the prefixes (standalone Redis). Every card and volume key is read once
+-- and written once per batch. Returns one string: a line of 17 numbers per event (see Window.from_reply).
+local prefix, cp = ARGV[1], ARGV[2]
+local cfg = cjson.decode(ARGV[3])
+local evs = cjson.decode(ARGV[4])
+local field, lateness, week, vol_ttl, base_days = cfg[1], cfg[2], cfg[3], cfg[4], cfg[5]
 local horizon = week + lateness
-local match, fmt = string.match, string.format
+local match, fmt, tinsert = string.match, string.format, table.insert
 
--- volume state "d n b k": local day, settlements that day, baseline per day, completed days
-local function roll(v, day, new)
-  local d, n, b, k
-  if v then
-    local s1, s2, s3, s4 = match(v, '^(%S+) (%S+) (%S+) (%S+)$')
-    d = tonumber(s1); n = tonumber(s2); b = tonumber(s3); k = tonumber(s4)
+-- volume state of every institution / physician of the batch, read with one MGET per 500 keys:
+-- {d = local day, n = settlements that day, b = baseline per day, k = completed days; f = fresh, c = changed}
+local vols, vkeys, vn = {}, {}, 0
+local iks, pks = {}, {}
+for i = 1, #evs do
+  local e = evs[i]
+  local pp = prefix .. ':p' .. e[9]
+  local k = pp .. ':inst:' .. e[4]
+  iks[i] = k
+  if not vols[k] then vols[k] = true; vn = vn + 1; vkeys[vn] = k end
+  if e[8] ~= '' then
+    k = pp .. ':phys:' .. e[8]
+    pks[i] = k
+    if not vols[k] then vols[k] = true; vn = vn + 1; vkeys[vn] = k end
   end
+end
+for j = 1, vn, 500 do
+  local last = j + 499
+  if last > vn then last = vn end
+  local vals = redis.call('MGET', unpack(vkeys, j, last))
+  for m = j, last do
+    local v, s = vals[m - j + 1], {}
+    if v then
+      local s1, s2, s3, s4 = match(v, '^(%S+) (%S+) (%S+) (%S+)$')
+      s.d = tonumber(s1); s.n = tonumber(s2); s.b = tonumber(s3); s.k = tonumber(s4)
+      if s.b then s.bs = fmt('%.6f', s.b) end
+    end
+    vols[vkeys[m]] = s
+  end
+end
+
+-- roll a volume state to local day `day` (closing the completed days into the baseline), count the
+-- settlement when new; returns today's count (-1 when the state is on a later day), baseline (as
+-- formatted for the reply and the stored value, bs), days
+local function roll(s, day, new)
   local fresh = false
-  if not d then d = day; n = 0; b = 0; k = 0; fresh = true end
-  if day > d then
-    local gap = day - d
+  if not s.d then s.d = day; s.n = 0; s.b = 0; s.bs = '0.000000'; s.k = 0; fresh = true end
+  if day > s.d then
+    local b = s.b
+    local gap = day - s.d
     if gap > 3 * base_days then gap = 3 * base_days end
+    local k = s.k
     for j = 1, gap do
       local x = 0
-      if j == 1 then x = n end
+      if j == 1 then x = s.n end
       k = k + 1
       local a = 1 / k
       if a < 1 / base_days then a = 1 / base_days end
       b = b + a * (x - b)
     end
-    d = day; n = 0; fresh = true
+    s.bs = fmt('%.6f', b); s.b = tonumber(s.bs); s.k = k; s.d = day; s.n = 0; fresh = true   -- as stored
   end
   local today = -1
   local changed = fresh
-  if day == d then
-    if new then n = n + 1; changed = true end
-    today = n
+  if day == s.d then
+    if new then s.n = s.n + 1; changed = true end
+    today = s.n
   end
-  local val = false
-  if changed then val = fmt('%d %d %.6f %d', d, n, b, k) end
-  return today, b, k, val, fresh
+  if fresh then s.f = true end
+  if changed then s.c = true end
+  return today, s.bs, s.k
 end
 
-local function save(key, val, fresh)
-  if fresh then
-    redis.call('SET', key, val, 'EX', vol_ttl)
-  else
-    redis.call('SET', key, val, 'KEEPTTL')
-  end
-end
-
+-- the card field: flat array t, event_id, institution, district, days_supply per settlement, sorted by
+-- (t, event_id), pruned at write to newest - week - lateness
+local cards, corder, cn, dirty = {}, {}, 0, {}
+local FIRST = '1 1 1 1 1 1 1 1 1 1 0.0000'   -- the window part of a card's first settlement
 local out = {}
 for i = 1, #evs do
   local e = evs[i]
-  local t, day, card, inst, dist, sup, eid, phys, part = e[1], e[2], e[3], e[4], e[5], e[6], e[7], e[8], e[9]
-  local ck = prefix .. ':card:' .. card
-  local new = redis.call('ZADD', ck, t, inst .. '\t' .. dist .. '\t' .. sup .. '\t' .. eid) == 1
-  if new then redis.call('EXPIRE', ck, card_ttl) end
-  local members = redis.call('ZRANGEBYSCORE', ck, '-inf', t, 'WITHSCORES')
-  local c1, c2, c3 = 0, 0, 0
-  local li, ld = {}, {}      -- institution / district -> youngest age
+  local t, day, card, inst, dist, eid = e[1], e[2], e[3], e[4], e[5], e[7]
+  local c = cards[card]
+  if not c then
+    local raw = redis.call('HGET', cp .. card, field)
+    c = nil
+    if raw then
+      local ok, v = pcall(cjson.decode, raw)
+      if ok and type(v) == 'table' then c = v end
+    end
+    c = c or {}
+    cards[card] = c; cn = cn + 1; corder[cn] = card
+  end
+  local new = true
+  local c1, c2, c3, i1, i2, i3, d1, d2, d3 = 1, 1, 1, 1, 1, 1, 1, 1, 1
   local on_hand = 0
-  local stale = false
-  for m = 1, #members, 2 do
-    local age = t - tonumber(members[m + 1])
-    if age > horizon then
-      stale = true
-    elseif age <= week then
-      local ins, dis, s, id = match(members[m], '^([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$')
-      c3 = c3 + 1
-      if age <= 86400 then c2 = c2 + 1; if age <= 3600 then c1 = c1 + 1 end end
-      local x = li[ins]
-      if not x or age < x then li[ins] = age end
-      x = ld[dis]
-      if not x or age < x then ld[dis] = age end
-      if id ~= eid then
-        local left = tonumber(s) - age / 86400
-        if left > 0 then on_hand = on_hand + left end
+  local first = #c == 0
+  if first then   -- the card's first settlement in the window (the common case): counts itself only
+    c[1] = t; c[2] = eid; c[3] = inst; c[4] = dist; c[5] = e[6]
+    dirty[card] = true
+  else
+    local pos = nil
+    local li, ld = {}, {}      -- institution / district -> youngest age
+    c1, c2, c3 = 0, 0, 0
+    for m = 1, #c, 5 do
+      local te, id = c[m], c[m + 1]
+      if id == eid then new = false end
+      if not pos and (te > t or (te == t and id > eid)) then pos = m end
+      local age = t - te
+      if age >= 0 and age <= week then
+        c3 = c3 + 1
+        if age <= 86400 then c2 = c2 + 1; if age <= 3600 then c1 = c1 + 1 end end
+        local ins, dis = c[m + 2], c[m + 3]
+        local x = li[ins]
+        if not x or age < x then li[ins] = age end
+        x = ld[dis]
+        if not x or age < x then ld[dis] = age end
+        if id ~= eid then
+          local left = c[m + 4] - age / 86400
+          if left > 0 then on_hand = on_hand + left end
+        end
       end
     end
+    if new then   -- this settlement itself, age 0
+      c1 = c1 + 1; c2 = c2 + 1; c3 = c3 + 1
+      li[inst] = 0; ld[dist] = 0
+      if pos then
+        tinsert(c, pos, e[6]); tinsert(c, pos, dist); tinsert(c, pos, inst); tinsert(c, pos, eid); tinsert(c, pos, t)
+      else
+        local n = #c
+        c[n + 1] = t; c[n + 2] = eid; c[n + 3] = inst; c[n + 4] = dist; c[n + 5] = e[6]
+      end
+      dirty[card] = true
+    end
+    i1, i2, i3, d1, d2, d3 = 0, 0, 0, 0, 0, 0
+    for _, age in pairs(li) do
+      i3 = i3 + 1
+      if age <= 86400 then i2 = i2 + 1; if age <= 3600 then i1 = i1 + 1 end end
+    end
+    for _, age in pairs(ld) do
+      d3 = d3 + 1
+      if age <= 86400 then d2 = d2 + 1; if age <= 3600 then d1 = d1 + 1 end end
+    end
   end
-  if stale then redis.call('ZREMRANGEBYSCORE', ck, '-inf', '(' .. tostring(t - horizon)) end
-  local i1, i2, i3, d1, d2, d3 = 0, 0, 0, 0, 0, 0
-  for _, age in pairs(li) do
-    i3 = i3 + 1
-    if age <= 86400 then i2 = i2 + 1; if age <= 3600 then i1 = i1 + 1 end end
+  local it, ib, ikd = roll(vols[iks[i]], day, new)
+  local pt, pb, pkd = -1, '0.000000', 0
+  local pk = pks[i]
+  if pk then pt, pb, pkd = roll(vols[pk], day, new) end
+  local head = FIRST
+  if not first then
+    local nw = 0
+    if new then nw = 1 end
+    head = fmt('%d %d %d %d %d %d %d %d %d %d %.4f', nw, c1, c2, c3, i1, i2, i3, d1, d2, d3, on_hand)
   end
-  for _, age in pairs(ld) do
-    d3 = d3 + 1
-    if age <= 86400 then d2 = d2 + 1; if age <= 3600 then d1 = d1 + 1 end end
+  out[i] = head .. ' ' .. pt .. ' ' .. pb .. ' ' .. pkd .. ' ' .. it .. ' ' .. ib .. ' ' .. ikd
+end
+
+for j = 1, cn do
+  local card = corder[j]
+  if dirty[card] then
+    local c = cards[card]
+    local cut = c[#c - 4] - horizon
+    if c[1] < cut then
+      local keep, kn = {}, 0
+      for m = 1, #c, 5 do
+        if c[m] >= cut then
+          for q = 0, 4 do keep[kn + 1 + q] = c[m + q] end
+          kn = kn + 5
+        end
+      end
+      c = keep
+    end
+    redis.call('HSET', cp .. card, field, cjson.encode(c))
   end
-  local pp = prefix .. ':p' .. part
-  local ik = pp .. ':inst:' .. inst
-  local pk = nil
-  local vals
-  if phys ~= '' then
-    pk = pp .. ':phys:' .. phys
-    vals = redis.call('MGET', ik, pk)
-  else
-    vals = {redis.call('GET', ik)}
+end
+for j = 1, vn do
+  local k = vkeys[j]
+  local s = vols[k]
+  if s.c then
+    local val = fmt('%d %d %s %d', s.d, s.n, s.bs, s.k)
+    if s.f then
+      redis.call('SET', k, val, 'EX', vol_ttl)
+    else
+      redis.call('SET', k, val, 'KEEPTTL')
+    end
   end
-  local it, ib, ikd, iv, ifresh = roll(vals[1], day, new)
-  if iv then save(ik, iv, ifresh) end
-  local pt, pb, pkd = -1, 0, 0
-  if pk then
-    local pv, pfresh
-    pt, pb, pkd, pv, pfresh = roll(vals[2], day, new)
-    if pv then save(pk, pv, pfresh) end
-  end
-  local nw = 0
-  if new then nw = 1 end
-  out[i] = fmt('%d %d %d %d %d %d %d %d %d %d %.4f %d %.6f %d %d %.6f %d', nw, c1, c2, c3, i1, i2, i3,
-               d1, d2, d3, on_hand, pt, pb, pkd, it, ib, ikd)
 end
 return table.concat(out, '\n')
 """
@@ -232,10 +314,23 @@ class Window(NamedTuple):
         >>> Window.from_reply(b"1 1 2 3 1 2 2 1 1 1 12.5000 -1 0.000000 0 4 2.500000 3").inst
         (1, 2, 2)
         """
-        r = reply.split()
-        return cls(r[0] == b"1" or r[0] == "1", (int(r[1]), int(r[2]), int(r[3])),
-                   (int(r[4]), int(r[5]), int(r[6])), (int(r[7]), int(r[8]), int(r[9])), float(r[10]),
-                   int(r[11]), float(r[12]), int(r[13]), int(r[14]), float(r[15]), int(r[16]))
+        return cls.from_tokens(reply.split())
+
+    @classmethod
+    def from_tokens(cls, r: Sequence[bytes | str], o: int = 0) -> "Window":
+        """The window of the event whose 17 numbers start at ``r[o]`` (a batch's reply, split once)."""
+        return cls(r[o] == b"1" or r[o] == "1", (int(r[o + 1]), int(r[o + 2]), int(r[o + 3])),
+                   (int(r[o + 4]), int(r[o + 5]), int(r[o + 6])), (int(r[o + 7]), int(r[o + 8]), int(r[o + 9])),
+                   float(r[o + 10]), int(r[o + 11]), float(r[o + 12]), int(r[o + 13]), int(r[o + 14]),
+                   float(r[o + 15]), int(r[o + 16]))
+
+
+#: numbers per event in :data:`LUA`'s reply, and the position of each card-window feature's count
+#: among them (the models bin these straight from the reply's tokens)
+REPLY_WIDTH = 17
+COUNT_TOKENS: dict[str, int] = {"card_n_1h": 1, "card_n_24h": 2, "card_n_7d": 3, "card_inst_1h": 4,
+                                "card_inst_24h": 5, "card_inst_7d": 6, "card_dist_1h": 7, "card_dist_24h": 8,
+                                "card_dist_7d": 9}
 
 
 def local_day(ts: float) -> int:
@@ -252,6 +347,16 @@ def days_supply(ev: Settlement) -> int:
     return sum(it.days_supply or 0 for it in ev.items if it.category == "drug")
 
 
+def resale_amount(ev: Settlement, resale: DrugList) -> float:
+    """Amount of ``ev`` spent on the drugs of ``resale`` (CNY)."""
+    amt = 0.0
+    if resale is not EMPTY:
+        for it in ev.items:
+            if it.category == "drug" and resale.matches(it.code, it.name):
+                amt += it.amount
+    return amt
+
+
 def _ratio(today: int, base: float, days: int) -> float:
     if today < 0 or days <= 0:
         return 1.0
@@ -261,11 +366,7 @@ def _ratio(today: int, base: float, days: int) -> float:
 def features(ev: Settlement, w: Window, resale: DrugList = EMPTY) -> dict[str, float]:
     """The feature vector of ``ev`` given its windows ``w`` (see the module docstring for each name)."""
     total = ev.total_amount
-    resale_amt = 0.0
-    if resale is not EMPTY:
-        for it in ev.items:
-            if it.category == "drug" and resale.matches(it.code, it.name):
-                resale_amt += it.amount
+    resale_amt = resale_amount(ev, resale)
     supply = days_supply(ev)
     tod = (ev.ts + TZ_OFFSET_S) % DAY_S
     return {
@@ -283,10 +384,6 @@ def features(ev: Settlement, w: Window, resale: DrugList = EMPTY) -> dict[str, f
     }
 
 
-def _untab(s: str) -> str:
-    return s.replace("\t", " ") if "\t" in s else s
-
-
 _placeholders: dict[str, bool] = {}
 
 
@@ -299,27 +396,61 @@ def _placeholder(v: str) -> bool:
     return hit
 
 
-def queue_windows(pipe: Any, sha: str, events: Sequence[Settlement], prefix: str, *, lateness_s: int) -> int:
-    """Queue one ``EVALSHA`` of :data:`LUA` for ``events`` (keys under ``prefix`` = ``cw:{run}:ml_outlier``).
+def queue_windows(pipe: Any, sha: str, events: Sequence[Settlement], prefix: str, *, lateness_s: int,
+                  card_prefix: str | None = None, resale: DrugList = EMPTY,
+                  extras: list[tuple[int, float]] | None = None) -> int:
+    """Queue one ``EVALSHA`` of :data:`LUA` for ``events``: volume keys under ``prefix`` (``cw:{run}:ml_outlier``),
+    card state in field :data:`CARD_FIELD` of the hashes under ``card_prefix`` (the processor's
+    ``cw:{run}:c:``; standalone, ``{prefix}:c:``).
 
-    The reply is one string, a line per event in order: :func:`parse_windows`. Returns 1.
+    The reply is one string, a line per event in order: :func:`parse_windows`. When ``extras`` is a
+    list, each event's ``(days_supply, resale_amount)`` is appended to it (for :func:`features` without
+    a second pass over the lines). Returns 1.
     """
     week = WINDOWS_S[2]
-    cfg = [lateness_s, week, week + lateness_s, VOLUME_TTL_S, BASELINE_DAYS]
+    cfg = [CARD_FIELD, lateness_s, week, VOLUME_TTL_S, BASELINE_DAYS]
     rows = []
+    add = rows.append
+    placeholders = _placeholders
     for ev in events:
         phys = ev.physician_id
-        if phys is None or _placeholder(phys):
+        if phys is None:
             phys = ""
-        rows.append([ev.ts, local_day(ev.ts), ev.card_id, _untab(ev.institution_id), _untab(ev.district),
-                     days_supply(ev), ev.event_id, phys, ev.partition])
-    pipe.evalsha(sha, 0, prefix, orjson.dumps(cfg), orjson.dumps(rows))
+        else:
+            ph = placeholders.get(phys)
+            if ph is None:
+                ph = _placeholder(phys)
+            if ph:
+                phys = ""
+        supply = 0
+        for it in ev.items:
+            if it.category == "drug":
+                supply += it.days_supply or 0
+        if extras is not None:
+            extras.append((supply, resale_amount(ev, resale)))
+        ts = ev.ts
+        t = int(ts)
+        if t != ts:  # the card field keeps 14 significant digits (cjson): send what it will hold
+            t = float(f"{ts:.14g}")
+        add((t, int((ts + TZ_OFFSET_S) // DAY_S), ev.card_id, ev.institution_id, ev.district, supply, ev.event_id,
+             phys, ev.partition))
+    pipe.evalsha(sha, 0, prefix, f"{prefix}:c:" if card_prefix is None else card_prefix, orjson.dumps(cfg),
+                 orjson.dumps(rows))
     return 1
+
+
+def reply_tokens(reply: bytes | str) -> list[bytes]:
+    """A batch's reply split into its numbers, as bytes (:data:`REPLY_WIDTH` per event, in order).
+
+    >>> reply_tokens("1 1 1 1 1 1 1 1 1 1 0.0000 -1 0.000000 0 1 0.000000 0")[:2]
+    [b'1', b'1']
+    """
+    if not reply:
+        return []
+    return (reply.encode() if isinstance(reply, str) else reply).split()
 
 
 def parse_windows(reply: bytes | str) -> list[Window]:
     """The :class:`Window` of every event of a batch from :data:`LUA`'s reply."""
-    if not reply:
-        return []
-    sep = b"\n" if isinstance(reply, bytes) else "\n"
-    return [Window.from_reply(line) for line in reply.split(sep)]
+    r = reply_tokens(reply)
+    return [Window.from_tokens(r, o) for o in range(0, len(r), REPLY_WIDTH)]

@@ -83,11 +83,12 @@ def card_key(ns: Namespace, card_hash: str, card: str) -> str:
 
 
 #: Lua run once per batch, card hash and run by the processor: ``EXPIRE`` every card hash touched
-#: (ARGV[1] the hash prefix, ARGV[2] the TTL in seconds, ARGV[3..] the distinct card ids).
+#: (ARGV[1] the hash prefix, ARGV[2] the TTL in seconds, ARGV[3] the distinct card ids as a JSON array).
 TOUCH_LUA = r"""
 local p, ttl = ARGV[1], ARGV[2]
-for i = 3, #ARGV do redis.call('EXPIRE', p .. ARGV[i], ttl) end
-return #ARGV - 2
+local cards = cjson.decode(ARGV[3])
+for i = 1, #cards do redis.call('EXPIRE', p .. cards[i], ttl) end
+return #cards
 """
 #: the card hashes a detector may use
 CARD_HASHES = ("c", "h")

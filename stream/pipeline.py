@@ -14,6 +14,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import orjson
+
 from alerts.model import Alert
 from redis.exceptions import NoScriptError
 
@@ -243,9 +245,9 @@ class Processor:
                 plan.append((det, ns, events, n, k))
                 n += k
             if card_ttls and n:
-                cards = list(dict.fromkeys(ev.card_id for ev in events))
+                cards_json = orjson.dumps(list(dict.fromkeys(ev.card_id for ev in events)))
                 for h, ttl in card_ttls.items():  # after the rules' scripts: new card hashes get their TTL too
-                    pipe.evalsha(_TOUCH_SHA, 0, ns.card_prefix(h), ttl, *cards)
+                    pipe.evalsha(_TOUCH_SHA, 0, ns.card_prefix(h), ttl, cards_json)
                     n += 1
         task = asyncio.ensure_future(pipe.execute()) if n else None
         return Pending(by_run, res, plan, task, t0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import orjson
 import pytest
 
 from detectors import _features as F
@@ -74,7 +75,9 @@ def test_hour_is_local_time_whatever_the_offset():
 def windows(stack):
     import redis.asyncio as aioredis
 
-    prefix = f"cw:t{uuid.uuid4().hex[:10]}:ml_outlier"
+    run_id = f"t{uuid.uuid4().hex[:10]}"
+    prefix = f"cw:{run_id}:ml_outlier"
+    card_prefix = f"cw:{run_id}:c:"      # the processor's per-card hash (Namespace.card_prefix("c"))
 
     def run(batches):
         async def go():
@@ -84,7 +87,7 @@ def windows(stack):
                 out = []
                 for b in batches:
                     async with r.pipeline(transaction=False) as pipe:
-                        F.queue_windows(pipe, sha, b, prefix, lateness_s=3600)
+                        F.queue_windows(pipe, sha, b, prefix, lateness_s=3600, card_prefix=card_prefix)
                         [rep] = await pipe.execute()
                     out += F.parse_windows(rep)
                 return out
@@ -92,7 +95,13 @@ def windows(stack):
                 await r.aclose()
         return asyncio.run(go())
     run.prefix = prefix
+    run.card_prefix = card_prefix
     return run
+
+
+def card_field(redis_sync, windows, card):
+    raw = redis_sync.hget(windows.card_prefix + card, F.CARD_FIELD)
+    return None if raw is None else orjson.loads(raw)
 
 
 def test_card_velocity_counts_and_distincts(windows):
@@ -149,13 +158,57 @@ def test_volume_baseline_uses_completed_days_per_partition(windows):
 
 
 def test_keys_expire(windows, redis_sync):
-    windows([[ev("K", "P1", T0, physician_id="D9", visit_type="outpatient", institution_type="hospital")]])
+    e = ev("K", "P1", T0, physician_id="D9", visit_type="outpatient", institution_type="hospital")
+    windows([[e]])
     keys = [k.decode() for k in redis_sync.scan_iter(match=windows.prefix + ":*")]
-    assert sorted(k.split(":", 3)[3] for k in keys) == ["card:K", "p0:inst:P1", "p0:phys:D9"]
+    assert sorted(k.split(":", 3)[3] for k in keys) == ["p0:inst:P1", "p0:phys:D9"]
     for k in keys:
         ttl = redis_sync.ttl(k)
         assert 0 < ttl <= F.VOLUME_TTL_S, k
-    assert 7 * 86400 + 3600 - 60 <= redis_sync.ttl(windows.prefix + ":card:K") <= 7 * 86400 + 3600   # a slow box
+    # the card's state is one field of its hash; the processor expires the hash (card_ttl_s), not the script
+    assert redis_sync.hkeys(windows.card_prefix + "K") == [F.CARD_FIELD.encode()]
+    assert card_field(redis_sync, windows, "K") == [T0, e.event_id, "P1", "310101", 28]
+
+
+def test_card_field_is_compact_canonical_and_pruned(windows, redis_sync):
+    D = 86400
+    a, b, c = ev("Z", "P1", T0 + 60, event_id="Eb"), ev("Z", "P2", T0 + 60, event_id="Ea"), ev("Z", "P3", T0)
+    windows([[a, b], [c]])                       # arrival order: not event-time order
+    assert card_field(redis_sync, windows, "Z") == [T0, c.event_id, "P3", "310101", 28,
+                                                    T0 + 60, "Ea", "P2", "310101", 28,
+                                                    T0 + 60, "Eb", "P1", "310101", 28]
+    week = ev("Z", "P4", T0 + 7 * D + 30)
+    assert windows([[week]])[0].n == (1, 1, 3)          # the two at T0 + 60 are just within 7 days
+    assert card_field(redis_sync, windows, "Z")[1::5] == [c.event_id, "Ea", "Eb", week.event_id]  # kept: lateness
+    late = ev("Z", "P5", T0 + 7 * D + 3600 + 30)         # more than 7 d + lateness after the first: it goes
+    assert windows([[late]])[0].n == (2, 2, 2)                # "week" 3570 s before; T0 + 60 over 7 d
+    assert card_field(redis_sync, windows, "Z")[1::5] == ["Ea", "Eb", week.event_id, late.event_id]
+
+
+def test_same_state_whatever_the_arrival_order_or_batching(windows, stack, redis_sync):
+    D = 86400
+    phys = dict(physician_id="D1", visit_type="outpatient", institution_type="hospital")
+    seq = [ev("O", f"H{i % 3}", T0 + i * 0.37 * D, district=f"3101{i % 2:02d}", **phys) for i in range(24)]
+    w1 = windows([seq])
+    state1 = card_field(redis_sync, windows, "O"), redis_sync.get(windows.prefix + ":p0:phys:D1")
+    prefix, card_prefix = windows.prefix, windows.card_prefix
+    for k in list(redis_sync.scan_iter(match=prefix + ":*")) + [card_prefix + "O"]:
+        redis_sync.delete(k)
+    w2 = windows([[e] for e in seq] + [seq[-5:]])  # one at a time, then a redelivery
+    assert w2[:24] == w1
+    assert [x.new for x in w2[24:]] == [False] * 5
+    assert (card_field(redis_sync, windows, "O"), redis_sync.get(prefix + ":p0:phys:D1")) == state1
+
+
+def test_stale_or_unreadable_card_state_is_tolerated(windows, redis_sync):
+    D = 86400
+    redis_sync.hset(windows.card_prefix + "S", F.CARD_FIELD, orjson.dumps([T0 - 30 * D, "OLD", "P9", "310101", 90]))
+    redis_sync.hset(windows.card_prefix + "X", F.CARD_FIELD, b"not json")
+    s, x = ev("S", "P1", T0), ev("X", "P1", T0)
+    w = windows([[s, x]])
+    assert w[0].n == (1, 1, 1) and w[0].days_on_hand == 0.0 and w[1].n == (1, 1, 1)
+    assert card_field(redis_sync, windows, "S")[1::5] == [s.event_id]     # the stale entry is pruned
+    assert card_field(redis_sync, windows, "X")[1::5] == [x.event_id]
 
 
 def test_placeholder_physician_is_no_physician(windows, redis_sync):
