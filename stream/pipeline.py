@@ -112,10 +112,17 @@ def run_id_of(headers: dict[str, bytes]) -> str:
     raw = headers.get(H_RUN_ID)
     if not raw:
         return LIVE_RUN
-    rid = raw.decode("utf-8", "replace")
-    if len(rid) > 64 or not set(rid) <= _RUN_OK or rid[0] in "._-":
-        return "invalid-run"
+    rid = _RUN_IDS.get(raw)
+    if rid is None:
+        rid = raw.decode("utf-8", "replace")
+        if len(rid) > 64 or not set(rid) <= _RUN_OK or rid[0] in "._-":
+            rid = "invalid-run"
+        if len(_RUN_IDS) < 10_000:  # every message of a run carries the same header
+            _RUN_IDS[raw] = rid
     return rid
+
+
+_RUN_IDS: dict[bytes, str] = {}
 
 
 class Processor:
