@@ -6,16 +6,25 @@ distinct institutions a card settled at within each configured event-time
 window (by default ≥ 12 in 24 h and ≥ 25 in 7 days) and fires once per card,
 window and episode; later events of the same episode extend that alert.
 
-State per card and window (Redis, all keys expire):
+State (Redis, all keys expire):
 
-* ``cw:{run}:card_hopping:{window_s}:{card}`` — sorted set, member
-  ``institution\\tevent_id``, score = event time; re-adding a redelivered event is
-  a no-op, so counts are idempotent on ``event_id``;
-* ``…:ep`` — the open episode (``start``, ``last`` event time);
-* ``…:ev`` — the episode's evidence (event ids by event time).
+* field ``card_hopping:{window_s,...}`` (e.g. ``card_hopping:86400,604800``) of the card's
+  recent-activity hash ``cw:{run}:c:{card}`` — ONE field for all windows: a cjson flat array
+  ``[t, institution, event_id, t, institution, event_id, ...]`` in canonical order (event
+  time, then event id byte by byte, as a sorted set orders), deduplicated on ``event_id``
+  (a redelivered event is a no-op, so counts are idempotent), pruned by event time to
+  ``newest - largest window - lateness_s`` each time it is written; the distinct
+  institutions of each window are counted in Lua. The card hash's TTL is set by the
+  processor (``card_ttl_s`` = largest window + lateness);
+* only when a window fires: ``cw:{run}:card_hopping:{window_s}:{card}:ep`` — the open
+  episode (``start``, ``last`` event time) and ``…:ev`` — the episode's evidence (event
+  ids by event time), both ``window_s`` + lateness.
 
 >>> CardHopping(windows=[{"window_s": 86400, "min_institutions": 12}])
 CardHopping(windows=[{'window_s': 86400, 'min_institutions': 12}], lateness_s=3600)
+>>> d = CardHopping(windows=[{"window_s": 604800, "min_institutions": 25}, {"window_s": 86400, "min_institutions": 12}])
+>>> d.field, d.card_hash, d.card_ttl_s
+('card_hopping:86400,604800', 'c', 608400)
 >>> CardHopping(windows=[{"window_s": 0, "min_institutions": 12}])
 Traceback (most recent call last):
 ...
@@ -33,49 +42,120 @@ from detectors.base import EPISODE_LUA, Detector, Namespace, check_positive
 from stream.events import Settlement, iso
 
 LUA = EPISODE_LUA + r"""
--- ARGV[1] key prefix (cw:{run}:card_hopping), ARGV[2] JSON {lateness, windows: [[window_s, min_n, ttl]]},
--- ARGV[3] JSON [[t, card, institution, event_id], ...]. Keys are built here from the prefix
--- (standalone Redis; for Redis Cluster the caller groups a batch by hash slot of {card}).
+-- ARGV[1] episode key prefix (cw:{run}:card_hopping), ARGV[2] card hash prefix (cw:{run}:c:),
+-- ARGV[3] JSON [field, lateness, largest window, smallest min_n, [[window_s, min_n, ttl], ...]],
+-- ARGV[4] JSON [[t, card, institution, event_id], ...]. The card's field is a flat array t, institution,
+-- event_id, ... in (t, event_id) order; read once per card and batch, written once if it changed. Keys are
+-- built here (standalone Redis; for Redis Cluster the caller groups a batch by hash slot of {card}).
 -- Returns a flat list of firing (event, window) pairs: i, j, episode start, n, span, evidence (id, t, ...).
-local prefix = ARGV[1]
-local cfg = cjson.decode(ARGV[2])
-local evs = cjson.decode(ARGV[3])
-local lateness = cfg.lateness
+local prefix, cp = ARGV[1], ARGV[2]
+local cfg = cjson.decode(ARGV[3])
+local evs = cjson.decode(ARGV[4])
+local field, lateness, maxw, minmin, windows = cfg[1], cfg[2], cfg[3], cfg[4], cfg[5]
+-- x as Lua's tostring (%.14g) leaves it: x itself for whole seconds (the pruning bound of a sorted set was so rounded)
+local function q(x)
+  if x % 1 == 0 then return x end
+  return tonumber(tostring(x))
+end
+-- cjson keeps 14 digits of a number: a fractional event time is stored as %.17g text, exact
+local function load(raw)
+  local st = cjson.decode(raw)
+  for m = 1, #st, 3 do
+    if type(st[m]) == 'string' then st[m] = tonumber(st[m]) end
+  end
+  return st
+end
+local function save(st)
+  for m = 1, #st, 3 do
+    if st[m] % 1 ~= 0 then st[m] = string.format('%.17g', st[m]) end
+  end
+  return cjson.encode(st)
+end
+-- (ta, ea) sorts before (tb, eb): by time, then event id byte by byte (as a sorted set; not locale strcoll)
+local function before(ta, ea, tb, eb)
+  if ta ~= tb then return ta < tb end
+  for k = 1, math.min(#ea, #eb) do
+    local x, y = string.byte(ea, k), string.byte(eb, k)
+    if x ~= y then return x < y end
+  end
+  return #ea < #eb
+end
+local state, cards, dirty = {}, {}, {}
 local out = {}
 for i = 1, #evs do
   local e = evs[i]
   local t, card, inst, eid = e[1], e[2], e[3], e[4]
-  for j = 1, #cfg.windows do
-    local W, minn, ttl = cfg.windows[j][1], cfg.windows[j][2], cfg.windows[j][3]
-    local zk = prefix .. ':' .. W .. ':' .. card
-    local ek, vk = zk .. ':ep', zk .. ':ev'
-    redis.call('ZADD', zk, t, inst .. '\t' .. eid)
-    local top = redis.call('ZRANGE', zk, -1, -1, 'WITHSCORES')
-    local maxt = tonumber(top[2])
-    redis.call('ZREMRANGEBYSCORE', zk, '-inf', '(' .. tostring(maxt - W - lateness))
-    redis.call('EXPIRE', zk, ttl)
-    local members = redis.call('ZRANGEBYSCORE', zk, t - W, t, 'WITHSCORES')
-    local n = 0
-    if #members / 2 >= minn then
-      local seen = {}
-      for m = 1, #members, 2 do
-        local s = members[m]
-        local ins = string.sub(s, 1, string.find(s, '\t', 1, true) - 1)
-        if not seen[ins] then seen[ins] = true; n = n + 1 end
-      end
+  local st = state[card]
+  if not st then
+    local raw = redis.call('HGET', cp .. card, field)
+    st = raw and load(raw) or {}
+    cards[#cards + 1] = card
+  end
+  local len = #st
+  local known = false
+  for m = len, 3, -3 do
+    if st[m] == eid then known = true; break end
+  end
+  if not known then
+    local p = len + 1
+    while p > 1 and before(t, eid, st[p - 3], st[p - 1]) do p = p - 3 end
+    table.insert(st, p, eid); table.insert(st, p, inst); table.insert(st, p, t)
+    len = len + 3
+    local cut = q(st[len - 2] - maxw - lateness)
+    if st[1] < cut then  -- drop what no window can reach any more (the oldest entries come first)
+      local k = 1
+      while st[k] < cut do k = k + 3 end
+      local kept = {}
+      for m = k, len do kept[#kept + 1] = st[m] end
+      st, len = kept, #kept
     end
-    if n >= minn then
-      local start = episode(ek, vk, t, W)
-      for m = 1, #members, 2 do
-        local s = members[m]
-        redis.call('ZADD', vk, members[m + 1], string.sub(s, string.find(s, '\t', 1, true) + 1))
+    dirty[card] = true
+  end
+  state[card] = st
+  if len >= 3 * minmin then
+    local newest = st[len - 2]
+    for j = 1, #windows do
+      local W, minn, ttl = windows[j][1], windows[j][2], windows[j][3]
+      -- the events in [t - W, t], never older than newest - W - lateness (what a per-window set would keep)
+      local lo = math.max(t - W, q(newest - W - lateness))
+      local a, b, cnt = 0, 0, 0
+      for m = len - 2, 1, -3 do
+        local x = st[m]
+        if x < lo then break end
+        if x <= t then
+          if cnt == 0 then b = m end
+          a = m; cnt = cnt + 1
+        end
       end
-      redis.call('EXPIRE', ek, ttl)
-      redis.call('EXPIRE', vk, ttl)
-      out[#out + 1] = {i, j, tostring(start), n, tostring(tonumber(members[#members]) - tonumber(members[2])),
-                       redis.call('ZRANGE', vk, 0, -1, 'WITHSCORES')}
+      local n = 0
+      if cnt >= minn then
+        local seen = {}
+        for m = a + 1, b + 1, 3 do
+          local ins = st[m]
+          if not seen[ins] then seen[ins] = true; n = n + 1 end
+        end
+      end
+      if n >= minn then
+        local zk = prefix .. ':' .. W .. ':' .. card
+        local ek, vk = zk .. ':ep', zk .. ':ev'
+        local start = episode(ek, vk, t, W)
+        local args = {}
+        for m = a, b, 3 do
+          args[#args + 1] = st[m]; args[#args + 1] = st[m + 2]
+          if #args >= 1000 then redis.call('ZADD', vk, unpack(args)); args = {} end
+        end
+        if #args > 0 then redis.call('ZADD', vk, unpack(args)) end
+        redis.call('EXPIRE', ek, ttl)
+        redis.call('EXPIRE', vk, ttl)
+        out[#out + 1] = {i, j, tostring(start), n, tostring(st[b] - st[a]),
+                         redis.call('ZRANGE', vk, 0, -1, 'WITHSCORES')}
+      end
     end
   end
+end
+for c = 1, #cards do
+  local card = cards[c]
+  if dirty[card] then redis.call('HSET', cp .. card, field, save(state[card])) end
 end
 return out
 """
@@ -112,6 +192,7 @@ class CardHopping(Detector):
     rule = "card_hopping"
     subject_type = "card"
     scripts = (LUA,)
+    card_hash = "c"
 
     def __init__(self, windows: Sequence[dict[str, int]], *, lateness_s: int = 3600, lang: str = "zh",
                  version: str = "") -> None:
@@ -137,6 +218,12 @@ class CardHopping(Detector):
             raise ValueError(f"card_hopping: windows must have distinct window_s, got {sizes}")
         self.windows = clean
         self._sha = self.sha(LUA)
+        #: this rule's field of the card hash: every window's events, one array (see module docstring)
+        self.field = f"{self.rule}:{','.join(str(w) for w in sorted(sizes))}"
+        self.card_ttl_s = max(sizes) + lateness_s
+        self._cfg = orjson.dumps([self.field, lateness_s, max(sizes), min(w["min_institutions"] for w in clean),
+                                  [[w["window_s"], w["min_institutions"], w["window_s"] + lateness_s]
+                                   for w in clean]])
 
     def params(self) -> dict[str, Any]:
         return {"windows": self.windows, "lateness_s": self.lateness_s}
@@ -144,11 +231,8 @@ class CardHopping(Detector):
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
         if not events:
             return 0
-        cfg = {"lateness": self.lateness_s,
-               "windows": [[w["window_s"], w["min_institutions"], w["window_s"] + self.lateness_s]
-                           for w in self.windows]}
         rows = [[ev.ts, ev.card_id, ev.institution_id, ev.event_id] for ev in events]
-        pipe.evalsha(self._sha, 0, self.key(ns), orjson.dumps(cfg), orjson.dumps(rows))
+        pipe.evalsha(self._sha, 0, self.key(ns), ns.card_prefix(self.card_hash), self._cfg, orjson.dumps(rows))
         return 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:

@@ -16,16 +16,23 @@ legitimately bills identical registration lines. Placeholder card or institution
 
 State (Redis, all keys expire):
 
-* ``cw:{run}:duplicate_billing:{window_s}:{card}:{fingerprint}`` — the first settlement with
-  that fingerprint (``time event_id``, one ``SET NX``: the common, unique bill costs one
-  command); only when the fingerprint comes again, ``…:z``, a sorted set of its settlements,
-  member ``event_id``, score = event time (both ``window_s`` + lateness);
-* ``cw:{run}:duplicate_billing:{window_s}:inst:{institution}:{day}:ev`` — the day's evidence;
-  ``…:bills`` — one field per duplicated bill (``card\\tfingerprint\\tfirst event id``) with
-  the number of settlements and the amount (one day + ``window_s`` + lateness).
+* field ``duplicate_billing:{window_s}`` of the card's recent-activity hash ``cw:{run}:c:{card}``
+  — the card's recent settlements as a cjson flat array ``[fingerprint, t, event_id, ...]`` in
+  canonical order, newest first (event time, then event id and fingerprint byte by byte),
+  deduplicated on (fingerprint, ``event_id``) so a redelivered settlement is stored once and
+  never counts as its own duplicate, pruned by event time to ``newest - window_s - lateness_s``
+  each time it is touched (a fractional event time is kept exact, as ``%.17g`` text). The card
+  hash's TTL is set by the processor (``card_ttl_s`` = ``window_s`` + lateness); when it lives
+  longer for other rules, a field whose newest bill is out of reach is dropped without decoding;
+* only when a bill is duplicated: ``cw:{run}:duplicate_billing:{window_s}:inst:{institution}:{day}:ev``
+  — the day's evidence; ``…:bills`` — one field per duplicated bill (``card\\tfingerprint\\tfirst
+  event id``) with the number of settlements and the amount (one day + ``window_s`` + lateness).
 
->>> DuplicateBilling(window_s=600)
+>>> d = DuplicateBilling(window_s=600)
+>>> d
 DuplicateBilling(window_s=600, lateness_s=3600)
+>>> d.field, d.card_hash, d.card_ttl_s
+('duplicate_billing:600', 'c', 4200)
 >>> DuplicateBilling(window_s=-600)
 Traceback (most recent call last):
 ...
@@ -49,38 +56,90 @@ TZ_S = 8 * 3600  # episodes are local (UTC+08:00) calendar days, as the events a
 _placeholder_institution = lru_cache(maxsize=65536)(is_placeholder)  # institutions are few, cards are not
 
 LUA = r"""
--- ARGV[1] key prefix (cw:{run}:duplicate_billing:{window_s}), ARGV[2] JSON [W, lateness, ttl, day_ttl, tz_s],
--- ARGV[3] JSON [[index, t, event_id, card, institution, fingerprint, total], ...]. Keys are built here:
--- {prefix}:{card}:{fingerprint} (first settlement), …:z (its settlements), {prefix}:inst:{institution}:{day}:ev
--- and …:bills (the day's evidence and duplicated bills).
+-- ARGV[1] key prefix (cw:{run}:duplicate_billing:{window_s}) of the institution day keys, ARGV[2] card hash prefix
+-- (cw:{run}:c:), ARGV[3] JSON [field, W, lateness, day_ttl, tz_s],
+-- ARGV[4] JSON [[index, t, event_id, card, institution, fingerprint, total], ...]. The card's field is a flat array
+-- fingerprint, t, event_id, ... newest first (by t, event_id, fingerprint), read once per card and batch and
+-- written once if it changed; {prefix}:inst:{institution}:{day}:ev and …:bills hold the day's evidence and bills.
 -- Returns only the events that found a duplicate: {index, day, evidence (id, time)*, bills (field, value)*, n, gap}
-local prefix = ARGV[1]
-local cfg = cjson.decode(ARGV[2])
-local W, lateness, ttl, day_ttl, tz = cfg[1], cfg[2], cfg[3], cfg[4], cfg[5]
-local evs = cjson.decode(ARGV[3])
+local prefix, cp = ARGV[1], ARGV[2]
+local cfg = cjson.decode(ARGV[3])
+local field, W, lateness, day_ttl, tz = cfg[1], cfg[2], cfg[3], cfg[4], cfg[5]
+local evs = cjson.decode(ARGV[4])
+-- a < b byte by byte (as a sorted set orders members; Lua's < is locale strcoll)
+local function bytes_lt(a, b)
+  for k = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, k), string.byte(b, k)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+local function before(ta, ea, fa, tb, eb, fb)
+  if ta ~= tb then return ta < tb end
+  if ea ~= eb then return bytes_lt(ea, eb) end
+  return bytes_lt(fa, fb)
+end
+-- the card's recent bills; {} when even the newest (first) one is out of reach of an event at t: a card hash
+-- outlives this rule's state (other rules keep it longer), and then this costs no decoding.
+-- cjson keeps 14 digits of a number: a fractional event time is stored as %.17g text, exact.
+local function load(raw, t)
+  if not raw then return {} end
+  local newest = tonumber(string.match(raw, '^%["%x+","?([^,"]+)'))
+  if newest and newest < t - W - lateness then return {} end
+  local st = cjson.decode(raw)
+  for m = 2, #st, 3 do
+    if type(st[m]) == 'string' then st[m] = tonumber(st[m]) end
+  end
+  return st
+end
+local function save(st)
+  for m = 2, #st, 3 do
+    if st[m] % 1 ~= 0 then st[m] = string.format('%.17g', st[m]) end
+  end
+  return cjson.encode(st)
+end
+local state, cards, dirty = {}, {}, {}
 local out = {}
 for i = 1, #evs do
   local e = evs[i]
   local idx, t, eid, card, inst, fp, total = e[1], e[2], e[3], e[4], e[5], e[6], e[7]
-  local sk = prefix .. ':' .. card .. ':' .. fp
-  local fk = sk .. ':z'
-  local m = {}
-  local prev = redis.call('SET', sk, tostring(t) .. ' ' .. eid, 'NX', 'EX', ttl)
-  if not prev then
-    -- the fingerprint was seen before (or this is a redelivery): keep all its settlements in a zset
-    prev = redis.call('GET', sk)
-    local sp = string.find(prev, ' ', 1, true)
-    local peid = string.sub(prev, sp + 1)
-    if peid ~= eid or redis.call('EXISTS', fk) == 1 then
-      redis.call('ZADD', fk, tonumber(string.sub(prev, 1, sp - 1)), peid, t, eid)
-      redis.call('ZREMRANGEBYSCORE', fk, '-inf', '(' .. tostring(t - W - lateness))
-      redis.call('EXPIRE', fk, ttl)
-      redis.call('EXPIRE', sk, ttl)
-      m = redis.call('ZRANGEBYSCORE', fk, t - W, t + W, 'WITHSCORES')
+  local st = state[card]
+  if not st then
+    st = load(redis.call('HGET', cp .. card, field), t)
+    state[card] = st
+    cards[#cards + 1] = card
+  end
+  local len = #st
+  local known = false
+  for k = 1, len, 3 do
+    if st[k + 2] == eid and st[k] == fp then known = true; break end
+  end
+  if not known then
+    local p = 1
+    while p <= len and before(t, eid, fp, st[p + 1], st[p + 2], st[p]) do p = p + 3 end
+    table.insert(st, p, eid); table.insert(st, p, t); table.insert(st, p, fp)
+    len = len + 3
+    dirty[card] = true
+  end
+  local m
+  if len > 3 then
+    -- the fingerprint's settlements within W either side: {event_id, t, ...} oldest first (by t, event_id)
+    m = {}
+    for k = len - 2, 1, -3 do
+      if st[k] == fp then
+        local x = st[k + 1]
+        if x >= t - W and x <= t + W then m[#m + 1] = st[k + 2]; m[#m + 1] = x end
+      end
+    end
+    local cut = st[2] - W - lateness
+    while st[len - 1] < cut do  -- drop what no window can reach any more (the oldest entries come last)
+      st[len] = nil; st[len - 1] = nil; st[len - 2] = nil
+      len = len - 3
+      dirty[card] = true
     end
   end
-  if #m >= 4 then
-    local first_t = tonumber(m[2])
+  if m and #m >= 4 then
+    local first_t = m[2]
     local day = math.floor((first_t + tz) / 86400)
     local ek = prefix .. ':inst:' .. inst .. ':' .. day .. ':ev'
     local bk = prefix .. ':inst:' .. inst .. ':' .. day .. ':bills'
@@ -90,10 +149,14 @@ for i = 1, #evs do
     redis.call('HSET', bk, card .. '\t' .. fp .. '\t' .. m[1], tostring(#m / 2) .. '\t' .. total)
     redis.call('EXPIRE', ek, day_ttl)
     redis.call('EXPIRE', bk, day_ttl)
-    local gap = tonumber(m[#m]) - first_t
+    local gap = m[#m] - first_t
     out[#out + 1] = {idx, day, redis.call('ZRANGE', ek, 0, -1, 'WITHSCORES'), redis.call('HGETALL', bk),
                      #m / 2, tostring(gap)}
   end
+end
+for c = 1, #cards do
+  local card = cards[c]
+  if dirty[card] then redis.call('HSET', cp .. card, field, save(state[card])) end
 end
 return out
 """
@@ -122,6 +185,7 @@ class DuplicateBilling(Detector):
     rule = "duplicate_billing"
     subject_type = "institution"
     scripts = (LUA,)
+    card_hash = "c"
 
     def __init__(self, window_s: int = 600, *, lateness_s: int = 3600, lang: str = "zh", version: str = "") -> None:
         super().__init__(lateness_s=lateness_s, lang=lang, version=version)
@@ -130,6 +194,10 @@ class DuplicateBilling(Detector):
             raise ValueError(f"{self.rule}: window_s must be at most 86400 (one day), got {window_s}")
         self.window_s = window_s
         self._sha = self.sha(LUA)
+        #: this rule's field of the card hash: the card's recent bills (see module docstring)
+        self.field = f"{self.rule}:{window_s}"
+        self.card_ttl_s = window_s + lateness_s
+        self._cfg = orjson.dumps([self.field, window_s, lateness_s, 86400 + window_s + lateness_s, TZ_S])
 
     def params(self) -> dict[str, Any]:
         return {"window_s": self.window_s, "lateness_s": self.lateness_s}
@@ -139,13 +207,12 @@ class DuplicateBilling(Detector):
         return bool(ev.items) and not _placeholder_institution(ev.institution_id) and not is_placeholder(ev.card_id)
 
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
-        W = self.window_s
         rows = [[i, ev.ts, ev.event_id, ev.card_id, ev.institution_id, fingerprint(ev), f"{ev.total_amount:.2f}"]
                 for i, ev in enumerate(events) if self._eligible(ev)]
         if not rows:
             return 0
-        cfg = [W, self.lateness_s, W + self.lateness_s, 86400 + W + self.lateness_s, TZ_S]
-        pipe.evalsha(self._sha, 0, self.key(ns, W), orjson.dumps(cfg), orjson.dumps(rows))
+        pipe.evalsha(self._sha, 0, self.key(ns, self.window_s), ns.card_prefix(self.card_hash), self._cfg,
+                     orjson.dumps(rows))
         return 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:

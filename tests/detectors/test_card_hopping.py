@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+import orjson
 import pytest
 
 from detectors.card_hopping import CardHopping
@@ -76,8 +77,11 @@ def test_redelivered_event_ids_never_count_twice(process, rules, redis_sync):
     evs = hop("DUP", 6)
     res = process(rules, [evs * 3, evs], rid)  # the same 6 events delivered four times
     assert alerts_of(res) == []
-    key = f"cw:{rid}:card_hopping:86400:DUP"
-    assert redis_sync.zcard(key) == 6
+    # the card's field of its recent-activity hash: t, institution, event_id per settlement, each stored once
+    flat = orjson.loads(redis_sync.hget(f"cw:{rid}:c:DUP", "card_hopping:86400,604800"))
+    assert len(flat) == 3 * 6
+    assert sorted(flat[2::3]) == sorted(orjson.loads(e)["event_id"] for e in evs)
+    assert flat[0::3] == sorted(flat[0::3])  # canonical order: event time
 
 
 def test_redelivery_while_firing_upserts_the_same_alert(process, rules):
@@ -150,3 +154,20 @@ def test_parameters_validated_at_construction(windows, message):
     with pytest.raises(ValueError) as exc:
         CardHopping(windows=windows)
     assert str(exc.value) == message
+
+
+def test_card_state_is_one_field_pruned_by_event_time_and_independent_of_arrival_order(process, rules, redis_sync):
+    field = "card_hopping:86400,604800"
+    week = [dumps(make_event("ORDR", f"P{k:03d}", T0 + k * 86400 + (k % 3) * 7)) for k in range(9)]
+    late = week[:7] + [dumps(make_event("ORDR", "P999", T0 + 7 * 86400 + 7, event_id="T-same-time"))] + week[7:]
+    a, b = run_id(), run_id()
+    process(rules, [late], a)
+    process(rules, [late[::-1][:4], late[::-1][4:]], b)  # other order, other batches: the same state
+    sa, sb = redis_sync.hget(f"cw:{a}:c:ORDR", field), redis_sync.hget(f"cw:{b}:c:ORDR", field)
+    assert sa == sb
+    flat = orjson.loads(sa)
+    newest = T0 + 8 * 86400 + 2 * 7
+    # only what the largest window (+ lateness) can still reach from the newest event; nothing else of the run
+    assert min(flat[0::3]) >= newest - 604800 - 3600
+    assert len(flat) == 3 * 9 and flat[0::3] == sorted(flat[0::3])  # the first day's event is gone
+    assert [k.decode() for k in redis_sync.scan_iter(match=f"cw:{a}:*")] == [f"cw:{a}:c:ORDR"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import uuid
 
+import orjson
 import pytest
 
 from detectors.config import load_rules_text
@@ -52,7 +53,6 @@ def _ts(ev):
 
 
 def bill_id(raw: bytes) -> bytes:
-    import orjson
     return orjson.loads(raw)["event_id"].encode()
 
 
@@ -85,8 +85,10 @@ def test_redelivered_event_id_is_never_a_duplicate(process, rules, redis_sync):
     rid = run_id()
     one = dumps(bill("REDEL", "H001"))
     assert alerts_of(process(rules, [[one, one, one], [one]], rid)) == []
-    keys = list(redis_sync.scan_iter(match=f"cw:{rid}:duplicate_billing:600:REDEL:*"))
-    assert len(keys) == 1 and redis_sync.get(keys[0]).endswith(b" " + bill_id(one))
+    # the card's field of its recent-activity hash: fingerprint, t, event_id per settlement, stored once
+    flat = orjson.loads(redis_sync.hget(f"cw:{rid}:c:REDEL", "duplicate_billing:600"))
+    assert len(flat) == 3 and flat[2].encode() == bill_id(one)
+    assert list(redis_sync.scan_iter(match=f"cw:{rid}:duplicate_billing:*")) == []  # nothing fired, no day keys
 
 
 def test_redelivery_of_a_duplicate_changes_nothing(process, rules):
@@ -178,10 +180,14 @@ def test_every_key_expires(process, rules, redis_sync):
     rid = run_id()
     first = bill("TTL", "H040")
     process(rules, [[dumps(first), dumps(copy_of(first, 60))]], rid)
-    keys = list(redis_sync.scan_iter(match=f"cw:{rid}:*"))
-    assert len(keys) == 4  # first settlement, the fingerprint's zset, the day's evidence and bills
+    keys = sorted(redis_sync.scan_iter(match=f"cw:{rid}:*"))
+    day = int((T0 + 8 * 3600) // 86400)
+    assert keys == [f"cw:{rid}:c:TTL".encode(),  # the card's recent bills, the day's bills and evidence
+                    f"cw:{rid}:duplicate_billing:600:inst:H040:{day}:bills".encode(),
+                    f"cw:{rid}:duplicate_billing:600:inst:H040:{day}:ev".encode()]
     for k in keys:
         assert 0 < redis_sync.ttl(k) <= 86400 + 600 + 3600, k
+    assert redis_sync.ttl(f"cw:{rid}:c:TTL") <= 600 + 3600  # the card's bills: window_s + lateness_s
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -194,3 +200,32 @@ def test_parameters_validated_at_construction(kwargs, message):
     with pytest.raises(ValueError) as exc:
         DuplicateBilling(**kwargs)
     assert str(exc.value) == message
+
+
+def test_card_state_is_one_field_pruned_by_event_time_and_independent_of_arrival_order(process, rules, redis_sync):
+    field = "duplicate_billing:600"
+    evs = [bill("ORDR", "H050", T0 + k * 900, items=[{"code": f"J{k:04d}", "category": "exam", "quantity": 1,
+                                                       "amount": 10.0 + k}]) for k in range(8)]
+    evs.append(bill("ORDR", "H050", T0 + 7 * 900, items=evs[0]["items"], event_id="T-same-time"))
+    a, b = run_id(), run_id()
+    process(rules, [[dumps(e) for e in evs]], a)
+    process(rules, [[dumps(e) for e in evs[::-1][:3]], [dumps(e) for e in evs[::-1][3:]]], b)
+    sa, sb = redis_sync.hget(f"cw:{a}:c:ORDR", field), redis_sync.hget(f"cw:{b}:c:ORDR", field)
+    assert sa == sb
+    flat = orjson.loads(sa)
+    # fingerprint, t, event_id per bill, newest first, none older than newest - window_s - lateness_s
+    assert flat[1::3] == sorted(flat[1::3], reverse=True) and min(flat[1::3]) >= T0 + 7 * 900 - 600 - 3600
+    assert len(flat) == 3 * 6
+
+
+def test_bills_out_of_reach_are_dropped_on_the_cards_next_bill(process, rules, redis_sync):
+    rid = run_id()
+    first = bill("STALE", "H060", T0 + 0.25)
+    later = copy_of(first, 600 + 3600 + 1)  # past window_s + lateness_s: the first bill can never match again
+    again = copy_of(first, 600 + 3600 + 1 + 599.5)
+    assert alerts_of(process(rules, [[dumps(first)], [dumps(later)]], rid)) == []
+    flat = orjson.loads(redis_sync.hget(f"cw:{rid}:c:STALE", "duplicate_billing:600"))
+    assert [flat[2]] == [later["event_id"]] and len(flat) == 3
+    alerts = alerts_of(process(rules, [[dumps(again)]], rid))
+    assert [a.evidence_event_ids for a in alerts] == [[later["event_id"], again["event_id"]]]
+    assert alerts[0].metrics["gap_s"] == 599.5
