@@ -56,7 +56,7 @@ from stream.events import Settlement, iso
 
 LUA = r"""
 -- ARGV[1] key prefix (cw:{run}:trace_code_reuse:{retention_s}), ARGV[2] JSON [retention, period, lateness, ttl],
--- ARGV[3] JSON [[index, t, event_id, value to remember (see the module docstring), [bucket, ...]], ...],
+-- ARGV[3] JSON [[index, t, event_id, value to remember (see the module docstring), ["bucket", ...]], ...],
 -- ARGV[4] the codes' 8-byte field hashes, concatenated in the same order. Keys are built here:
 -- {prefix}:{period}:{bucket}; a code is written to its event time's period and read in every period
 -- of the retention.
@@ -78,15 +78,18 @@ for i = 1, #evs do
   local lo = math.floor((t - R) / P)
   local hi = math.floor((t + lateness) / P)
   local hits = {}
+  local pks = {}  -- period key prefixes, built once per event (number formatting is slow in Lua)
+  for q = lo, hi do pks[#pks + 1] = prefix .. q .. ':' end
+  local wp = prefix .. p .. ':'
   for j = 1, #bs do
-    local b = bs[j]
+    local b = bs[j]  -- the bucket, as a string
     local f = string.sub(blob, off, off + 7)
     off = off + 8
-    local wk = prefix .. p .. ':' .. b
+    local wk = wp .. b
     local best = nil
     local stored = false
-    for q = lo, hi do
-      local v = redis.call('HGET', prefix .. q .. ':' .. b, f)
+    for q = 1, #pks do
+      local v = redis.call('HGET', pks[q] .. b, f)
       if v then
         local p1 = string.find(v, SEP, 1, true)
         local p2 = string.find(v, SEP, p1 + 1, true)
@@ -198,7 +201,7 @@ class TraceCodeReuse(Detector):
             bs = []
             for code, *_ in codes:
                 b, f = self._slot(code)
-                bs.append(b)
+                bs.append(str(b))
                 fields.append(f)
             value = f"{_base36(int(ev.ts // 1))}\x1f{ev.event_id}\x1f{ev.card_id}\x1f{ev.institution_id}"
             rows.append([i, ev.ts, ev.event_id, value, bs])
