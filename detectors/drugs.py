@@ -49,6 +49,9 @@ _PLACEHOLDER = re.compile(r"^\s*(未知|不详|无|空|待定|其他|unknown|unk
                           re.IGNORECASE)
 
 
+_LONG_PLACEHOLDER_START = frozenset("0０9xX?-")
+
+
 def is_placeholder(value: str | None) -> bool:
     """True for ids a source fills in when it has none: "未知", "0000", "N/A", "" … (data quality, not fraud).
 
@@ -57,6 +60,10 @@ def is_placeholder(value: str | None) -> bool:
     """
     if value is None:
         return True
+    if len(value) > 7:
+        c = value[0]
+        if c not in _LONG_PLACEHOLDER_START and not c.isspace():
+            return False  # fastest path: a long placeholder is one repeated 0/9/x/?/- (spaces around)
     v = value.strip()
     if not v:
         return True
