@@ -24,12 +24,17 @@ are raised ``resale_prone_severity_step`` severity levels: a lower threshold for
 flag ordinary chronic patients whose packages round a month up to 56 days. One alert per
 card and episode (later fills extend it).
 
-State per card (Redis, all keys expire after ``window_s`` + lateness):
+State per card (Redis):
 
-* ``cw:{run}:overdispensing:{window_s}:{card}`` — sorted set of fills, member
-  ``ingredient\\tdays\\tevent_id\\tinstitution``, score = event time (a redelivered event
-  re-adds the same members: idempotent on ``event_id``);
-* ``…:ep`` — the open episode (``start``, ``last``); ``…:ev`` — its evidence.
+* field ``overdispensing:{window_s},{ingredient_prefix_len}`` of the card's hash ``cw:{run}:c:{card}`` —
+  the card's fills of take-home drugs over the last ``window_s`` + lateness of event time, all
+  ingredients together, in one flat JSON array: per event ``t, event_id, institution, n,`` then
+  ``n`` pairs ``ingredient, days``, in (event time, ``event_id``) order, pruned relative to the
+  newest fill whenever a fill is added (a redelivered ``event_id`` is never added again). The
+  processor expires the hash; this rule needs it ``window_s`` + lateness after the card's last
+  event (``card_ttl_s``);
+* ``cw:{run}:overdispensing:{window_s}:{card}:ep`` — the open episode (``start``, ``last``);
+  ``…:ev`` — its evidence (both expire after ``window_s`` + lateness).
 
 >>> Overdispensing(window_s=2592000, max_supply_ratio=4.0, min_excess_days=30)  # doctest: +ELLIPSIS
 Overdispensing(window_s=2592000, ingredient_prefix_len=10, max_supply_ratio=4.0, min_excess_days=30, ...)
@@ -52,96 +57,157 @@ from detectors.drugs import EMPTY, DrugList, ingredient_key, is_placeholder
 from stream.events import Settlement, iso
 
 LUA = EPISODE_LUA + r"""
--- ARGV[1] key prefix (cw:{run}:overdispensing:{window_s}), ARGV[2] JSON [W, lateness, ttl, max_ratio,
--- min_excess_days, early_share, min_early, min_left_days, min_fills], ARGV[3] JSON
--- [[index, t, event_id, card, institution, [[ingredient, days], ...]], ...]. Keys are built here from
--- the prefix and the card: {prefix}:{card} (fills), …:ep (episode), …:ev (evidence).
--- Returns only the events that fired: {index, episode start, evidence (id, time)*, fired lines}
-local prefix = ARGV[1]
-local cfg = cjson.decode(ARGV[2])
+-- ARGV[1] episode key prefix (cw:{run}:overdispensing:{window_s}), ARGV[2] card hash prefix (cw:{run}:c:),
+-- ARGV[3] this rule's field of the card hash, ARGV[4] JSON [W, lateness, ttl, max_ratio, min_excess_days,
+-- early_share, min_early, min_left_days, min_fills], ARGV[5] JSON, flat (one table to decode, not one per
+-- event): [index, t, event_id, card, institution, number of lines, ingredient, days, ingredient, days, ...].
+-- The field holds the card's fills of the last W + lateness, flat too: [t, event_id, institution, number of
+-- lines, ingredient, days, ..., t, ...], in (t, event_id) order, one entry per event (a redelivered event_id
+-- is not added again); it is read once per card and batch and written back once, if changed.
+-- Episode keys: {prefix}:{card}:ep / :ev. Returns only the events that fired:
+-- {index, episode start, evidence (id, time)*, fired lines}
+local prefix, cp, field = ARGV[1], ARGV[2], ARGV[3]
+local cfg = cjson.decode(ARGV[4])
 local W, lateness, ttl, maxr, min_excess = cfg[1], cfg[2], cfg[3], cfg[4], cfg[5]
 local share, min_early, min_left, min_fills = cfg[6], cfg[7], cfg[8], cfg[9]
-local evs = cjson.decode(ARGV[3])
+local evs = cjson.decode(ARGV[5])
+local floor = math.floor
 local out = {}
-for i = 1, #evs do
-  local e = evs[i]
-  local idx, t, eid, inst = e[1], e[2], e[3], e[5]
-  local zk = prefix .. ':' .. e[4]
-  local ek, vk = zk .. ':ep', zk .. ':ev'
-  local lines = e[6]
-  local nl = #lines
-  local zargs = {}
-  for j = 1, nl do
-    zargs[#zargs + 1] = t
-    zargs[#zargs + 1] = lines[j][1] .. '\t' .. lines[j][2] .. '\t' .. eid .. '\t' .. inst
-  end
-  local known = redis.call('EXISTS', zk) == 1
-  redis.call('ZADD', zk, unpack(zargs))
-  redis.call('EXPIRE', zk, ttl)
-  local members = {}
-  if known then
-    -- a card's events arrive in order: this event is (about) its newest, so trim relative to it
-    redis.call('ZREMRANGEBYSCORE', zk, '-inf', '(' .. tostring(t - W - lateness))
-    members = redis.call('ZRANGEBYSCORE', zk, t - W, t, 'WITHSCORES')
-  end
-  -- fills of each of this event's ingredients, up to and including this event, by (time, event id)
-  local want = {}
-  for j = 1, nl do want[lines[j][1]] = {} end
-  for m = 1, #members, 2 do
-    local s = members[m]
-    local p1 = string.find(s, '\t', 1, true)
-    local ing = string.sub(s, 1, p1 - 1)
-    local lst = want[ing]
-    if lst then
-      local p2 = string.find(s, '\t', p1 + 1, true)
-      local p3 = string.find(s, '\t', p2 + 1, true)
-      lst[#lst + 1] = {tonumber(members[m + 1]), string.sub(s, p2 + 1, p3 - 1),
-                       tonumber(string.sub(s, p1 + 1, p2 - 1)), string.sub(s, p3 + 1)}
+local cache, cards = {}, {}   -- card -> {fills, changed}; cards in first-seen order
+local i = 1
+local nevs = #evs
+while i <= nevs do
+  local idx, t, eid, card, inst, nl = evs[i], evs[i + 1], evs[i + 2], evs[i + 3], evs[i + 4], evs[i + 5]
+  local l0 = i + 4   -- line j: ingredient evs[l0 + 2j], days evs[l0 + 2j + 1]
+  i = i + 6 + 2 * nl
+  local c = cache[card]
+  if not c then
+    local raw = redis.call('HGET', cp .. card, field)
+    local F = {}
+    if raw then
+      F = cjson.decode(raw)
+      local p = 1
+      while p <= #F do
+        if type(F[p]) ~= 'number' then F[p] = tonumber(F[p]) end   -- a fractional time, stored exactly as text
+        p = p + 4 + 2 * F[p + 3]
+      end
     end
+    c = {F, false}
+    cache[card] = c
+    cards[#cards + 1] = card
   end
-  local fired = {}
-  local evid = {}
-  for j = 1, nl do
-    local ing = lines[j][1]
-    local lst = want[ing]
-    table.sort(lst, function(x, y) if x[1] ~= y[1] then return x[1] < y[1] end return x[2] < y[2] end)
-    local n = 0
-    for m = 1, #lst do
-      n = m
-      if lst[m][2] == eid then break end
-    end
-    if n >= 2 then
-      local prior = 0
-      local early = 0
-      local insts = {}
-      local ninst = 0
-      for m = 1, n do
-        if m < n then prior = prior + lst[m][3] end
-        if m > 1 then
-          local gap = (lst[m][1] - lst[m - 1][1]) / 86400
-          if gap < share * lst[m - 1][3] and lst[m - 1][3] - gap >= min_left then early = early + 1 end
+  local F = c[1]
+  local nF = #F
+  -- is the event known, where does it go in (t, event_id) order, and the newest time so far
+  local known, pos, newest = false, nil, t
+  local p = 1
+  while p <= nF do
+    local pt, pe = F[p], F[p + 1]
+    if pe == eid then known = true; break end
+    if not pos and (pt > t or (pt == t and pe > eid)) then pos = p end
+    if pt > newest then newest = pt end
+    p = p + 4 + 2 * F[p + 3]
+  end
+  if not known then
+    -- drop the fills no event within lateness of the newest one can look back to
+    local cut = newest - W - lateness
+    if not pos and (nF == 0 or F[1] >= cut) then   -- the usual case: append
+      F[nF + 1] = t; F[nF + 2] = eid; F[nF + 3] = inst; F[nF + 4] = nl
+      for q = 1, 2 * nl do F[nF + 4 + q] = evs[l0 + 1 + q] end
+    else
+      local G = {}
+      local function entry()
+        G[#G + 1] = t; G[#G + 1] = eid; G[#G + 1] = inst; G[#G + 1] = nl
+        for q = 1, 2 * nl do G[#G + 1] = evs[l0 + 1 + q] end
+      end
+      local keep = t >= cut   -- (an event too late to count is not kept)
+      p = 1
+      while p <= nF do
+        local nxt = p + 4 + 2 * F[p + 3]
+        if p == pos and keep then entry() end
+        if F[p] >= cut then
+          for q = p, nxt - 1 do G[#G + 1] = F[q] end
         end
-        if not insts[lst[m][4]] then insts[lst[m][4]] = true; ninst = ninst + 1 end
+        p = nxt
       end
-      local elapsed = (t - lst[1][1]) / 86400
-      local covered = elapsed
-      if covered < 1 then covered = 1 end
-      local excess = prior - elapsed
-      local by_supply = (n >= min_fills) and (prior > maxr * covered) and (excess >= min_excess)
-      local by_early = early >= min_early
-      if by_supply or by_early then
-        fired[#fired + 1] = {j, n, prior, tostring(t - lst[1][1]), lst[n][3], early, ninst,
-                             by_supply and 1 or 0, by_early and 1 or 0}
-        for m = 1, n do evid[#evid + 1] = lst[m][1]; evid[#evid + 1] = lst[m][2] end
+      if keep and not pos then entry() end
+      F = G
+      c[1] = G
+    end
+    c[2] = true
+  end
+  if #F > 0 and #F > 4 + 2 * F[4] then   -- more than one fill: a pattern is possible
+    -- fills of each of this event's ingredients in [t - W, t], up to and including this event, by (time, event id)
+    local want = {}
+    for j = 1, nl do want[evs[l0 + 2 * j]] = {} end
+    local lo = t - W
+    p = 1
+    while p <= #F do
+      local ft = F[p]
+      if ft > t then break end
+      local n = F[p + 3]
+      if ft >= lo then
+        for q = p + 4, p + 2 + 2 * n, 2 do
+          local lst = want[F[q]]
+          if lst then lst[#lst + 1] = {ft, F[p + 1], F[q + 1], F[p + 2]} end
+        end
+        if F[p + 1] == eid then break end
+      end
+      p = p + 4 + 2 * n
+    end
+    local fired = {}
+    local evid = {}
+    for j = 1, nl do
+      local lst = want[evs[l0 + 2 * j]]
+      local n = #lst
+      if n >= 2 then
+        local prior = 0
+        local early = 0
+        local insts = {}
+        local ninst = 0
+        for m = 1, n do
+          if m < n then prior = prior + lst[m][3] end
+          if m > 1 then
+            local gap = (lst[m][1] - lst[m - 1][1]) / 86400
+            if gap < share * lst[m - 1][3] and lst[m - 1][3] - gap >= min_left then early = early + 1 end
+          end
+          if not insts[lst[m][4]] then insts[lst[m][4]] = true; ninst = ninst + 1 end
+        end
+        local elapsed = (t - lst[1][1]) / 86400
+        local covered = elapsed
+        if covered < 1 then covered = 1 end
+        local excess = prior - elapsed
+        local by_supply = (n >= min_fills) and (prior > maxr * covered) and (excess >= min_excess)
+        local by_early = early >= min_early
+        if by_supply or by_early then
+          fired[#fired + 1] = {j, n, prior, tostring(t - lst[1][1]), lst[n][3], early, ninst,
+                               by_supply and 1 or 0, by_early and 1 or 0}
+          for m = 1, n do evid[#evid + 1] = lst[m][1]; evid[#evid + 1] = lst[m][2] end
+        end
       end
     end
+    if #fired > 0 then
+      local ek, vk = prefix .. ':' .. card .. ':ep', prefix .. ':' .. card .. ':ev'
+      local start = episode(ek, vk, t, W)
+      redis.call('ZADD', vk, unpack(evid))
+      redis.call('EXPIRE', ek, ttl)
+      redis.call('EXPIRE', vk, ttl)
+      out[#out + 1] = {idx, tostring(start), redis.call('ZRANGE', vk, 0, -1, 'WITHSCORES'), fired}
+    end
   end
-  if #fired > 0 then
-    local start = episode(ek, vk, t, W)
-    redis.call('ZADD', vk, unpack(evid))
-    redis.call('EXPIRE', ek, ttl)
-    redis.call('EXPIRE', vk, ttl)
-    out[#out + 1] = {idx, tostring(start), redis.call('ZRANGE', vk, 0, -1, 'WITHSCORES'), fired}
+end
+for _, card in ipairs(cards) do
+  local c = cache[card]
+  if c[2] then
+    local F = c[1]
+    local p = 1
+    while p <= #F do
+      local x = F[p]
+      if x ~= floor(x) or x >= 1e14 or x <= -1e14 then F[p] = string.format('%.17g', x) end
+      p = p + 4 + 2 * F[p + 3]
+    end
+    if #F > 0 then redis.call('HSET', cp .. card, field, cjson.encode(F))
+    else redis.call('HDEL', cp .. card, field) end
   end
 end
 return out
@@ -159,6 +225,7 @@ class Overdispensing(Detector):
     rule = "overdispensing"
     subject_type = "card"
     scripts = (LUA,)
+    card_hash = "c"
 
     def __init__(self, window_s: int = 2592000, *, ingredient_prefix_len: int = 10, max_supply_ratio: float = 4.0,
                  min_excess_days: float = 30, min_fills: int = 3, early_refill_share: float = 0.5,
@@ -205,6 +272,8 @@ class Overdispensing(Detector):
         self.min_fills = min_fills
         self.resale_prone_severity_step = resale_prone_severity_step
         self.resale_prone = resale_prone
+        self.card_ttl_s = window_s + lateness_s
+        self._field = f"{self.rule}:{window_s},{ingredient_prefix_len}"
         self._sha = self.sha(LUA)
 
     def params(self) -> dict[str, Any]:
@@ -235,17 +304,20 @@ class Overdispensing(Detector):
         return [(ing, d, code, name, rs) for ing, (d, rs, code, name) in agg.items()]
 
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
-        rows = []
+        rows: list[Any] = []   # flat: index, t, event id, card, institution, n, (ingredient, days) * n
         for i, ev in enumerate(events):
             lines = self._lines(ev)
             if lines:
-                rows.append([i, ev.ts, ev.event_id, ev.card_id, ev.institution_id, [[x[0], x[1]] for x in lines]])
+                rows += (i, ev.ts, ev.event_id, ev.card_id, ev.institution_id, len(lines))
+                for x in lines:
+                    rows += (x[0], x[1])
         if not rows:
             return 0
         cfg = [self.window_s, self.lateness_s, self.window_s + self.lateness_s, self.max_supply_ratio,
                self.min_excess_days, self.early_refill_share, self.min_early_refills,
                self.early_refill_min_left_days, self.min_fills]
-        pipe.evalsha(self._sha, 0, self.key(ns, self.window_s), orjson.dumps(cfg), orjson.dumps(rows))
+        pipe.evalsha(self._sha, 0, self.key(ns, self.window_s), ns.card_prefix(self.card_hash), self._field,
+                     orjson.dumps(cfg), orjson.dumps(rows))
         return 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:

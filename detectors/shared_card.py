@@ -17,17 +17,27 @@ E11 type-2 diabetes), at least ``min_days_supply`` days of it. One alert per car
 episode (conflicts within ``episode_s`` of each other); ``metrics.kind`` names the sign(s).
 
 Cards arrive in order (one partition per card), so all state is per card and every
-conflict is found again, identically, when an event is redelivered (Redis, all keys expire):
+conflict is found again, identically, when an event is redelivered. The card's state is two
+fields of its hash ``cw:{run}:c:{card}``, read and written once per batch. Whenever the card
+has an event, settlements older than its newest event time minus ``history_s``, and stays
+scored below that, are dropped. The processor expires the hash; this rule needs it
+``history_s`` + lateness after the card's last event (``card_ttl_s``). Stays are rare and
+may matter for ``max_stay_s``, so they have a key of their own rather than keeping every
+card hash that long:
 
-* ``cw:{run}:shared_card:{history_s}:{card}`` — sorted set of the card's outpatient,
-  emergency and pharmacy settlements of the last ``history_s`` (member
-  ``event_id\\tdistrict\\tvisit\\tinstitution``, score = event time; idempotent on
-  ``event_id``) and of its inpatient stays (member ``\\x1f\\tadmission\\tinstitution\\t
-  admitted\\tdischarged\\tlast bill\\tfirst bill id\\tfirst bill time``, scored by when it stops
-  mattering: ``max_stay_s`` after the last bill, soon after the discharge); one read gives both,
-  and an inpatient bill looks back over the settlements too (those before the first bill);
-* ``…:ep`` — the open episode: ``start``/``last``, one ``e\\t{event_id}`` field per evidence
-  event (its time) and one field per conflict (which sign and its numbers).
+* ``shared_card:recent:{history_s}`` — the card's outpatient, emergency and pharmacy
+  settlements of the last ``history_s``, a JSON array of ``t, event_id, district, visit,
+  institution`` (five values per settlement), ordered by time, then event id (a settlement
+  delivered again is stored once);
+* ``cw:{run}:shared_card:stays:{history_s},{max_stay_s}:{card}`` — its inpatient stays (only on
+  cards with one; expires ``max_stay_s`` + lateness after its last change), a
+  JSON array of ``score, "admission\\tinstitution\\tadmitted\\tdischarged\\tlast bill\\tfirst bill
+  id\\tfirst bill time"``, scored by when the stay stops mattering: ``max_stay_s`` after the last
+  bill, ``history_s`` after the discharge. An inpatient bill looks back over the recent
+  settlements too (those before the first bill);
+* ``cw:{run}:shared_card:{history_s}:{card}:ep`` — the open episode: ``start``/``last``, one
+  ``e\\t{event_id}`` field per evidence event (its time) and one field per conflict (which sign
+  and its numbers); it expires ``episode_s`` + lateness after its last conflict.
 
 >>> sc = SharedCard(districts={"310151": {"lat": 31.623, "lon": 121.565},
 ...                            "310120": {"lat": 30.918, "lon": 121.518}})
@@ -46,6 +56,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
+import orjson
+
 from alerts.model import Alert, alert_id, now_iso, severity_for
 from detectors.base import Detector, Namespace, check_positive
 from detectors.drugs import _SEPARATORS, clean_text as _clean, placeholder_institution as _placeholder_inst, unusable_ids as _unusable  # noqa: F401
@@ -57,13 +69,19 @@ from stream.events import Settlement, iso
 
 LUA = r"""
 -- ARGV: nd, district codes * nd, required-seconds matrix (nd*nd, comma separated),
---       horizon, keep, ttl_z, grace, max_stay, ttl_stay, episode, ttl_ep,
---       then one string per event, fields separated by \31: t, event_id, district, visit (o/e/p/i),
---       institution, admission_id, admitted_at, discharged_at, card, child detail ('' = none)
--- KEYS per event: the card's zset (recent settlements + stays), the card's episode hash
+--       horizon, keep, grace, max_stay, episode, ttl_ep, card hash prefix, recent field, stays key prefix,
+--       episode key prefix, then the events as one flat JSON array, ten values per event: t, event_id,
+--       district, visit (o/e/p/i), institution, admission_id, admitted_at, discharged_at ('' = none), card,
+--       child detail ('' = none)
+-- A card's recent settlements (a field of its hash) and stays (a key of their own) are read once per
+-- card and batch and written back once, if changed:
+--   recent: [t, event_id, district, visit, institution, ...] (5 per settlement), ordered by
+--           (t, event_id\tdistrict\tvisit\tinstitution), as a sorted set with that member would be;
+--   stays:  [score, member, ...], member = admission\tinstitution\tadmitted\tdischarged\tlast bill\t
+--           first bill id\tfirst bill time, ordered by (score, member); score = when it stops mattering.
+-- Both are pruned by event time (below t - keep); the episode hash is {episode key prefix}{card}:ep.
 -- returns one {card, episode hash (field, value)*} per event that found a conflict
 local SEP = '\t'
-local STAY = '\31'   -- stay members: STAY, admission, institution, admitted, discharged, last bill, first id, first t
 local function split(s, sep)
   sep = sep or SEP
   local out = {}
@@ -75,6 +93,11 @@ local function split(s, sep)
     p = q + 1
   end
 end
+local floor = math.floor
+local function store(x)   -- a time as JSON: an integer as is, any other number exactly, as text
+  if x == floor(x) and x < 1e14 and x > -1e14 then return x end
+  return string.format('%.17g', x)
+end
 local a = 1
 local nd = tonumber(ARGV[a]); a = a + 1
 local didx = {}
@@ -82,108 +105,168 @@ for j = 1, nd do didx[ARGV[a]] = j; a = a + 1 end
 local R = {}
 for x in string.gmatch(ARGV[a], '[^,]+') do R[#R + 1] = tonumber(x) end
 a = a + 1
-local horizon = tonumber(ARGV[a]); local keep = tonumber(ARGV[a + 1]); local ttl_z = tonumber(ARGV[a + 2])
-local grace = tonumber(ARGV[a + 3]); local max_stay = tonumber(ARGV[a + 4]); local ttl_stay = tonumber(ARGV[a + 5])
-local E = tonumber(ARGV[a + 6]); local ttl_ep = tonumber(ARGV[a + 7])
-a = a + 8
-local out = {}
-local k = 1
-local nargv = #ARGV
-while a <= nargv do
-  local x = split(ARGV[a], '\31')
-  a = a + 1
-  local t = tonumber(x[1]); local eid = x[2]; local dc = x[3]; local v = x[4]
-  local inst = x[5]; local aid = x[6]; local adm = x[7]; local dis = x[8]; local card = x[9]
-  local child = x[10]
-  local zk, ek = KEYS[k], KEYS[k + 1]
-  k = k + 2
-  local found = {}   -- {conflict time, detail field, detail value, eid, t[, eid2, t2]}
-  if v ~= 'i' then
-    redis.call('ZADD', zk, t, eid .. SEP .. dc .. SEP .. v .. SEP .. inst)
+local horizon = tonumber(ARGV[a]); local keep = tonumber(ARGV[a + 1]); local grace = tonumber(ARGV[a + 2])
+local max_stay = tonumber(ARGV[a + 3]); local E = tonumber(ARGV[a + 4]); local ttl_ep = tonumber(ARGV[a + 5])
+local cp, FR, FS, epp = ARGV[a + 6], ARGV[a + 7], ARGV[a + 8], ARGV[a + 9]
+local ttl_stay = tonumber(ARGV[a + 10])
+a = a + 11
+
+local cache, cards = {}, {}   -- card -> {recent, stays, recent changed, stays changed}
+local function load(card)
+  local c = cache[card]
+  if c then return c end
+  local got = {redis.call('HGET', cp .. card, FR), redis.call('GET', FS .. card)}
+  local rec, st = {}, {}
+  if got[1] then
+    rec = cjson.decode(got[1])
+    for m = 1, #rec, 5 do if type(rec[m]) ~= 'number' then rec[m] = tonumber(rec[m]) end end
   end
-  -- a card's recent settlements and stays are few: read them all, prune only when needed
-  local all = redis.call('ZRANGE', zk, 0, -1, 'WITHSCORES')
-  if #all > 0 and tonumber(all[2]) < t - keep then
-    redis.call('ZREMRANGEBYSCORE', zk, '-inf', '(' .. tostring(t - keep))
+  if got[2] then
+    st = cjson.decode(got[2])
+    for m = 1, #st, 2 do if type(st[m]) ~= 'number' then st[m] = tonumber(st[m]) end end
   end
-  local stays, recent = {}, {}
-  for m = 1, #all, 2 do
-    local f = split(all[m])
-    if f[1] == STAY then
-      if tonumber(all[m + 1]) >= t - keep then stays[#stays + 1] = f end
-    else
-      recent[#recent + 1] = {f, tonumber(all[m + 1])}
+  c = {rec, st, false, false}
+  cache[card] = c
+  cards[#cards + 1] = card
+  return c
+end
+local function add_recent(c, t, eid, dc, v, inst)   -- ZADD: a known member only moves to its new time
+  local rec = c[1]
+  for m = 1, #rec, 5 do
+    if rec[m + 1] == eid and rec[m + 2] == dc and rec[m + 3] == v and rec[m + 4] == inst then
+      if rec[m] == t then return end
+      for _ = 1, 5 do table.remove(rec, m) end
+      break
     end
   end
+  local mem = eid .. SEP .. dc .. SEP .. v .. SEP .. inst
+  local pos = #rec + 1   -- a card's events arrive (about) in order: look for the place from the end
+  while pos > 1 do
+    local pt = rec[pos - 5]
+    if pt < t or (pt == t and table.concat(rec, SEP, pos - 4, pos - 1) < mem) then break end
+    pos = pos - 5
+  end
+  table.insert(rec, pos, inst); table.insert(rec, pos, v); table.insert(rec, pos, dc)
+  table.insert(rec, pos, eid); table.insert(rec, pos, t)
+  c[3] = true
+end
+local function rem_stay(c, mem)
+  local st = c[2]
+  for m = 1, #st, 2 do
+    if st[m + 1] == mem then table.remove(st, m); table.remove(st, m); c[4] = true; return end
+  end
+end
+local function add_stay(c, score, mem)
+  rem_stay(c, mem)
+  local st = c[2]
+  local pos = #st + 1
+  while pos > 1 do
+    local ps = st[pos - 2]
+    if ps < score or (ps == score and st[pos - 1] < mem) then break end
+    pos = pos - 2
+  end
+  table.insert(st, pos, mem); table.insert(st, pos, score)
+  c[4] = true
+end
+local function prune(c, cut)   -- both are in time / score order: drop the prefix below cut
+  for w = 1, 2 do
+    local lst = c[w]
+    if #lst > 0 and lst[1] < cut then
+      local step = w == 1 and 5 or 2
+      local k = 1
+      while k <= #lst and lst[k] < cut do k = k + step end
+      local kept = {}
+      for m = k, #lst do kept[#kept + 1] = lst[m] end
+      c[w] = kept
+      c[w + 2] = true
+    end
+  end
+end
+
+local out = {}
+local x = cjson.decode(ARGV[a])
+for b = 1, #x, 10 do
+  local t = x[b]; local eid = x[b + 1]; local dc = x[b + 2]; local v = x[b + 3]
+  local inst = x[b + 4]; local aid = x[b + 5]; local adm = x[b + 6]; local dis = x[b + 7]; local card = x[b + 8]
+  local child = x[b + 9]
+  local ek = epp .. card .. ':ep'
+  local c = load(card)
+  local found = {}   -- {conflict time, detail field, detail value, eid, t[, eid2, t2]}
+  if v ~= 'i' then add_recent(c, t, eid, dc, v, inst) end
+  -- the card's recent settlements (this one included) and stays as they are before this event's pruning
+  local rec, st = c[1], c[2]
   if v ~= 'i' then
     local di = didx[dc]
     if di then   -- (a) impossible travel against the card's settlements around t
-      for _, r2 in ipairs(recent) do
-        local f, t2 = r2[1], r2[2]
-        local dj = didx[f[2]]
-        if dj and dj ~= di and f[1] ~= eid and (inst == '' or f[4] ~= inst) and math.abs(t - t2) < horizon then
+      for m = 1, #rec, 5 do
+        local t2, e2, d2, i2 = rec[m], rec[m + 1], rec[m + 2], rec[m + 4]
+        local dj = didx[d2]
+        if dj and dj ~= di and e2 ~= eid and (inst == '' or i2 ~= inst) and math.abs(t - t2) < horizon then
           local r = R[(di - 1) * nd + dj]
           if r > 0 and math.abs(t - t2) < r then
-            local e1, t1, d1, i1, e2, tt2, d2, i2 = eid, t, dc, inst, f[1], t2, f[2], f[4]
-            if t2 < t or (t2 == t and f[1] < eid) then
-              e1, t1, d1, i1, e2, tt2, d2, i2 = f[1], t2, f[2], f[4], eid, t, dc, inst
+            local e1, t1, d1, i1, eb, tb, db, ib = eid, t, dc, inst, e2, t2, d2, i2
+            if t2 < t or (t2 == t and e2 < eid) then
+              e1, t1, d1, i1, eb, tb, db, ib = e2, t2, d2, i2, eid, t, dc, inst
             end
-            found[#found + 1] = {math.max(t, t2), 'T' .. SEP .. e1 .. SEP .. e2,
-              d1 .. SEP .. d2 .. SEP .. tostring(t1) .. SEP .. tostring(tt2) .. SEP .. i1 .. SEP .. i2, e1, t1, e2, tt2}
+            found[#found + 1] = {math.max(t, t2), 'T' .. SEP .. e1 .. SEP .. eb,
+              d1 .. SEP .. db .. SEP .. tostring(t1) .. SEP .. tostring(tb) .. SEP .. i1 .. SEP .. ib, e1, t1, eb, tb}
           end
         end
       end
     end
     if (v == 'o' or v == 'p') and inst ~= '' then   -- (b) forward: a settlement elsewhere during an open stay
-      for _, f in ipairs(stays) do
-        local sadm = tonumber(f[4]); local sdis = tonumber(f[5]); local ft = tonumber(f[8])
-        if f[3] ~= inst and t >= sadm + grace and (not sdis or t < sdis) and t <= tonumber(f[6]) + max_stay then
-          found[#found + 1] = {math.max(t, ft), 'S' .. SEP .. eid,
-            f[2] .. SEP .. f[3] .. SEP .. f[4] .. SEP .. f[5] .. SEP .. inst .. SEP .. tostring(t), eid, t, f[7], ft}
+      local lo = t - keep
+      for m = 1, #st, 2 do
+        if st[m] >= lo then
+          local f = split(st[m + 1])
+          local sadm = tonumber(f[3]); local sdis = tonumber(f[4]); local ft = tonumber(f[7])
+          if f[2] ~= inst and t >= sadm + grace and (not sdis or t < sdis) and t <= tonumber(f[5]) + max_stay then
+            found[#found + 1] = {math.max(t, ft), 'S' .. SEP .. eid,
+              f[1] .. SEP .. f[2] .. SEP .. f[3] .. SEP .. f[4] .. SEP .. inst .. SEP .. tostring(t), eid, t, f[6], ft}
+          end
         end
       end
     end
-    redis.call('EXPIRE', zk, #stays > 0 and ttl_stay or ttl_z)
   else
     -- an inpatient bill: open, extend or close its stay, then look back over the recent settlements
     local cur, curm = nil, nil
-    for m = 1, #all, 2 do
-      local f = split(all[m])
-      if f[1] == STAY and f[2] == aid then cur = f; curm = all[m] end
+    for m = 1, #st, 2 do
+      local f = split(st[m + 1])
+      if f[1] == aid then cur = f; curm = st[m + 1] end
     end
     local sadm = tonumber(adm); local sdis = tonumber(dis); local slast = t; local fe = eid; local ft = t
     if cur and not sdis then   -- an open bill after the stay's discharge: a new stay under the same key
-      local od = tonumber(cur[5])
+      local od = tonumber(cur[4])
       if od and t > od then cur = nil end
     end
     if cur then
-      if not sadm then sadm = math.min(tonumber(cur[4]), t) end
-      if not sdis then sdis = tonumber(cur[5]) end
-      slast = math.max(tonumber(cur[6]), t)
-      local ct = tonumber(cur[8])
-      if ct < t or (ct == t and cur[7] < eid) then fe = cur[7]; ft = ct end
+      if not sadm then sadm = math.min(tonumber(cur[3]), t) end
+      if not sdis then sdis = tonumber(cur[4]) end
+      slast = math.max(tonumber(cur[5]), t)
+      local ct = tonumber(cur[7])
+      if ct < t or (ct == t and cur[6] < eid) then fe = cur[6]; ft = ct end
     end
     if not sadm then sadm = t end
-    local mem = table.concat({STAY, aid, inst, tostring(sadm), sdis and tostring(sdis) or '', tostring(slast), fe,
+    local mem = table.concat({aid, inst, tostring(sadm), sdis and tostring(sdis) or '', tostring(slast), fe,
       tostring(ft)}, SEP)
     if curm ~= mem then
-      if curm then redis.call('ZREM', zk, curm) end
+      if curm then rem_stay(c, curm) end
       -- scored by when it stops mattering: an open stay after max_stay, a closed one soon after discharge
-      redis.call('ZADD', zk, sdis and math.max(sdis, slast) + keep or slast + max_stay, mem)
+      add_stay(c, sdis and math.max(sdis, slast) + keep or slast + max_stay, mem)
     end
-    redis.call('EXPIRE', zk, ttl_stay)
     if inst ~= '' then
-      for _, r2 in ipairs(recent) do
-        local f, t2 = r2[1], r2[2]
-        if (f[3] == 'o' or f[3] == 'p') and f[4] ~= '' and f[4] ~= inst and t2 >= sadm + grace
+      for m = 1, #rec, 5 do
+        local t2, e2, v2, i2 = rec[m], rec[m + 1], rec[m + 3], rec[m + 4]
+        if (v2 == 'o' or v2 == 'p') and i2 ~= '' and i2 ~= inst and t2 >= sadm + grace
             and (not sdis or t2 < sdis) and t2 <= slast + max_stay then
-          found[#found + 1] = {math.max(t2, ft), 'S' .. SEP .. f[1],
-            aid .. SEP .. inst .. SEP .. tostring(sadm) .. SEP .. (sdis and tostring(sdis) or '') .. SEP .. f[4] ..
-            SEP .. tostring(t2), f[1], t2, fe, ft}
+          found[#found + 1] = {math.max(t2, ft), 'S' .. SEP .. e2,
+            aid .. SEP .. inst .. SEP .. tostring(sadm) .. SEP .. (sdis and tostring(sdis) or '') .. SEP .. i2 ..
+            SEP .. tostring(t2), e2, t2, fe, ft}
         end
       end
     end
   end
+  prune(c, t - keep)
   if child ~= '' then   -- (c) a child's card buying adult chronic-disease drugs
     found[#found + 1] = {t, 'C' .. SEP .. eid, child, eid, t}
   end
@@ -192,12 +275,12 @@ while a <= nargv do
     local start = tonumber(ep[1]); local last = tonumber(ep[2])
     local took = false
     for _, f in ipairs(found) do
-      local c = f[1]
+      local cf = f[1]
       local take = true
-      if start and c >= start - E and c <= last + E then
-        if c > last then last = c end
-      elseif (not start) or c > last + E then
-        start = c; last = c
+      if start and cf >= start - E and cf <= last + E then
+        if cf > last then last = cf end
+      elseif (not start) or cf > last + E then
+        start = cf; last = cf
         redis.call('DEL', ek)
       else
         take = false   -- belongs to an older episode that is no longer kept
@@ -212,6 +295,27 @@ while a <= nargv do
       redis.call('HSET', ek, 'start', tostring(start), 'last', tostring(last))
       redis.call('EXPIRE', ek, ttl_ep)
       out[#out + 1] = {card, redis.call('HGETALL', ek)}
+    end
+  end
+end
+for _, card in ipairs(cards) do   -- write back what changed (an emptied field is removed)
+  local c = cache[card]
+  if c[3] then  -- recent settlements: a field of the card hash
+    local lst = c[1]
+    if #lst > 0 then
+      for m = 1, #lst, 5 do lst[m] = store(lst[m]) end
+      redis.call('HSET', cp .. card, FR, cjson.encode(lst))
+    else
+      redis.call('HDEL', cp .. card, FR)
+    end
+  end
+  if c[4] then  -- stays: a key of their own (rare), kept as long as an open stay matters
+    local lst = c[2]
+    if #lst > 0 then
+      for m = 1, #lst, 2 do lst[m] = store(lst[m]) end
+      redis.call('SET', FS .. card, cjson.encode(lst), 'EX', ttl_stay)
+    else
+      redis.call('DEL', FS .. card)
     end
   end
 end
@@ -252,6 +356,7 @@ class SharedCard(Detector):
     rule = "shared_card"
     subject_type = "card"
     scripts = (LUA,)
+    card_hash = "c"
 
     def __init__(self, districts: Mapping[str, Mapping[str, Any]], *, max_speed_kmh: float = 60,
                  min_distance_km: float = 20, slack_s: int = 600, history_s: int = 21600,
@@ -316,8 +421,13 @@ class SharedCard(Detector):
         self.horizon_s = int(math.ceil(horizon))
         if self.horizon_s > history_s:
             raise ValueError(f"{r}: history_s must cover the longest trip ({self.horizon_s} s), got {history_s}")
-        self._head = [len(codes), *codes, ",".join(req) or "0", self.horizon_s, history_s, history_s + lateness_s,
-                      stay_grace_s, max_stay_s, max_stay_s + lateness_s, episode_s, episode_s + lateness_s]
+        # recent settlements live in the card hash; stays (rare, up to max_stay_s) in a key of their own,
+        # so every card hash need not outlive an open stay
+        self.card_ttl_s = history_s + lateness_s
+        self.stay_ttl_s = max(max_stay_s, history_s) + lateness_s
+        self._fields = (f"{r}:recent:{history_s}",)
+        self._head = [len(codes), *codes, ",".join(req) or "0", self.horizon_s, history_s, stay_grace_s, max_stay_s,
+                      episode_s, episode_s + lateness_s]
         self._sha = self.sha(LUA)
 
     def _check_districts(self, districts: Any) -> dict[str, dict[str, Any]]:
@@ -396,9 +506,7 @@ class SharedCard(Detector):
         return f"{age}{_SEP}{'|'.join(dict.fromkeys(names))}{_SEP}{days}{_SEP}{dx}"
 
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
-        argv: list[Any] = list(self._head)
-        keys: list[str] = []
-        prefix = self.key(ns, self.history_s, "")
+        rows: list[Any] = []   # ten values per event (see the Lua)
         visit = _VISIT
         for ev in events:
             card = ev.card_id
@@ -407,19 +515,20 @@ class SharedCard(Detector):
             v = visit[ev.visit_type]
             inst = ev.institution_id
             inst = "" if _placeholder_inst(inst) else _clean(inst)
-            aid = adm = dis = ""
+            aid: str = ""
+            adm: float | str = ""
+            dis: float | str = ""
             if v == "i":
                 aid = _clean(ev.admission_id or "") or f"@{inst}"
-                adm = repr(ev.admitted_at.timestamp()) if ev.admitted_at is not None else ""
-                dis = repr(ev.discharged_at.timestamp()) if ev.discharged_at is not None else ""
+                adm = ev.admitted_at.timestamp() if ev.admitted_at is not None else ""
+                dis = ev.discharged_at.timestamp() if ev.discharged_at is not None else ""
             child = self._child_detail(ev) if ev.birth_year is not None or ev.insured_category == "child" else ""
-            argv.append(f"{ev.ts!r}\x1f{ev.event_id}\x1f{_clean(ev.district)}\x1f{v}\x1f{inst}\x1f{aid}"
-                        f"\x1f{adm}\x1f{dis}\x1f{card}\x1f{child}")
-            base = prefix + card
-            keys += [base, base + ":ep"]
-        if not keys:
+            rows += (ev.ts, ev.event_id, _clean(ev.district), v, inst, aid, adm, dis, card, child)
+        if not rows:
             return 0
-        pipe.evalsha(self._sha, len(keys), *keys, *argv)
+        pipe.evalsha(self._sha, 0, *self._head, ns.card_prefix(self.card_hash), self._fields[0],
+                     self.key(ns, "stays", f"{self.history_s},{self.max_stay_s}", ""),
+                     self.key(ns, self.history_s, ""), self.stay_ttl_s, orjson.dumps(rows))
         return 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import uuid
 
+import orjson
 import pytest
 
 from detectors.config import load_rules_text
@@ -52,6 +53,18 @@ def fill(card, t, drug=AMLO, packs=1, inst="P001", days=None, **over):
               "days_supply": per * packs if days is None else days}]
     return make_event(card, inst, t, items=items, total_amount=amt, fund_paid=round(amt * 0.6, 2),
                       self_paid=round(amt * 0.4, 2), **over)
+
+
+def fills_of(redis_sync, rid, card, field="overdispensing:2592000,10"):
+    """The card's stored fills, one ``[t, event_id, institution, [[ingredient, days], ...]]`` per event."""
+    raw = redis_sync.hget(f"cw:{rid}:c:{card}", field)
+    flat = [] if raw is None else orjson.loads(raw)
+    out, p = [], 0
+    while p < len(flat):
+        n = flat[p + 3]
+        out.append([flat[p], flat[p + 1], flat[p + 2], [flat[q:q + 2] for q in range(p + 4, p + 4 + 2 * n, 2)]])
+        p += 4 + 2 * n
+    return out
 
 
 def alerts_of(results):
@@ -208,7 +221,7 @@ def test_redelivered_events_change_nothing(process, rules, redis_sync):
     rid = run_id()
     one = dumps(fill("RED", T0, STATIN, 3))
     assert alerts_of(process(rules, [[one] * 3, [one]], rid)) == []
-    assert redis_sync.zcard(f"cw:{rid}:overdispensing:2592000:RED") == 1
+    assert [f[1] for f in fills_of(redis_sync, rid, "RED")] == [orjson.loads(one)["event_id"]]
     evs = [dumps(fill("RED2", T0 + d * DAY, STATIN, 2)) for d in (0, 2, 4)]
     first = alerts_of(process(rules, [evs], rid))
     again = alerts_of(process(rules, [evs, evs[:1]], rid))
@@ -231,9 +244,39 @@ def test_every_key_expires(process, rules, redis_sync):
     rid = run_id()
     process(rules, [[dumps(fill("TTL", T0 + d * DAY, AMLO, 3)) for d in (0, 1, 2)]], rid)
     keys = list(redis_sync.scan_iter(match=f"cw:{rid}:*"))
-    assert len(keys) == 3
+    assert len(keys) == 3   # the card hash, the episode and its evidence
+    assert len(fills_of(redis_sync, rid, "TTL")) == 3
     for k in keys:
         assert 0 < redis_sync.ttl(k) <= 2592000 + 3600, k
+
+
+def test_fills_are_pruned_by_event_time_and_kept_in_order(process, rules, redis_sync):
+    rid = run_id()
+    old = [fill("PRUNE", T0 + d * DAY, AMLO) for d in (0, 10)]
+    late = fill("PRUNE", T0 + 40 * DAY + 1800, STATIN)
+    new = fill("PRUNE", T0 + 40 * DAY + 3600, AMLO)
+    # the newest fill first, then one 30 min older (within lateness): stored in event-time order
+    process(rules, [[dumps(e) for e in old], [dumps(new)], [dumps(late)]], rid)
+    got = fills_of(redis_sync, rid, "PRUNE")
+    # the fill of day 0 is more than window_s + lateness before the newest one: dropped; day 10 is kept
+    assert [f[1] for f in got] == [e["event_id"] for e in (old[1], late, new)]
+    assert [f[0] for f in got] == sorted(f[0] for f in got)
+    assert got[1][3] == [["XC10AAA003", 28]] and got[2][2:] == ["P001", [["XC08CAA007", 28]]]
+    # a fill more than window_s + lateness before the newest one is too late to count: not kept, no alert
+    assert alerts_of(process(rules, [[dumps(fill("PRUNE", T0 + 5 * DAY, AMLO, 6))]], rid)) == []
+    assert [f[1] for f in fills_of(redis_sync, rid, "PRUNE")] == [f[1] for f in got]
+
+
+def test_one_entry_per_event_with_every_ingredient_and_exact_times(process, rules, redis_sync):
+    rid = run_id()
+    t1 = T0 + 0.123456   # sub-second event times are kept exactly (as text)
+    two = fill("MULTI", t1, AMLO)
+    two["items"].append({"code": "XC10AAA003", "name": "阿托伐他汀钙片", "category": "drug", "quantity": 2,
+                         "amount": 179.0, "days_supply": 56})
+    process(rules, [[dumps(two), dumps(fill("MULTI", T0 + DAY, STATIN))]], rid)
+    got = fills_of(redis_sync, rid, "MULTI")
+    assert len(got) == 2 and float(got[0][0]) == t1 and got[1][0] == T0 + DAY
+    assert got[0][3] == [["XC08CAA007", 28], ["XC10AAA003", 56]] and got[1][3] == [["XC10AAA003", 28]]
 
 
 @pytest.mark.parametrize("kwargs, message", [

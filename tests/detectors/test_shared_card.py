@@ -9,6 +9,7 @@ import random
 import uuid
 from datetime import datetime
 
+import orjson
 import pytest
 
 from detectors.config import load_rules_text
@@ -44,6 +45,17 @@ def rules():
 
 def run_id() -> str:
     return "t" + uuid.uuid4().hex[:10]
+
+
+RECENT, STAYS = "shared_card:recent:21600", "shared_card:stays:21600,5184000"  # card-hash field, stays key
+
+
+def card_state(redis_sync, rid, card):
+    """The card's recent settlements (t, event_id, district, visit, institution) and stays (score, member)."""
+    rec, st = redis_sync.hget(f"cw:{rid}:c:{card}", RECENT), redis_sync.get(f"cw:{rid}:{STAYS}:{card}")
+    rec = orjson.loads(rec) if rec is not None else []
+    st = orjson.loads(st) if st is not None else []
+    return [rec[k:k + 5] for k in range(0, len(rec), 5)], [st[k:k + 2] for k in range(0, len(st), 2)]
 
 
 def alerts_of(results):
@@ -292,7 +304,8 @@ def test_redelivered_events_change_nothing(process, rules, redis_sync):
     again = alerts_of(process(rules, [raw, raw[::-1][:3] + raw], rid))
     key = lambda a: (a.alert_id, tuple(a.evidence_event_ids), a.metrics["kind"], a.window_start, a.window_end)
     assert sorted(map(key, first)) == sorted(map(key, again))
-    assert redis_sync.zcard(f"cw:{rid}:shared_card:21600:O4") == 6
+    recent, _ = card_state(redis_sync, rid, "O4")
+    assert len(recent) == 6 and len({r[1] for r in recent}) == 6
 
 
 def test_placeholder_card_is_never_blamed(process, rules):
@@ -307,13 +320,46 @@ def test_every_key_expires(process, rules, redis_sync):
     process(rules, [[dumps(e) for e in _scenario()]], rid)
     keys = list(redis_sync.scan_iter(match=f"cw:{rid}:*"))
     assert any(k.endswith(b":ep") for k in keys)
-    stay_key = f"cw:{rid}:shared_card:21600:O2"
-    assert any(m.startswith(b"\x1f") for m in redis_sync.zrange(stay_key, 0, -1))   # the open stay
-    assert redis_sync.ttl(stay_key) > 21600 + 3600                                 # kept as long as a stay
-    assert 0 < redis_sync.ttl(f"cw:{rid}:shared_card:21600:O4") <= 21600 + 3600
+    _, stays = card_state(redis_sync, rid, "O2")
+    assert len(stays) == 1 and stays[0][1].startswith("A20261102001\tH1\t")      # the open stay ...
+    assert stays[0][0] == T0 + 3600 + 5184000                                     # ... matters max_stay_s after its bill
+    stay_key = f"cw:{rid}:{STAYS}:O2"
+    assert redis_sync.ttl(stay_key) > 21600 + 3600                                # kept as long as a stay ...
+    assert 0 < redis_sync.ttl(f"cw:{rid}:c:O2") <= 21600 + 3600                   # ... the card hash history_s only
     for k in keys:
         ttl = redis_sync.ttl(k)
         assert 0 < ttl <= 5184000 + 3600, (k, ttl)
+
+
+def test_recent_settlements_are_pruned_by_event_time(process, rules, redis_sync):
+    # the card hash may live longer (other rules); the settlements in it are kept history_s of event time only
+    rid = run_id()
+    first = [visit("PR", "C1", T0 + k * 900, "310101") for k in range(3)]
+    later = visit("PR", "C1", T0 + 1800 + 21600, "310101")          # exactly history_s after the third
+    process(rules, [[dumps(e) for e in first], [dumps(later)]], rid)
+    recent, stays = card_state(redis_sync, rid, "PR")
+    assert [r[1] for r in recent] == [first[2]["event_id"], later["event_id"]] and stays == []
+    assert recent[0] == [T0 + 1800, first[2]["event_id"], "310101", "o", "C1"]
+    # a stay closed by its discharge is scored history_s after it and dropped history_s after its score
+    adm = T0 + 2 * 86400
+    process(rules, [[dumps(bill("PR", "H1", adm + 3600, adm, discharged=adm + 3600))]], rid)
+    assert card_state(redis_sync, rid, "PR")[1][0][0] == adm + 3600 + 21600
+    process(rules, [[dumps(visit("PR", "C1", adm + 3600 + 2 * 21600, "310101"))]], rid)
+    assert len(card_state(redis_sync, rid, "PR")[1]) == 1
+    process(rules, [[dumps(visit("PR", "C1", adm + 3600 + 2 * 21600 + 1, "310101"))]], rid)
+    recent, stays = card_state(redis_sync, rid, "PR")
+    assert stays == [] and len(recent) == 2
+    assert redis_sync.hexists(f"cw:{rid}:c:PR", STAYS) is False
+
+
+def test_fractional_event_times_are_kept_exactly(process, rules, redis_sync):
+    rid = run_id()
+    t1, t2 = T0 + 0.123456, T0 + 1500.654321
+    evs = [visit("FRAC", "H310151001", t1, "310151"), visit("FRAC", "H310120001", t2, "310120")]
+    alerts = alerts_of(process(rules, [[dumps(e) for e in evs]], rid))
+    assert len(alerts) == 1 and alerts[0].metrics["gap_s"] == int(t2 - t1)
+    recent, _ = card_state(redis_sync, rid, "FRAC")
+    assert [float(r[0]) for r in recent] == [t1, t2]
 
 
 # ------------------------------------------------------------------------------ parameters
