@@ -19,9 +19,20 @@ how partitions interleave; the card's own value as of ``R`` is taken out of the 
 bound is ``max(floor, factor x the peers' q-quantile)`` — the top of the group times a margin —
 with the quantile read as the upper edge of its bucket (exact for unit buckets).
 
-A card's month state (one JSON value per card and month) keeps its group (``gb`` base
-``category|band``, ``gd`` diagnosis key; unknown parts are filled in later and a 门诊大病
-diagnosis always wins, moving the card) and ``h[day]`` = its value and group after that day.
+A card's month state keeps its groups (base ``category|band`` and diagnosis key; unknown parts
+are filled in later and a 门诊大病 diagnosis always wins, moving the card) and, per day it had
+an event, its value and group after that day.
+
+Calendar state (both rules): one field of the per-card hash ``h`` (:func:`detectors.base.card_key`)
+per rule, a MessagePack array ``[years, months]`` (``cmsgpack`` in Lua: numbers in binary, about
+2x faster to write than cjson's and a third smaller) with the buckets ordered by their end
+(epoch seconds): a year ``[end, ...counts]``, a month ``[end, ...counts, evidence, ..., h,
+groups]`` where evidence is ``[event_id, time, ...]`` ordered by (time, id), ``h`` is ``[day,
+value, group number, ...]`` ordered by day and groups ``[base, dx, ...]``. A month (a year) is
+kept until the card's newest event is ``lateness_s`` + :data:`REDELIVERY_S` past its end: every
+event within lateness, and a redelivered batch, still finds it; an event of a month no longer
+kept is late and ignored. The hash expires ``card_ttl_s`` (a year + lateness) after the card's
+last event.
 
 >>> dx_key("N18.500", ("N18.5", "C")), dx_key("J06.9", ("N18.5",)), dx_key(None, ())
 ('S:N18.5', 'C:X', '?')
@@ -204,6 +215,21 @@ def buckets_of(ts: float, lateness_s: int) -> tuple[int, str, int, str, int, int
     return dom, month, month_end, year, year_end, year_no, max(0, dom - (day - ref))
 
 
+#: how long past a month's (year's) end + lateness a card keeps it, in event time of the card's newest event:
+#: a crash can make the worker redeliver the (at most two) batches it had not committed, and their events
+#: must find their months to give the same verdicts again
+REDELIVERY_S = 86400
+
+
+def event_time(ts: float) -> float:
+    """An event time as the card states keep it: whole seconds as an integer (shorter), else as it is.
+
+    >>> event_time(1795482785.0), event_time(1795482785.98765)
+    (1795482785, 1795482785.98765)
+    """
+    return int(ts) if ts.is_integer() else ts
+
+
 # ----------------------------------------------------------------------------- configuration
 
 def _is_num(v: Any) -> bool:
@@ -327,17 +353,31 @@ local function pk_key(prefix, ym, g, dom)
   return prefix .. ':' .. ym .. ':' .. g .. ':' .. dom
 end
 
+-- day numbers as strings (for keys), each converted once per script run: Lua's number to string is a sprintf
+local DS = {}
+local function pk_dstr(d)
+  local s = DS[d]
+  if not s then
+    s = tostring(d)
+    DS[d] = s
+  end
+  return s
+end
+
 -- the peer configuration (a decoded PeerSpec.config()): enabled, floor, q, factor, min_peer, integer, edges
 local function pk_config(x)
   local c = {enabled = x.enabled, floor = x.floor, q = x.q, factor = x.factor, min_peer = x.min_peer,
              integer = x.integer, edges = x.edges}
   c.nb = #c.edges
+  c.bs = {}
+  for b = 0, c.nb do c.bs[b] = tostring(b) end
   return c
 end
 
 -- the card's group after this event: base 'category|band' and diagnosis key ('S:' 门诊大病, 'C:' chapter,
 -- '?' unknown); unknown parts are filled in later, a 门诊大病 diagnosis always wins
 local function pk_regroup(ob, od, eb, ed)
+  if ob == eb and od == ed then return ob, od end
   local nb, nd = ob, od
   if not ob or (string.find(ob, '?', 1, true) and not string.find(eb, '?', 1, true)) then nb = eb end
   if not od or (od == '?' and ed ~= '?') or (string.sub(ed, 1, 2) == 'S:' and string.sub(od, 1, 2) ~= 'S:') then
@@ -347,26 +387,71 @@ local function pk_regroup(ob, od, eb, ed)
 end
 
 -- the histogram a card is counted in: a 门诊大病 group holds all its patients, others are split by base
+local GC = {}
 local function pk_group(b, d)
-  if string.sub(d, 1, 2) == 'S:' then return 'g:*|*|' .. d end
-  return 'g:' .. b .. '|' .. d
+  local t = GC[b]
+  if not t then
+    t = {}
+    GC[b] = t
+  end
+  local g = t[d]
+  if not g then
+    if string.sub(d, 1, 2) == 'S:' then g = 'g:*|*|' .. d else g = 'g:' .. b .. '|' .. d end
+    t[d] = g
+  end
+  return g
 end
 
--- move a card's contribution from (group g0, value v0) to (g1, v1) in the delta histogram of day dom;
--- a histogram's member count is the sum of its buckets
+-- the batch's pending histogram deltas: key -> {bucket -> delta}, and the TTL of each key (the longest asked)
+local PD, PT, KC = {}, {}, {}
+local function pk_add(prefix, ym, g, dom, ttl, b, delta)
+  local kt = KC[g]
+  if not kt then
+    kt = {}
+    KC[g] = kt
+  end
+  local ks = ym .. dom
+  local k = kt[ks]
+  if not k then
+    k = pk_key(prefix, ym, g, dom)
+    kt[ks] = k
+  end
+  local t = PD[k]
+  if not t then
+    t = {}
+    PD[k] = t
+    PT[k] = ttl
+  elseif ttl > PT[k] then
+    PT[k] = ttl
+  end
+  t[b] = (t[b] or 0) + delta
+end
+
+-- apply the batch's histogram deltas (one HINCRBY per key and bucket); a key whose bucket was 0 before gets
+-- its TTL. Call before reading histograms (pk_peers).
+local function pk_flush(c)
+  for k, t in pairs(PD) do
+    local new = false
+    for b, d in pairs(t) do
+      if d ~= 0 and redis.call('HINCRBY', k, c.bs[b], d) == d then new = true end
+    end
+    if new then redis.call('EXPIRE', k, PT[k]) end
+  end
+  PD, PT = {}, {}
+end
+
+-- move a card's contribution from (group g0, value v0) to (g1, v1) in the delta histogram of day dom (a
+-- string, see pk_dstr), applied by pk_flush; a histogram's member count is the sum of its buckets
 local function pk_update(prefix, ym, dom, ttl, c, ob, od, v0, nb, nd, v1)
   local g1 = pk_group(nb, nd)
   local b1 = pk_bucket(c.edges, v1)
-  local g0 = false
-  if ob then g0 = pk_group(ob, od) end
-  if g0 then
+  if ob then
+    local g0 = pk_group(ob, od)
     local b0 = pk_bucket(c.edges, v0)
     if g0 == g1 and b0 == b1 then return end
-    local k0 = pk_key(prefix, ym, g0, dom)
-    if redis.call('HINCRBY', k0, b0, -1) == -1 then redis.call('EXPIRE', k0, ttl) end
+    pk_add(prefix, ym, g0, dom, ttl, b0, -1)
   end
-  local k1 = pk_key(prefix, ym, g1, dom)
-  if redis.call('HINCRBY', k1, b1, 1) == 1 then redis.call('EXPIRE', k1, ttl) end
+  pk_add(prefix, ym, g1, dom, ttl, b1, 1)
 end
 
 local function pk_quantile(hist, nb, total, q)
@@ -386,9 +471,10 @@ local function pk_value(c, b)
   return c.edges[b + 1]
 end
 
--- peers' snapshot as of day rdom for the card's group (h = the card's {value, base, dx} after each day):
--- nil when fewer than min_peer other members, else {peers, median, q-quantile} (numbers as strings)
-local function pk_peers(prefix, ym, rdom, c, h, gb, gd)
+-- peers' snapshot as of day rdom for the card's group (own = the card's {value, base, dx} after the last day
+-- <= rdom it had an event, see cal_own): nil when fewer than min_peer other members, else {peers, median,
+-- q-quantile} (numbers as strings)
+local function pk_peers(prefix, ym, rdom, c, own, gb, gd)
   if rdom < 1 then return nil end
   local g = pk_group(gb, gd)
   local hist = {}
@@ -400,15 +486,9 @@ local function pk_peers(prefix, ym, rdom, c, h, gb, gd)
       hist[b] = hist[b] + tonumber(f[i + 1])
     end
   end
-  for d = rdom, 1, -1 do
-    local own = h[tostring(d)]
-    if own then
-      if pk_group(own[2], own[3]) == g then
-        local b = pk_bucket(c.edges, own[1])
-        hist[b] = hist[b] - 1
-      end
-      break
-    end
+  if own and pk_group(own[2], own[3]) == g then
+    local b = pk_bucket(c.edges, own[1])
+    hist[b] = hist[b] - 1
   end
   local total = 0
   for b = 0, c.nb do total = total + hist[b] end
@@ -426,12 +506,190 @@ local function pk_fires(c, v, peer)
   return v >= bound - 1e-9
 end
 
--- the evidence of a card state: flat {event_id, time, …}
+-- ---- calendar state of one card and rule: one field of the card hash, MessagePack [years, months] (see the
+-- module docstring; cmsgpack writes numbers in binary, several times faster than cjson's sprintf). A year is
+-- an array {end, ...counts}; a month a table {me = end, ev, h, gs, gb, gd, ...} decoded from and encoded to
+-- the rule's array by its own mdec / menc. Few tables are made per event: they cost allocation and GC time.
+
+-- index of dom's triple in a flat list {dom, x, y, dom, x, y, ...} ordered by dom; {dom, 0, 0} is added if missing
+local function cal_tri(a, dom)
+  local n = #a
+  local i = n - 2
+  while i >= 1 and a[i] > dom do i = i - 3 end
+  if i >= 1 and a[i] == dom then return i end
+  i = i + 3
+  if i > n then
+    a[i], a[i + 1], a[i + 2] = dom, 0, 0
+  else
+    table.insert(a, i, 0)
+    table.insert(a, i, 0)
+    table.insert(a, i, dom)
+  end
+  return i
+end
+
+-- is x in list a? (a set is built once the list is long, kept in SETS[a] up to date by cal_put: not in the
+-- list itself, which may be packed)
+local SETS = {}
+local function cal_in(a, x)
+  local set = SETS[a]
+  if set then return set[x] == true end
+  local n = #a
+  if n > 24 then
+    set = {}
+    for i = 1, n do set[a[i]] = true end
+    SETS[a] = set
+    return set[x] == true
+  end
+  for i = 1, n do
+    if a[i] == x then return true end
+  end
+  return false
+end
+
+-- append x to list a (its set too, if built)
+local function cal_put(a, x)
+  a[#a + 1] = x
+  local set = SETS[a]
+  if set then set[x] = true end
+end
+
+-- has a month seen event id? (its evidence: flat {id, time, ...}, ids kept in m.ids for the lookup)
+local function cal_seen(m, id)
+  local ids = m.ids
+  if not ids then
+    ids = {}
+    local ev = m.ev
+    for i = 1, #ev, 2 do ids[#ids + 1] = ev[i] end
+    m.ids = ids
+  end
+  return cal_in(ids, id)
+end
+
+-- add an event to a month's evidence, kept ordered by (time, id) whatever the arrival order
+local function cal_ev_add(m, id, t)
+  local ev = m.ev
+  local n = #ev
+  local p = n + 1
+  while p > 1 and (ev[p - 1] > t or (ev[p - 1] == t and ev[p - 2] > id)) do p = p - 2 end
+  if p > n then
+    ev[p], ev[p + 1] = id, t
+  else
+    table.insert(ev, p, t)
+    table.insert(ev, p, id)
+  end
+  cal_put(m.ids, id)
+end
+
+-- a month's peer groups, flat {base, dx, base, dx, ...} in order of appearance (the last is the current one)
+local function cal_groups(m, gs)
+  m.gs = gs
+  local n = #gs
+  if n > 0 then m.gb, m.gd = gs[n - 1], gs[n] end
+end
+
+-- record the card's peer value v and current group after day dom (h: flat {dom, value, group number})
+local function cal_h_set(m, dom, v)
+  local gs = m.gs
+  local n = #gs
+  if n == 0 or gs[n - 1] ~= m.gb or gs[n] ~= m.gd then
+    gs[n + 1], gs[n + 2] = m.gb, m.gd
+    n = n + 2
+  end
+  local h = m.h
+  local i = cal_tri(h, dom)
+  h[i + 1] = v
+  h[i + 2] = n / 2
+end
+
+-- the card's own {value / scale, base, dx} after the last day <= rdom it had an event, nil if none
+local function cal_own(m, rdom, scale)
+  local h = m.h
+  local i = #h - 2
+  while i >= 1 and h[i] > rdom do i = i - 3 end
+  if i < 1 then return nil end
+  local g = 2 * h[i + 2]
+  return {h[i + 1] / scale, m.gs[g - 1], m.gs[g]}
+end
+
+-- the card's state for field of hash key: years and months ordered by their end, and the card's newest event
+-- time (the last evidence of its last month)
+local function cal_load(key, field, mdec)
+  local S = {key = key, years = {}, months = {}, newest = false}
+  local raw = redis.call('HGET', key, field)
+  if raw then
+    local v = cmsgpack.unpack(raw)
+    S.years = v[1]
+    local ms = S.months
+    for i, x in ipairs(v[2]) do ms[i] = mdec(x) end
+    local last = ms[#ms]
+    if last then S.newest = last.ev[#last.ev] end
+  end
+  return S
+end
+
+-- is the month ending at me no longer kept (or never to be created): the card's newest event is keep past its end?
+local function cal_gone(S, me, keep)
+  return S.newest and me + keep <= S.newest
+end
+
+-- the month ending at me (created by new(me) if missing)
+local function cal_month(S, me, new)
+  local ms = S.months
+  local i = #ms
+  while i >= 1 and ms[i].me > me do i = i - 1 end
+  if i >= 1 and ms[i].me == me then return ms[i] end
+  local m = new(me)
+  m.ids = {}
+  table.insert(ms, i + 1, m)
+  return m
+end
+
+-- the year ending at ye, nil if none
+local function cal_find_year(S, ye)
+  local ys = S.years
+  for i = #ys, 1, -1 do
+    if ys[i][1] == ye then return ys[i] end
+  end
+  return nil
+end
+
+-- the year ending at ye: {ye, 0 x n} if missing
+local function cal_year(S, ye, n)
+  local ys = S.years
+  local i = #ys
+  while i >= 1 and ys[i][1] > ye do i = i - 1 end
+  if i >= 1 and ys[i][1] == ye then return ys[i] end
+  local y = {ye}
+  for k = 2, n + 1 do y[k] = 0 end
+  table.insert(ys, i + 1, y)
+  return y
+end
+
+-- write the state back, without the buckets the card's newest event is keep seconds past the end of
+-- (lateness + a redelivery margin: no event within lateness, nor a redelivered one, can reach them any more;
+-- an event that does is ignored, see cal_gone). S stays as it was (the batch's verdicts may still read it).
+local function cal_store(S, field, keep, menc)
+  local ys, ms, newest = S.years, {}, S.newest
+  if ys[1] and ys[1][1] + keep <= newest then
+    local kept = {}
+    for _, y in ipairs(ys) do
+      if y[1] + keep > newest then kept[#kept + 1] = y end
+    end
+    ys = kept
+  end
+  for _, m in ipairs(S.months) do
+    if m.me + keep > newest then ms[#ms + 1] = menc(m) end
+  end
+  redis.call('HSET', S.key, field, cmsgpack.pack({ys, ms}))
+end
+
+-- the evidence of a month: flat {event_id, time (string, exact), …}
 local function pk_evidence(ev)
   local out = {}
-  for id, t in pairs(ev) do
-    out[#out + 1] = id
-    out[#out + 1] = t
+  for i = 1, #ev, 2 do
+    out[i] = ev[i]
+    out[i + 1] = string.format('%.17g', ev[i + 1])
   end
   return out
 end

@@ -19,22 +19,26 @@ patients' refills with theirs (慢特病 patients are legitimately heavy). One a
 calendar month (and per card and year); later settlements extend it (the evidence of a
 yearly alert is the current month's settlements).
 
-Each card's states are read once per batch and written back once, and each card-month the
+Each card's state is read once per batch and written back once, and each card-month the
 batch touched is judged once, as of its last event in the batch, so a redelivered batch
 returns the same alerts and writes nothing.
 
-State per card (Redis, JSON values expiring at the end of the bucket + lateness):
+State (see :mod:`detectors._peers` for the calendar layout and how long buckets are kept):
 
-* ``cw:{run}:cost_anomaly:month:{card}:{YYYY-MM}`` — ``ev`` (event id -> event time: amounts
-  are summed only the first time an event id is seen, so a redelivered event changes
-  nothing), ``a``/``f`` (cost and fund paid counted for the thresholds, fen), ``sa`` (门诊大病
-  cost), ``pa``/``gb``/``gd``/``h`` (peer value and group, see :mod:`detectors._peers`);
-* ``…:year:{card}:{YYYY}`` — ``a``/``f`` of the year;
-* ``…:peer:{YYYY-MM}:{group}:{day}`` — daily deltas of the peer histograms (hashes).
+* field ``cost_anomaly:m,y`` of the card hash ``cw:{run}:h:{card}`` — years ``[end, a, f]`` and
+  months ``[end, a, f, sa, evidence, h, groups]``: ``a``/``f`` cost and fund paid counted for
+  the thresholds (fen), ``sa`` 门诊大病 cost (the peer value is ``a + sa``), evidence the month's
+  ``[event_id, time, ...]`` (amounts are summed only the first time an event id is seen, so a
+  redelivered event changes nothing), ``h`` the peer value (fen) and group after each day;
+* ``cw:{run}:cost_anomaly:peer:{YYYY-MM}:{group}:{day}`` — daily deltas of the peer histograms
+  (hashes, expiring at the end of the month + lateness).
 
 >>> CostAnomaly(sub_rules=[{"name": "month_5000", "window": "month", "min_amount_cny": 5000}],
 ...             peers={"min_amount_cny": 3000, "buckets": [100, 1000, 10000]})
 CostAnomaly(sub_rules=['month_5000'], visit_types=['emergency', 'outpatient', 'pharmacy'], special_dx_prefixes=[], peers=PeerSpec(floor=3000, quantile=0.99, factor=2.0, min_peer_size=30))
+>>> d = CostAnomaly(sub_rules=[{"name": "year_20000", "window": "year", "min_amount_cny": 20000}])
+>>> d.card_hash, d.FIELD, d.card_ttl_s == 366 * 86400 + d.lateness_s
+('h', 'cost_anomaly:m,y', True)
 >>> CostAnomaly(sub_rules=[{"name": "m", "window": "month", "min_amount_cny": -1}])
 Traceback (most recent call last):
 ...
@@ -48,90 +52,103 @@ from typing import Any, Sequence
 import orjson
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
-from detectors._peers import (LUA_LIB, Calendar, PeerSpec, buckets_of, check_prefixes, dx_key, group_label, is_special,
-                              peer_bound)
+from detectors._peers import (LUA_LIB, REDELIVERY_S, Calendar, PeerSpec, buckets_of, check_prefixes, dx_key,
+                              event_time, group_label, is_special, peer_bound)
 from detectors.base import Detector, Namespace, check_positive
 from stream.events import Settlement, iso
 
 LUA = LUA_LIB + r"""
--- ARGV[1] key prefix (cw:{run}:cost_anomaly), ARGV[2] JSON {subs: [[window m|y, min fen]], peers: (see
--- pk_config)}, ARGV[3] JSON [[idx, t, event_id, card, day of month, YYYY-MM, YYYY, ttl month, ttl year,
---   amount fen, fund fen, special 0|1, group base, diagnosis key, reference day of month], ...].
--- Keys are built here: {prefix}:month:{card}:{YYYY-MM}, …:year:{card}:{YYYY} (JSON states), {prefix}:peer:….
--- Each state is read once per batch, updated in memory and written back once; each card-month the batch
--- touched is then judged once, as of its last event in the batch (so a redelivered batch writes nothing
--- and returns the same verdicts). Returns {idx, sums, peer|0, evidence} per card-month over a threshold.
-local P = ARGV[1]
+-- ARGV[1] key prefix (cw:{run}:cost_anomaly), ARGV[2] card hash prefix (cw:{run}:h:), ARGV[3] JSON {field,
+-- lateness, keep (how long past its end, in the card's event time, a month or year is kept: lateness +
+-- redelivery margin), subs: [[window m|y, min fen]], peers: (see pk_config)}, ARGV[4] JSON {months:
+-- [[YYYY-MM, month end, year end], ...], rows: [[idx, t, event_id, card, day of month, month (index in
+-- months), amount fen, fund fen, special, group base, diagnosis key, reference day of month], ...]}.
+-- The card's state is the field of its hash {card hash prefix}{card} (see the module docstring); peer
+-- histograms are {prefix}:peer:…. Each card's state is read once per batch, updated in memory and written
+-- back once; each card-month the batch touched is then judged once, as of its last event in the batch (so a
+-- redelivered batch writes nothing and returns the same verdicts). Returns {idx, sums, peer|0, evidence}
+-- per card-month over a threshold.
+local P, cp = ARGV[1], ARGV[2]
 local prefix = P .. ':peer'
-local cfg = cjson.decode(ARGV[2])
+local cfg = cjson.decode(ARGV[3])
+local F, late, keep = cfg.field, cfg.lateness, cfg.keep
 local subs = cfg.subs
 local K = #subs
 local pc = pk_config(cfg.peers)
-local rows = cjson.decode(ARGV[3])
-local ms, ys, mttl, yttl, order, last = {}, {}, {}, {}, {}, {}
+local batch = cjson.decode(ARGV[4])
+local months, rows = batch.months, batch.rows
+-- month {me, a, f, sa, evidence, h, groups}
+local function mdec(x)
+  local m = {me = x[1], a = x[2], f = x[3], sa = x[4], ev = x[5], h = x[6]}
+  cal_groups(m, x[7])
+  return m
+end
+local function menc(m) return {m.me, m.a, m.f, m.sa, m.ev, m.h, m.gs} end
+local function mnew(me) return {me = me, a = 0, f = 0, sa = 0, ev = {}, h = {}, gs = {}} end
+local cards, dirty, order = {}, {}, {}
 for r = 1, #rows do
   local e = rows[r]
-  local idx, t, eid, card, dom, ym, yr = e[1], e[2], e[3], e[4], e[5], e[6], e[7]
-  local ttl_m, ttl_y, amt, fund, special = e[8], e[9], e[10], e[11], e[12]
-  local eb, ed, rdom = e[13], e[14], e[15]
-  local mk, yk = P .. ':month:' .. card .. ':' .. ym, P .. ':year:' .. card .. ':' .. yr
-  local m = ms[mk]
-  if not m then
-    local raw = redis.call('GET', mk)
-    if raw then m = cjson.decode(raw) else m = {ev = {}, h = {}, a = 0, f = 0, sa = 0, pa = 0} end
-    ms[mk] = m
-    order[#order + 1] = mk
+  local idx, t, eid, card, dom, mo = e[1], e[2], e[3], e[4], e[5], months[e[6]]
+  local amt, fund, special, eb, ed, rdom = e[7], e[8], e[9], e[10], e[11], e[12]
+  local ym, me, ye = mo[1], mo[2], mo[3]
+  local S = cards[card]
+  if not S then
+    S = cal_load(cp .. card, F, mdec)
+    cards[card] = S
   end
-  local y = ys[yk]
-  if not y then
-    local raw = redis.call('GET', yk)
-    if raw then y = cjson.decode(raw) else y = {a = 0, f = 0} end
-    ys[yk] = y
-  end
-  last[mk] = {idx, yk, ym, rdom}
-  if not m.ev[eid] then
-    m.ev[eid] = t
-    mttl[mk] = ttl_m
-    m.pa = m.pa + amt
-    if special == 0 then
-      m.a = m.a + amt
-      m.f = m.f + fund
-      y.a = y.a + amt
-      y.f = y.f + fund
-      yttl[yk] = ttl_y
-    else
-      m.sa = m.sa + amt
+  if not cal_gone(S, me, keep) then   -- else: the event is late, its month no longer kept
+    local m = cal_month(S, me, mnew)
+    if not m.li then
+      order[#order + 1] = m
+      m.S, m.ym, m.ye = S, ym, ye
     end
-    if pc.enabled then
-      local nb, nd = pk_regroup(m.gb, m.gd, eb, ed)
-      pk_update(prefix, ym, dom, ttl_m, pc, m.gb, m.gd, (m.pa - amt) / 100, nb, nd, m.pa / 100)
-      m.gb = nb
-      m.gd = nd
-      m.h[dom] = {m.pa / 100, nb, nd}
+    m.li, m.lr = idx, rdom   -- judged as of its last event in the batch
+    if not cal_seen(m, eid) then
+      cal_ev_add(m, eid, t)
+      dirty[card] = S
+      if not S.newest or t > S.newest then S.newest = t end
+      local pa = m.a + m.sa
+      if not special then
+        m.a = m.a + amt
+        m.f = m.f + fund
+        local y = cal_year(S, ye, 2)
+        y[2] = y[2] + amt
+        y[3] = y[3] + fund
+      else
+        m.sa = m.sa + amt
+      end
+      if pc.enabled then
+        local nb, nd = pk_regroup(m.gb, m.gd, eb, ed)
+        pk_update(prefix, ym, pk_dstr(dom), math.max(1, math.floor(me - t) + late), pc, m.gb, m.gd, pa / 100,
+                  nb, nd, (pa + amt) / 100)
+        m.gb = nb
+        m.gd = nd
+        cal_h_set(m, dom, pa + amt)
+      end
     end
   end
 end
-for mk, ttl in pairs(mttl) do redis.call('SET', mk, cjson.encode(ms[mk]), 'EX', ttl) end
-for yk, ttl in pairs(yttl) do redis.call('SET', yk, cjson.encode(ys[yk]), 'EX', ttl) end
+for _, S in pairs(dirty) do cal_store(S, F, keep, menc) end
+pk_flush(pc)
 local out = {}
-for _, mk in ipairs(order) do
-  local m, l = ms[mk], last[mk]
-  local y = ys[l[2]]
-  local sums = {m.a, m.f, y.a, y.f, m.pa, m.sa}
+local none = {0, 0, 0}
+for _, m in ipairs(order) do
+  local y = cal_find_year(m.S, m.ye) or none
+  local pa = m.a + m.sa
   local fired = false
   for j = 1, K do
-    local n = (subs[j][1] == 'm') and m.a or y.a
+    local n = (subs[j][1] == 'm') and m.a or y[2]
     if n >= subs[j][2] then fired = true end
   end
   local peer = 0
-  if pc.enabled and m.gb and m.pa / 100 >= pc.floor then
-    local p = pk_peers(prefix, l[3], l[4], pc, m.h, m.gb, m.gd)
+  if pc.enabled and m.gb and pa / 100 >= pc.floor then
+    local p = pk_peers(prefix, m.ym, m.lr, pc, cal_own(m, m.lr, 100), m.gb, m.gd)
     if p then
       peer = {p[1], p[2], p[3], m.gb, m.gd}
-      if pk_fires(pc, m.pa / 100, p) then fired = true end
+      if pk_fires(pc, pa / 100, p) then fired = true end
     end
   end
-  if fired then out[#out + 1] = {l[1], sums, peer, pk_evidence(m.ev)} end
+  if fired then out[#out + 1] = {m.li, {m.a, m.f, y[2], y[3], pa, m.sa}, peer, pk_evidence(m.ev)} end
 end
 return out
 """
@@ -153,6 +170,9 @@ class CostAnomaly(Detector):
     rule = "cost_anomaly"
     subject_type = "card"
     scripts = (LUA,)
+    card_hash = "h"
+    #: the field of the card hash holding the card's month and year states
+    FIELD = "cost_anomaly:m,y"
 
     def __init__(self, sub_rules: Sequence[dict[str, Any]], *, visit_types: Sequence[str] = VISIT_TYPES,
                  special_dx_prefixes: Sequence[str] = (), peers: dict[str, Any] | None = None,
@@ -193,8 +213,11 @@ class CostAnomaly(Detector):
         check_positive(owner, "max_evidence", max_evidence, integer=True)
         self.max_evidence = max_evidence
         self._sha = self.sha(LUA)
-        self._cfg = orjson.dumps({"subs": [["m" if s["window"] == "month" else "y", int(round(s["min_amount_cny"] * 100))]
-                                           for s in subs], "peers": self.peers.config()})
+        #: the year state is needed until the year's end + lateness: at most 366 days after an event
+        self.card_ttl_s = 366 * 86400 + lateness_s
+        self._cfg = orjson.dumps({
+            "field": self.FIELD, "lateness": lateness_s, "keep": lateness_s + REDELIVERY_S, "peers": self.peers.config(),
+            "subs": [["m" if s["window"] == "month" else "y", int(round(s["min_amount_cny"] * 100))] for s in subs]})
 
     def params(self) -> dict[str, Any]:
         return {"sub_rules": [s["name"] for s in self.sub_rules], "visit_types": sorted(self.visit_types),
@@ -202,21 +225,27 @@ class CostAnomaly(Detector):
 
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
         rows: list[list[Any]] = []
+        months: dict[str, int] = {}
+        cal: list[list[Any]] = []
         late = self.lateness_s
         special, base, types = self.special, self.peers.base, self.visit_types
         for i, ev in enumerate(events):
             if ev.visit_type not in types:
                 continue
             ts = ev.ts
-            dom, month, month_end, year, year_end, year_no, ref_dom = buckets_of(ts, late)
+            dom, month, month_end, _, year_end, year_no, ref_dom = buckets_of(ts, late)
+            mi = months.get(month)
+            if mi is None:
+                cal.append([month, month_end, year_end])
+                mi = months[month] = len(cal)
             dx = dx_key(ev.diagnoses[0] if ev.diagnoses else None, special)
-            rows.append([i, repr(ts), ev.event_id, ev.card_id, str(dom), month, year,
-                         max(1, int(month_end - ts) + late), max(1, int(year_end - ts) + late),
-                         int(round(ev.total_amount * 100)), int(round(ev.fund_paid * 100)), int(dx[0] == "S"),
+            rows.append([i, event_time(ts), ev.event_id, ev.card_id, dom, mi,
+                         int(round(ev.total_amount * 100)), int(round(ev.fund_paid * 100)), dx[0] == "S",
                          base(ev, year_no), dx, ref_dom])
         if not rows:
             return 0
-        pipe.evalsha(self._sha, 0, self.key(ns), self._cfg, orjson.dumps(rows))
+        pipe.evalsha(self._sha, 0, self.key(ns), ns.card_prefix(self.card_hash), self._cfg,
+                     orjson.dumps({"months": cal, "rows": rows}))
         return 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:

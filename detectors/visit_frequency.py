@@ -22,24 +22,29 @@ members, so a dialysis patient going three times a week is compared with dialysi
 One alert per card and calendar month (and one per card and year for yearly sub-rules);
 later visits extend it (the evidence of a yearly alert is the current month's visits).
 
-Each card's states are read once per batch and written back once, and each card-month the
+Each card's state is read once per batch and written back once, and each card-month the
 batch touched is judged once, as of its last event in the batch, so a redelivered batch
 returns the same alerts and writes nothing.
 
-State per card (Redis, JSON values expiring at the end of the bucket + lateness: at most one
-``GET`` and one ``SET`` per batch and bucket):
+State (see :mod:`detectors._peers` for the calendar layout and how long buckets are kept):
 
-* ``cw:{run}:visit_frequency:month:{card}:{YYYY-MM}`` — ``ev`` (event id -> event time; a
-  redelivered event is a no-op), ``vk`` (visits and bills seen per day and place), ``o``/``em``
-  (outpatient/emergency visits counted for the thresholds), ``d``/``dn``/``di`` (visits and
-  institutions per day), ``dd`` (qualifying days per day sub-rule), ``pv``/``gb``/``gd``/``h``
-  (peer value and group, see :mod:`detectors._peers`);
-* ``…:year:{card}:{YYYY}`` — ``o``/``em`` of the year;
-* ``…:peer:{YYYY-MM}:{group}:{day}`` — daily deltas of the peer histograms (hashes).
+* field ``visit_frequency:m,y`` of the card hash ``cw:{run}:h:{card}`` — years ``[end, o,
+  em]`` and months ``[end, o, em, pv, evidence, visit keys, days, h, groups]``: ``o``/``em``
+  outpatient/emergency visits counted for the thresholds, ``pv`` the peer value (visits with
+  门诊大病 ones), evidence the month's ``[event_id, time, ...]`` (a redelivered event is a
+  no-op), visit keys the sorted 48-bit digests (:func:`visit_key`) of the bills and diagnoses
+  seen per day and place and of the institutions visited per day, days ``[day, visits,
+  institutions, ...]`` (the qualifying days of a day sub-rule are counted from them), ``h`` the
+  peer value and group after each day;
+* ``cw:{run}:visit_frequency:peer:{YYYY-MM}:{group}:{day}`` — daily deltas of the peer
+  histograms (hashes, expiring at the end of the month + lateness).
 
 >>> VisitFrequency(sub_rules=[{"name": "outpatient_month", "window": "month", "min_visits": 15}],
 ...                peers={"min_visits": 8})
 VisitFrequency(sub_rules=['outpatient_month'], special_dx_prefixes=[], peers=PeerSpec(floor=8, quantile=0.99, factor=2.0, min_peer_size=30))
+>>> d = VisitFrequency(sub_rules=[{"name": "visits_year", "window": "year", "min_visits": 100}])
+>>> d.card_hash, d.FIELD, d.card_ttl_s == 366 * 86400 + d.lateness_s
+('h', 'visit_frequency:m,y', True)
 >>> VisitFrequency(sub_rules=[{"name": "m", "window": "week", "min_visits": 15}])
 Traceback (most recent call last):
 ...
@@ -48,109 +53,135 @@ ValueError: visit_frequency: sub_rules[0].window must be 'month' or 'year', got 
 
 from __future__ import annotations
 
+from base64 import urlsafe_b64encode
+from hashlib import blake2b
 from typing import Any, Sequence
 
 import orjson
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
-from detectors._peers import (LUA_LIB, Calendar, PeerSpec, buckets_of, check_prefixes, dx_key, group_label,
-                              is_special, peer_bound)
+from detectors._peers import (LUA_LIB, REDELIVERY_S, Calendar, PeerSpec, buckets_of, check_prefixes, dx_key,
+                              event_time, group_label, is_special, peer_bound)
 from detectors.base import Detector, Namespace, check_positive
 from stream.events import Settlement, iso
 
 LUA = LUA_LIB + r"""
--- ARGV[1] key prefix (cw:{run}:visit_frequency), ARGV[2] JSON {subs: [[window m|y, mask (1 outpatient,
--- 2 emergency), min]], days: [[kind v|i, per_day_min, min_days]], peers: (see pk_config)}, ARGV[3] JSON
--- [[idx, t, event_id, card, day of month, YYYY-MM, YYYY, ttl month, ttl year, o|e, special 0|1, institution,
---   department, bill key ('' without a registration line), primary diagnosis, group base, diagnosis key,
---   reference day of month], ...]. Keys are built here: {prefix}:month:{card}:{YYYY-MM}, …:year:{card}:{YYYY}
--- (JSON states), {prefix}:peer:… (peer histograms).
--- Each state is read once per batch, updated in memory and written back once; each card-month the batch
--- touched is then judged once, as of its last event in the batch (so a redelivered batch writes nothing
--- and returns the same verdicts). Returns {idx, counts, peer|0, evidence} per card-month over a threshold.
-local P = ARGV[1]
+-- ARGV[1] key prefix (cw:{run}:visit_frequency), ARGV[2] card hash prefix (cw:{run}:h:), ARGV[3] JSON {field,
+-- lateness, keep (how long past its end, in the card's event time, a month or year is kept: lateness +
+-- redelivery margin), subs: [[window m|y, mask (1 outpatient, 2 emergency), min]], days: [[kind v|i,
+-- per_day_min, min_days]], peers: (see pk_config)}, ARGV[4] JSON {months: [[YYYY-MM, month end, year end],
+-- ...], rows: [[idx, t, event_id, card, day of month, month (index in months), o|e, special, bill key digest
+-- ('' without a registration line), diagnosis key digest, institution key digest ('' when not needed), group
+-- base, diagnosis key, reference day of month], ...]}.
+-- The card's state is the field of its hash {card hash prefix}{card} (see the module docstring); peer
+-- histograms are {prefix}:peer:…. Each card's state is read once per batch, updated in memory and written
+-- back once; each card-month the batch touched is then judged once, as of its last event in the batch (so a
+-- redelivered batch writes nothing and returns the same verdicts). Returns {idx, counts, peer|0, evidence}
+-- per card-month over a threshold.
+local P, cp = ARGV[1], ARGV[2]
 local prefix = P .. ':peer'
-local cfg = cjson.decode(ARGV[2])
+local cfg = cjson.decode(ARGV[3])
+local F, late, keep = cfg.field, cfg.lateness, cfg.keep
 local subs, days = cfg.subs, cfg.days
 local K, J = #subs, #days
 local pc = pk_config(cfg.peers)
-local rows = cjson.decode(ARGV[3])
-local ms, ys, mttl, yttl, order, last = {}, {}, {}, {}, {}, {}
+local batch = cjson.decode(ARGV[4])
+local months, rows = batch.months, batch.rows
+-- month {me, o, em, pv, evidence, visit keys, days {dom, visits, institutions, ...}, h, groups}
+local function mdec(x)
+  local m = {me = x[1], o = x[2], em = x[3], pv = x[4], ev = x[5], vk = x[6], d = x[7], h = x[8]}
+  cal_groups(m, x[9])
+  return m
+end
+local function menc(m)
+  if m.vnew then table.sort(m.vk) end
+  return {m.me, m.o, m.em, m.pv, m.ev, m.vk, m.d, m.h, m.gs}
+end
+local function mnew(me) return {me = me, o = 0, em = 0, pv = 0, ev = {}, vk = {}, d = {}, h = {}, gs = {}} end
+-- add a visit key (kept sorted when written)
+local function vk_add(m, k)
+  if not cal_in(m.vk, k) then
+    cal_put(m.vk, k)
+    m.vnew = true
+  end
+end
+local cards, dirty, order = {}, {}, {}
 for r = 1, #rows do
   local e = rows[r]
-  local idx, t, eid, card, dom, ym, yr = e[1], e[2], e[3], e[4], e[5], e[6], e[7]
-  local ttl_m, ttl_y, vt, special, inst, dept, bill = e[8], e[9], e[10], e[11], e[12], e[13], e[14]
-  local pdx, eb, ed, rdom = e[15], e[16], e[17], e[18]
-  local mk, yk = P .. ':month:' .. card .. ':' .. ym, P .. ':year:' .. card .. ':' .. yr
-  local m = ms[mk]
-  if not m then
-    local raw = redis.call('GET', mk)
-    if raw then m = cjson.decode(raw)
-    else m = {ev = {}, vk = {}, d = {}, dn = {}, di = {}, dd = {}, h = {}, o = 0, em = 0, pv = 0} end
-    ms[mk] = m
-    order[#order + 1] = mk
+  local idx, t, eid, card, dom, mo = e[1], e[2], e[3], e[4], e[5], months[e[6]]
+  local vt, special, kb, kp, ki = e[7], e[8], e[9], e[10], e[11]
+  local eb, ed, rdom = e[12], e[13], e[14]
+  local ym, me, ye = mo[1], mo[2], mo[3]
+  local S = cards[card]
+  if not S then
+    S = cal_load(cp .. card, F, mdec)
+    cards[card] = S
   end
-  local y = ys[yk]
-  if not y then
-    local raw = redis.call('GET', yk)
-    if raw then y = cjson.decode(raw) else y = {o = 0, em = 0} end
-    ys[yk] = y
-  end
-  last[mk] = {idx, yk, ym, rdom}
-  if not m.ev[eid] then
-    m.ev[eid] = t
-    mttl[mk] = ttl_m
-    -- a settlement with a registration (挂号) is a visit unless the same bill was settled there that day
-    -- before; one without (tests or drugs paid separately) is part of that day's visit there for the
-    -- same diagnosis, if there is one
-    local place = dom .. ':' .. inst .. '|' .. dept
-    local newvisit
-    if bill ~= '' then
-      newvisit = not m.vk[place .. '|' .. bill]
-      if newvisit then m.vk[place .. '|' .. bill] = 1; m.vk[place .. '#' .. pdx] = 1 end
-    else
-      newvisit = not m.vk[place .. '#' .. pdx]
-      if newvisit then m.vk[place .. '#' .. pdx] = 1 end
+  if not cal_gone(S, me, keep) then   -- else: the event is late, its month no longer kept
+    local m = cal_month(S, me, mnew)
+    if not m.li then
+      order[#order + 1] = m
+      m.S, m.ym, m.ye = S, ym, ye
     end
-    if newvisit then
-      m.pv = m.pv + 1
-      if special == 0 then
-        if vt == 'o' then m.o = m.o + 1; y.o = y.o + 1 else m.em = m.em + 1; y.em = y.em + 1 end
-        yttl[yk] = ttl_y
-        if J > 0 then
-          local dc = (m.d[dom] or 0) + 1
-          m.d[dom] = dc
-          local ic = -1
-          if not m.di[dom .. '|' .. inst] then
-            m.di[dom .. '|' .. inst] = 1
-            ic = (m.dn[dom] or 0) + 1
-            m.dn[dom] = ic
-          end
-          for j = 1, J do
-            if (days[j][1] == 'v' and dc == days[j][2]) or (days[j][1] == 'i' and ic == days[j][2]) then
-              m.dd[tostring(j)] = (m.dd[tostring(j)] or 0) + 1
+    m.li, m.lr = idx, rdom   -- judged as of its last event in the batch
+    if not cal_seen(m, eid) then
+      cal_ev_add(m, eid, t)
+      dirty[card] = S
+      if not S.newest or t > S.newest then S.newest = t end
+      -- a settlement with a registration (挂号) is a visit unless the same bill was settled there that day
+      -- before; one without (tests or drugs paid separately) is part of that day's visit there for the
+      -- same diagnosis, if there is one
+      local newvisit
+      if kb ~= '' then
+        newvisit = not cal_in(m.vk, kb)
+        if newvisit then vk_add(m, kb); vk_add(m, kp) end
+      else
+        newvisit = not cal_in(m.vk, kp)
+        if newvisit then vk_add(m, kp) end
+      end
+      if newvisit then
+        m.pv = m.pv + 1
+        if not special then
+          local y = cal_year(S, ye, 2)
+          if vt == 'o' then m.o = m.o + 1; y[2] = y[2] + 1 else m.em = m.em + 1; y[3] = y[3] + 1 end
+          if J > 0 then
+            local i = cal_tri(m.d, dom)
+            m.d[i + 1] = m.d[i + 1] + 1
+            if not cal_in(m.vk, ki) then
+              vk_add(m, ki)
+              m.d[i + 2] = m.d[i + 2] + 1
             end
           end
         end
-      end
-      if pc.enabled then
-        local nb, nd = pk_regroup(m.gb, m.gd, eb, ed)
-        pk_update(prefix, ym, dom, ttl_m, pc, m.gb, m.gd, m.pv - 1, nb, nd, m.pv)
-        m.gb = nb
-        m.gd = nd
-        m.h[dom] = {m.pv, nb, nd}
+        if pc.enabled then
+          local nb, nd = pk_regroup(m.gb, m.gd, eb, ed)
+          pk_update(prefix, ym, pk_dstr(dom), math.max(1, math.floor(me - t) + late), pc, m.gb, m.gd, m.pv - 1,
+                    nb, nd, m.pv)
+          m.gb = nb
+          m.gd = nd
+          cal_h_set(m, dom, m.pv)
+        end
       end
     end
   end
 end
-for mk, ttl in pairs(mttl) do redis.call('SET', mk, cjson.encode(ms[mk]), 'EX', ttl) end
-for yk, ttl in pairs(yttl) do redis.call('SET', yk, cjson.encode(ys[yk]), 'EX', ttl) end
+for _, S in pairs(dirty) do cal_store(S, F, keep, menc) end
+pk_flush(pc)
 local out = {}
-for _, mk in ipairs(order) do
-  local m, l = ms[mk], last[mk]
-  local y = ys[l[2]]
-  local counts = {m.o, m.em, y.o, y.em, m.pv}
-  for j = 1, J do counts[5 + j] = m.dd[tostring(j)] or 0 end
+local none = {0, 0, 0}
+local counts = {}
+for _, m in ipairs(order) do
+  local y = cal_find_year(m.S, m.ye) or none
+  counts[1], counts[2], counts[3], counts[4], counts[5] = m.o, m.em, y[2], y[3], m.pv
+  -- qualifying days per day sub-rule: days with at least per_day visits (v) or institutions (i)
+  for j = 1, J do
+    local n, off, per = 0, (days[j][1] == 'v') and 1 or 2, days[j][2]
+    local d = m.d
+    for i = 1, #d, 3 do
+      if d[i + off] >= per then n = n + 1 end
+    end
+    counts[5 + j] = n
+  end
   local fired = false
   for j = 1, K do
     local s = subs[j]
@@ -165,13 +196,17 @@ for _, mk in ipairs(order) do
   end
   local peer = 0
   if pc.enabled and m.gb and m.pv >= pc.floor then
-    local p = pk_peers(prefix, l[3], l[4], pc, m.h, m.gb, m.gd)
+    local p = pk_peers(prefix, m.ym, m.lr, pc, cal_own(m, m.lr, 1), m.gb, m.gd)
     if p then
       peer = {p[1], p[2], p[3], m.gb, m.gd}
       if pk_fires(pc, m.pv, p) then fired = true end
     end
   end
-  if fired then out[#out + 1] = {l[1], counts, peer, pk_evidence(m.ev)} end
+  if fired then
+    local c = {}
+    for i = 1, 5 + J do c[i] = counts[i] end
+    out[#out + 1] = {m.li, c, peer, pk_evidence(m.ev)}
+  end
 end
 return out
 """
@@ -195,6 +230,16 @@ def _bill_key(ev: Settlement) -> str:
     return f"{ev.total_amount:.2f}|{len(ev.items)}|{regs[0].code}"
 
 
+def visit_key(key: str) -> str:
+    """48-bit digest (8 characters) of a visit key, as the month state keeps it: a month holds a few
+    dozen keys, so two distinct keys of one card-month collide with odds of about 1e-11.
+
+    >>> visit_key("3:H310104001|全科|54.00|2|R0001")
+    'iQ7uszed'
+    """
+    return urlsafe_b64encode(blake2b(key.encode("utf-8", "surrogatepass"), digest_size=6).digest()).decode()
+
+
 def _dec(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
 
@@ -209,6 +254,9 @@ class VisitFrequency(Detector):
     rule = "visit_frequency"
     subject_type = "card"
     scripts = (LUA,)
+    card_hash = "h"
+    #: the field of the card hash holding the card's month and year states
+    FIELD = "visit_frequency:m,y"
 
     def __init__(self, sub_rules: Sequence[dict[str, Any]], *, special_dx_prefixes: Sequence[str] = (),
                  peers: dict[str, Any] | None = None, max_evidence: int = 200, lateness_s: int = 3600,
@@ -275,7 +323,10 @@ class VisitFrequency(Detector):
         check_positive(owner, "max_evidence", max_evidence, integer=True)
         self.max_evidence = max_evidence
         self._sha = self.sha(LUA)
-        cfg = {"subs": [["m" if c["window"] == "month" else "y",
+        #: the year state is needed until the year's end + lateness: at most 366 days after an event
+        self.card_ttl_s = 366 * 86400 + lateness_s
+        cfg = {"field": self.FIELD, "lateness": lateness_s, "keep": lateness_s + REDELIVERY_S,
+               "subs": [["m" if c["window"] == "month" else "y",
                          (1 if "outpatient" in c["visit_types"] else 0) + (2 if "emergency" in c["visit_types"] else 0),
                          c["min_visits"]] for c in counts],
                "days": [["v" if d["kind"] == "visits" else "i", d["per_day"], d["min_days"]] for d in days],
@@ -289,22 +340,34 @@ class VisitFrequency(Detector):
     # -- Redis ---------------------------------------------------------------------------
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
         rows: list[list[Any]] = []
+        months: dict[str, int] = {}
+        cal: list[list[Any]] = []
         late = self.lateness_s
-        special, base = self.special, self.peers.base
+        special, base, per_day = self.special, self.peers.base, bool(self.days)
         for i, ev in enumerate(events):
             if ev.visit_type not in VISIT_TYPES or ev.institution_type == "pharmacy":
                 continue
             ts = ev.ts
-            dom, month, month_end, year, year_end, year_no, ref_dom = buckets_of(ts, late)
+            dom, month, month_end, _, year_end, year_no, ref_dom = buckets_of(ts, late)
             pdx = ev.diagnoses[0].strip().upper() if ev.diagnoses else "-"
             dx = dx_key(pdx, special)
-            rows.append([i, repr(ts), ev.event_id, ev.card_id, str(dom), month, year,
-                         max(1, int(month_end - ts) + late), max(1, int(year_end - ts) + late),
-                         "o" if ev.visit_type == "outpatient" else "e", int(dx[0] == "S"), ev.institution_id,
-                         ev.department or "-", _bill_key(ev), pdx, base(ev, year_no), dx, ref_dom])
+            sp = dx[0] == "S"
+            mi = months.get(month)
+            if mi is None:
+                cal.append([month, month_end, year_end])
+                mi = months[month] = len(cal)
+            inst = ev.institution_id
+            place = f"{dom}:{inst}|{ev.department or '-'}"
+            bill = _bill_key(ev)
+            rows.append([i, event_time(ts), ev.event_id, ev.card_id, dom, mi,
+                         "o" if ev.visit_type == "outpatient" else "e", sp,
+                         visit_key(f"{place}|{bill}") if bill else "", visit_key(f"{place}#{pdx}"),
+                         visit_key(f"{dom}|{inst}") if per_day and not sp else "",
+                         base(ev, year_no), dx, ref_dom])
         if not rows:
             return 0
-        pipe.evalsha(self._sha, 0, self.key(ns), self._cfg, orjson.dumps(rows))
+        pipe.evalsha(self._sha, 0, self.key(ns), ns.card_prefix(self.card_hash), self._cfg,
+                     orjson.dumps({"months": cal, "rows": rows}))
         return 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:

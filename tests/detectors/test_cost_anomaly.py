@@ -150,17 +150,64 @@ def test_out_of_order_across_cards_within_lateness_gives_the_same_alerts(process
     assert sorted((sorted(v[0]),) + v[1:] for v in a.values()) == sorted((sorted(v[0]),) + v[1:] for v in b.values())
 
 
+#: the card state as JSON (it is MessagePack in the card hash)
+UNPACK = "local v = redis.call('HGET', KEYS[1], ARGV[1]) if v then return cjson.encode(cmsgpack.unpack(v)) end"
+
+
+def card_state(redis_sync, rid: str, card: str) -> tuple[dict, dict]:
+    """The card's state (its field of the card hash): years {end: [cost, fund paid]} (fen) and months
+    {end: {"a", "f", "sa" (fen), "ev" (event id -> time)}}."""
+    raw = redis_sync.eval(UNPACK, 1, f"cw:{rid}:h:{card}", CostAnomaly.FIELD)
+    if raw is None:
+        return {}, {}
+    years, months = orjson.loads(raw)
+    years, months = years or [], months or []   # (cjson writes an empty list as {})
+    return ({y[0]: y[1:] for y in years},
+            {m[0]: {"a": m[1], "f": m[2], "sa": m[3], "ev": dict(zip(m[4][0::2], m[4][1::2]))} for m in months})
+
+
 def test_redelivered_events_are_summed_once(process, rules, redis_sync):
     rid = run_id()
     evs = [bill("RED", at(d, 9), 1000.0) for d in range(2, 6)]
     assert alerts_of(process(rules, [evs * 2, evs], rid)) == []                  # ¥4,000, three times
-    state = orjson.loads(redis_sync.get(f"cw:{rid}:cost_anomaly:month:RED:2026-11"))
-    assert state["a"] == 400000 and len(state["ev"]) == 4
+    years, months = card_state(redis_sync, rid, "RED")
+    state, = months.values()
+    assert state["a"] == 400000 and len(state["ev"]) == 4 and list(years.values()) == [[400000, 280000]]
     last = bill("RED", at(9, 9), 1000.0, event_id="LAST")
     first = alerts_of(process(rules, [[last]], rid))
     again = alerts_of(process(rules, [[last, last]], rid))
     assert len(first) == len(again) == 1 and first[0].alert_id == again[0].alert_id
     assert first[0].metrics == again[0].metrics and first[0].metrics["outpatient_cost_cny"] == 5000.0
+
+
+def test_month_and_year_states_across_boundaries_within_lateness(process, rules, redis_sync):
+    """A card keeps its previous month and year while an event can still reach them (within lateness, or
+    redelivered: a day more): a late December bill still completes December's ¥5,000 after January began,
+    whatever the order within lateness; the batch redelivered after a later one fires the same alert; a bill
+    of a month no longer kept is ignored (it is late)."""
+    jan1 = datetime(2027, 1, 1, tzinfo=TZ).timestamp()
+    dec_a, jan_a = bill("YB", jan1 - 1800, 3000.0), bill("YB", jan1 + 1200, 100.0)
+    dec_b, jan_b = bill("YB", jan1 - 600, 2000.0), bill("YB", jan1 + 3 * 3600, 100.0)
+    jan_c = bill("YB", jan1 + 86400 + 3600, 100.0)   # a day and an hour into the new year
+    states = []
+    for order in ([dec_a, dec_b, jan_a], [dec_a, jan_a, dec_b]):
+        rid = run_id()
+        a, = alerts_of(process(rules, [order], rid))
+        assert a.metrics["bucket"] == "2026-12" and a.metrics["outpatient_cost_cny"] == 5000.0
+        assert len(a.evidence_event_ids) == 2
+        years, months = card_state(redis_sync, rid, "YB")
+        assert [m["a"] for m in months.values()] == [500000, 10000]
+        assert [y[0] for y in years.values()] == [500000, 10000]
+        again, = alerts_of(process(rules, [[jan_b], order], rid)[1:])   # redelivered after a later batch
+        assert (again.alert_id, again.metrics, again.evidence_event_ids) == \
+            (a.alert_id, a.metrics, a.evidence_event_ids)
+        process(rules, [[jan_c]], rid)   # December and 2026 are no longer kept
+        years, months = card_state(redis_sync, rid, "YB")
+        assert [m["a"] for m in months.values()] == [30000] and [y[0] for y in years.values()] == [30000]
+        states.append(redis_sync.hget(f"cw:{rid}:h:YB", CostAnomaly.FIELD))
+        assert alerts_of(process(rules, [[bill("YB", jan1 - 60, 9000.0)]], rid)) == []   # late: ignored
+        assert redis_sync.hget(f"cw:{rid}:h:YB", CostAnomaly.FIELD) == states[-1]
+    assert states[0] == states[1]
 
 
 def test_every_key_expires(process, redis_sync):
@@ -169,10 +216,11 @@ def test_every_key_expires(process, redis_sync):
     process(rules, [[bill(f"K{i}", at(2 + i % 2, 9), 100.0 * i) for i in range(8)] +
                     [bill("KK", at(d, 9), 2000.0) for d in range(3, 7)]], rid)
     keys = list(redis_sync.scan_iter(match=f"cw:{rid}:*"))
-    assert any(b":peer:" in k for k in keys) and any(b":year:" in k for k in keys)
+    assert any(b":peer:" in k for k in keys) and any(b":h:" in k for k in keys)
+    assert card_state(redis_sync, rid, "KK")[0], "the year state is kept"
     for k in keys:
         ttl = redis_sync.ttl(k)
-        limit = 366 * 86400 + 3600 if b":year:" in k else 31 * 86400 + 3600
+        limit = 366 * 86400 + 3600 if b":h:" in k else 31 * 86400 + 3600   # the card hash holds the year
         assert 0 < ttl <= limit, (k, ttl)
 
 

@@ -197,12 +197,30 @@ def test_out_of_order_across_cards_within_lateness_gives_the_same_alerts(process
     assert sorted(str(v[2]) for v in a.values()) == sorted(str(v[2]) for v in b.values())
 
 
+#: the card state as JSON (it is MessagePack in the card hash)
+UNPACK = "local v = redis.call('HGET', KEYS[1], ARGV[1]) if v then return cjson.encode(cmsgpack.unpack(v)) end"
+
+
+def card_state(redis_sync, rid: str, card: str) -> tuple[dict, dict]:
+    """The card's state (its field of the card hash): years {end: [outpatient, emergency]} and months
+    {end: {"o", "em", "pv", "ev" (event id -> time), "days" (day -> [visits, institutions])}}."""
+    raw = redis_sync.eval(UNPACK, 1, f"cw:{rid}:h:{card}", VisitFrequency.FIELD)
+    if raw is None:
+        return {}, {}
+    years, months = orjson.loads(raw)
+    years, months = years or [], months or []   # (cjson writes an empty list as {})
+    return ({y[0]: y[1:] for y in years},
+            {m[0]: {"o": m[1], "em": m[2], "pv": m[3], "ev": dict(zip(m[4][0::2], m[4][1::2])),
+                    "days": {d: m[6][i + 1:i + 3] for i, d in enumerate(m[6]) if i % 3 == 0}} for m in months})
+
+
 def test_redelivered_events_change_nothing(process, rules, redis_sync):
     rid = run_id()
     evs = [visit("RED", "C001", at(d, 9)) for d in range(1, 15)]
     assert alerts_of(process(rules, [evs * 3, evs], rid)) == []                   # 14 visits, four times
-    state = orjson.loads(redis_sync.get(f"cw:{rid}:visit_frequency:month:RED:2026-11"))
-    assert state["o"] == 14 and len(state["ev"]) == 14
+    years, months = card_state(redis_sync, rid, "RED")
+    state, = months.values()
+    assert state["o"] == 14 and len(state["ev"]) == 14 and list(years.values()) == [[14, 0]]
     first = alerts_of(process(rules, [[visit("RED", "C001", at(20, 9), event_id="LAST")]], rid))
     again = alerts_of(process(rules, [[visit("RED", "C001", at(20, 9), event_id="LAST")]], rid))
     assert len(first) == len(again) == 1 and first[0].alert_id == again[0].alert_id
@@ -227,16 +245,50 @@ def test_year_rule_and_month_buckets(process, rules):
     assert alerts_of(process(rules, [split], rid)) == []
 
 
+def test_month_and_year_states_across_boundaries_within_lateness(process, rules, redis_sync):
+    """A card keeps its previous month only while an event can still reach it (within lateness, or
+    redelivered: a day more): the arrival order within lateness changes nothing, a redelivered batch gives
+    the same verdicts, and an event of a month no longer kept is ignored (it is late)."""
+    def ev(inst, t, **kw):
+        return visit("MB", inst, t, **kw)
+    dec1 = datetime(2026, 12, 1, tzinfo=TZ).timestamp()
+    nov, dec = dec1, dec1 + 31 * 86400          # month ends
+    nov_a, dec_a = ev("C001", dec1 - 1800), ev("C002", dec1 + 1200)
+    nov_b, dec_b = ev("C003", dec1 - 600), ev("C004", dec1 + 3600)
+    dec_c = ev("C005", dec1 + 86400 + 3600)     # a day and an hour past the end of November
+    states = []
+    for order in ([nov_a, nov_b, dec_a], [nov_a, dec_a, nov_b]):
+        rid = run_id()
+        process(rules, [order], rid)
+        years, months = card_state(redis_sync, rid, "MB")
+        assert {e: (m["o"], m["pv"], sorted(m["days"])) for e, m in months.items()} == \
+            {nov: (2, 2, [30]), dec: (1, 1, [1])}
+        assert list(years.values()) == [[3, 0]]
+        kept = redis_sync.hget(f"cw:{rid}:h:MB", VisitFrequency.FIELD)
+        process(rules, [[dec_b], order], rid)   # the batch again after a later one: November is still there
+        years, months = card_state(redis_sync, rid, "MB")
+        assert (months[nov]["o"], months[dec]["o"], list(years.values())) == (2, 2, [[4, 0]])
+        process(rules, [[dec_c]], rid)
+        years, months = card_state(redis_sync, rid, "MB")
+        assert list(months) == [dec] and months[dec]["o"] == 3 and list(years.values()) == [[5, 0]]
+        states.append(redis_sync.hget(f"cw:{rid}:h:MB", VisitFrequency.FIELD))
+        assert states[-1] != kept
+        assert alerts_of(process(rules, [[ev("C006", dec1 - 60)]], rid)) == []   # late: ignored
+        assert redis_sync.hget(f"cw:{rid}:h:MB", VisitFrequency.FIELD) == states[-1]
+    assert states[0] == states[1]
+
+
 def test_every_key_expires(process, redis_sync):
     rules = load_rules_text(RULES % 5)
     rid = run_id()
     process(rules, [[visit(f"K{i}", "C001", at(2 + i % 2, 9)) for i in range(10)] +
                     [visit("KK", "C001", at(d, 9)) for d in range(1, 17)]], rid)
     keys = list(redis_sync.scan_iter(match=f"cw:{rid}:*"))
-    assert any(b":peer:" in k for k in keys) and any(b":year:" in k for k in keys)
+    assert any(b":peer:" in k for k in keys) and any(b":h:" in k for k in keys)
+    assert card_state(redis_sync, rid, "KK")[0], "the year state is kept"
     for k in keys:
         ttl = redis_sync.ttl(k)
-        limit = 366 * 86400 + 3600 if b":year:" in k else 31 * 86400 + 3600
+        limit = 366 * 86400 + 3600 if b":h:" in k else 31 * 86400 + 3600   # the card hash holds the year
         assert 0 < ttl <= limit, (k, ttl)
 
 
