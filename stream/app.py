@@ -234,7 +234,7 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
                 res = await handle_batch(msgs)  # acked (committed) by take_events after this returns
                 _observe_batch(app.consumer, msgs, res, t0)
     else:
-        ingest = DirectIngest(settings, handle_batch, processor.parse, processor.submit)
+        ingest = DirectIngest(settings, handle_batch, processor.parse, processor.prepare, processor.execute)
         app.claimwatch["ingest"] = ingest  # type: ignore[index]
         app.service(ingest)
 

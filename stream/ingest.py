@@ -80,13 +80,14 @@ class DirectIngest(Service):
     """Consume settlement topics in batches; commit offsets only after a batch is fully handled."""
 
     def __init__(self, settings: Settings, handle: Callable[..., Awaitable[BatchResult]],
-                 parse: Callable | None = None, submit: Callable[..., Awaitable[Pending]] | None = None,
-                 **kwargs) -> None:
+                 parse: Callable | None = None, prepare: Callable[..., Awaitable[Pending]] | None = None,
+                 execute: Callable[[Pending], Pending] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.settings = settings
         self.handle = handle
         self.parse = parse
-        self.submit = submit
+        self.prepare = prepare
+        self.execute = execute
         self.consumer: AIOKafkaConsumer | None = None
 
     def assignment(self) -> set:
@@ -140,24 +141,24 @@ class DirectIngest(Service):
 
     @Service.task
     async def _run(self) -> None:
-
+        """Fetch, parse and prepare batches (one waits, prepared, for Redis) while :meth:`_drive` runs them."""
         c = self.consumer
         assert c is not None
         timeout_ms = int(self.settings.batch_within_s * 1000)
-        # Three stages overlap, so Python and Redis work at the same time: while Redis runs batch N+1's
-        # scripts, batch N's replies become alerts and are published, and batch N+2 is fetched and parsed.
-        # Batch N+1 is sent to Redis only once N's round trip completed (per-card order is batch order),
-        # and offsets are committed in batch order, each after its batch was fully handled.
-        inflight: list | None = None  # [msgs, offsets, parsed, t0, pending]
-        while not self.should_stop:
-            try:
-                got = await c.getmany(timeout_ms=timeout_ms, max_records=self.settings.batch_max)
-            except KafkaError as exc:
-                log.error("fetch failed (%s); retrying", exc)
-                await asyncio.sleep(1.0)
-                continue
-            nxt = None
-            if got:
+        ready: asyncio.Queue = asyncio.Queue(maxsize=1)
+        driver = asyncio.ensure_future(self._drive(c, ready))
+        try:
+            while not self.should_stop:
+                if driver.done():
+                    driver.result()  # a driver failure is a worker failure
+                try:
+                    got = await c.getmany(timeout_ms=timeout_ms, max_records=self.settings.batch_max)
+                except KafkaError as exc:
+                    log.error("fetch failed (%s); retrying", exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                if not got:
+                    continue
                 t0 = time.perf_counter()
                 msgs: list[Message] = []
                 offsets: dict[TopicPartition, int] = {}
@@ -167,42 +168,59 @@ class DirectIngest(Service):
                                             r.offset, r.key, r.timestamp / 1000.0 if r.timestamp else None))
                     offsets[tp] = recs[-1].offset + 1
                 parsed = self.parse(msgs) if self.parse is not None else None
-                nxt = [msgs, offsets, parsed, t0, None, None]
-            if inflight is not None:
-                pending = inflight[4]
-                if pending is not None:
-                    await pending.wait()
-                if nxt is not None and pending is not None and not pending.failed():
-                    self._start(nxt, await self._submit(nxt[2]))
-                await self._finish(c, inflight)
-                inflight = None
-            if nxt is not None and nxt[5] is None:
-                self._start(nxt, await self._submit(nxt[2]))
-            inflight = nxt
-        if inflight is not None:
+                pending = await self._prepare(parsed)
+                await ready.put([msgs, offsets, parsed, t0, pending])
+        finally:
+            if not driver.done():  # drain: the driver handles what is queued, then stops
+                try:
+                    await asyncio.wait_for(ready.put(None), timeout=30)
+                    await asyncio.wait_for(asyncio.shield(driver), timeout=60)
+                except (asyncio.TimeoutError, asyncio.CancelledError):
+                    driver.cancel()  # uncommitted batches are redelivered: nothing is lost
+
+    async def _drive(self, c: AIOKafkaConsumer, ready: asyncio.Queue) -> None:
+        """Run prepared batches in order, keeping Redis busy: as soon as batch N's round trip ends,
+        batch N+1 (if fetched) is sent, then N's replies become alerts, are published and committed.
+        Offsets are committed in batch order, each after its batch was fully handled."""
+        inflight: list | None = None
+        while True:
+            if inflight is None:
+                inflight = await ready.get()
+                if inflight is None:
+                    return
+                self._execute(inflight[4])
+            pending = inflight[4]
+            if pending is not None:
+                await pending.wait()
+            nxt = ready.get_nowait() if not ready.empty() else False
+            if nxt and pending is not None and not pending.failed():
+                self._execute(nxt[4])  # Redis starts on N+1 before N is collected and published
             await self._finish(c, inflight)
+            if nxt is None:
+                return
+            inflight = nxt or None
+            if inflight is not None:
+                self._execute(inflight[4])
 
-    def _start(self, batch: list, pending: Pending | None) -> None:
-        """Collect and publish a batch as soon as its Redis round trip ends (a task: fetching goes on)."""
-        msgs, offsets, parsed, t0, _, _ = batch
-        batch[4] = pending
-        batch[5] = asyncio.ensure_future(self.handle(msgs, parsed, pending))
-
-    async def _submit(self, parsed) -> Pending | None:
-        """Start a batch's Redis round trip; on trouble leave it to ``handle`` (which retries)."""
-        if self.submit is None or parsed is None:
+    async def _prepare(self, parsed) -> Pending | None:
+        """Queue a batch's Redis work; on trouble leave it to ``handle`` (which retries)."""
+        if self.prepare is None or parsed is None:
             return None
         try:
-            return await self.submit(parsed)
+            return await self.prepare(parsed)
         except Exception as exc:  # Redis away (loading scripts): handle() retries with backoff
-            log.warning("could not send a batch to Redis yet (%s)", exc)
+            log.warning("could not prepare a batch for Redis yet (%s)", exc)
             return None
+
+    def _execute(self, pending: Pending | None) -> None:
+        if pending is not None and self.execute is not None:
+            self.execute(pending)
 
     async def _finish(self, c: AIOKafkaConsumer, inflight) -> None:
         from stream.app import _observe_batch
 
-        msgs, offsets, parsed, t0, pending, task = inflight
-        res = await task
+        msgs, offsets, parsed, t0, pending = inflight
+        res = await self.handle(msgs, parsed, pending)
         try:
             await c.commit(offsets)
         except CommitFailedError as exc:  # rebalanced meanwhile: the new owner reprocesses, idempotently

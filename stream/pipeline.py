@@ -78,11 +78,9 @@ class Pending:
     by_run: dict[str, list[Settlement]]
     res: BatchResult
     plan: list[tuple[Any, Namespace, list[Settlement], int, int]]
-    task: "asyncio.Future | None"
+    pipe: Any  # the queued pipeline (None: nothing to send)
+    task: "asyncio.Future | None"  # its round trip, once sent
     t0: float
-
-    def done(self) -> bool:
-        return self.task is None or self.task.done()
 
     def failed(self) -> bool:
         return self.task is not None and self.task.done() and not self.task.cancelled() and self.task.exception() is not None
@@ -210,21 +208,34 @@ class Processor:
         publishes the previous batch and parses the next one while Redis runs this one). Submit
         a batch only after the previous batch's round trip completed: per-card order is batch order.
         """
+        return self.execute(await self.prepare(parsed))
+
+    async def prepare(self, parsed: tuple[dict[str, list[Settlement]], BatchResult]) -> "Pending":
+        """Queue a parsed batch's Redis work without sending it (:meth:`execute` sends): the worker
+        prepares batch N+1 while Redis still runs batch N, so Redis never waits for Python to build it."""
         by_run, res = parsed
         res.alerts = []
         want = {Detector.sha(src) for det in self.rules.detectors for src in det.scripts} | {_TOUCH_SHA}
         if by_run and not want <= self._loaded:
             await self.load_scripts()
-        return self._send(by_run, res)
+        return self._queue(by_run, res)
+
+    @staticmethod
+    def execute(pending: "Pending") -> "Pending":
+        """Send a prepared batch to Redis (the round trip runs as a task)."""
+        if pending.pipe is not None and pending.task is None:
+            pending.t0 = time.perf_counter()
+            pending.task = asyncio.ensure_future(pending.pipe.execute())
+        return pending
 
     async def finish(self, pending: "Pending") -> BatchResult:
         """Wait for a submitted batch's replies and turn them into alerts (outbox written when on)."""
         try:
-            replies = await pending.task if pending.task is not None else []
+            replies = await self.execute(pending).task if pending.pipe is not None else []
         except NoScriptError:  # Redis restarted and lost its script cache: load and redo (idempotent)
             self._loaded.clear()
             await self.load_scripts()
-            pending = self._send(pending.by_run, pending.res)
+            pending = self.execute(self._queue(pending.by_run, pending.res))
             replies = await pending.task if pending.task is not None else []
         res = pending.res
         res.redis_s = time.perf_counter() - pending.t0
@@ -239,7 +250,7 @@ class Processor:
             await self.redis.hset(OUTBOX_KEY, mapping={a.alert_id: to_json(a) for a in res.alerts})
         return res
 
-    def _send(self, by_run: dict[str, list[Settlement]], res: BatchResult) -> "Pending":
+    def _queue(self, by_run: dict[str, list[Settlement]], res: BatchResult) -> "Pending":
         plan: list[tuple[Any, Namespace, list[Settlement], int, int]] = []
         card_ttls = self.card_ttls()
         t0 = time.perf_counter()
@@ -256,8 +267,7 @@ class Processor:
                 for h, ttl in card_ttls.items():  # after the rules' scripts: new card hashes get their TTL too
                     pipe.evalsha(_TOUCH_SHA, 0, ns.card_prefix(h), ttl, cards_json)
                     n += 1
-        task = asyncio.ensure_future(pipe.execute()) if n else None
-        return Pending(by_run, res, plan, task, t0)
+        return Pending(by_run, res, plan, pipe if n else None, None, t0)
 
     def card_ttls(self) -> dict[str, int]:
         """TTL of each per-card hash in use: the largest ``card_ttl_s`` of the detectors keeping state there."""
