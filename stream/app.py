@@ -204,16 +204,18 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
             parsed = processor.parse(msgs)
         while True:
             try:
+                # every step has a deadline: a round trip that never completes (a half-dead connection
+                # after a Redis restart) is retried like any other failure instead of stalling the worker
                 if pending is not None:
                     started, pending = pending, None
-                    res = await processor.finish(started)
+                    res = await asyncio.wait_for(processor.finish(started), BATCH_DEADLINE_S)
                 else:
-                    res = await processor.run(parsed)
-                await publish(res)
+                    res = await asyncio.wait_for(processor.run(parsed), BATCH_DEADLINE_S)
+                await asyncio.wait_for(publish(res), BATCH_DEADLINE_S)
                 state["batches"] += 1
                 return res
             except (ConnectionError, OSError, aioredis.ConnectionError, aioredis.TimeoutError,
-                    KafkaError) as exc:
+                    KafkaError, asyncio.TimeoutError) as exc:
                 # Redis or broker away: keep the batch (offsets not committed) and retry with backoff.
                 M.redis_errors.inc()
                 log.error("batch failed (%s); retrying in %.1f s", exc, backoff)
@@ -301,6 +303,10 @@ def _settlement_assignment(app: faust.App) -> set:
     if ingest is not None:
         return ingest.assignment()
     return {tp for tp in app.consumer.assignment() if not tp.topic.endswith("__assignor-__leader")}
+
+
+#: longest a batch's Redis round trip, or its publishing, may take before it is retried
+BATCH_DEADLINE_S = 60.0
 
 
 def _observe_batch(consumer, msgs: list[Message], res: BatchResult, t0: float) -> None:

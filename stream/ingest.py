@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Awaitable, Callable
 
@@ -182,6 +183,14 @@ class DirectIngest(Service):
         """Run prepared batches in order, keeping Redis busy: as soon as batch N's round trip ends,
         batch N+1 (if fetched) is sent, then N's replies become alerts, are published and committed.
         Offsets are committed in batch order, each after its batch was fully handled."""
+        try:
+            await self._drive_batches(c, ready)
+        except Exception:  # a bug: crash-only, the uncommitted batches are redelivered after the restart
+            log.critical("batch driver failed; exiting so uncommitted batches are redelivered", exc_info=True)
+            logging.shutdown()
+            os._exit(70)
+
+    async def _drive_batches(self, c: AIOKafkaConsumer, ready: asyncio.Queue) -> None:
         inflight: list | None = None
         while True:
             if inflight is None:

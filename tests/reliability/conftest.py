@@ -40,10 +40,23 @@ class RestartableRedis:
     """A real redis-server with AOF (appendfsync everysec) that a test can stop and start again."""
 
     def __init__(self, workdir):
+        import redis as sync_redis
+
         self.stack = EmbeddedStack(workdir=workdir, kafka=False).start()
         self.redis_url = self.stack.redis_url
         self.proc = self.stack._procs[0]
-        self.argv = self.proc.proc.args
+        # the embedded Redis runs without persistence; this one keeps its data across the restart, as a
+        # production Redis does (AOF), so the test is about the worker riding it out, not about data loss
+        r = sync_redis.Redis.from_url(self.redis_url)
+        r.config_set("appendonly", "yes")
+        deadline = time.monotonic() + 30
+        while r.info("persistence").get("aof_rewrite_in_progress") or r.info("persistence").get("aof_rewrite_scheduled"):
+            assert time.monotonic() < deadline, "AOF rewrite did not finish"
+            time.sleep(0.05)
+        r.close()
+        argv = list(self.proc.proc.args)
+        argv[argv.index("--appendonly") + 1] = "yes"
+        self.argv = argv
 
     def restart_redis(self, down_s: float) -> None:
         self.proc.stop()
