@@ -31,17 +31,23 @@ States are read once per batch and written back once, and the physician-days a b
 are remembered under its newest event, so a redelivered batch returns the same alerts and
 leaves Redis as it was. One alert per physician and day; later evidence extends it.
 
-State (Redis, all keys expire):
+State (Redis, all keys expire; one GET and one SET of the day per physician-day and batch, no JSON):
 
-* ``cw:{run}:prescriber_volume:86400:{physician}:{YYYY-MM-DD}`` — the day (JSON): evidence
-  ``ev`` (event id -> event time; a redelivered event is a no-op), ``t``/``n``/``a``/``r``
-  (all settlements, non-inpatient settlements, their amount in fen, resale-prone ones) and
-  the institution;
+* ``cw:{run}:prescriber_volume:day:{physician}:{YYYY-MM-DD}`` — the day, one string
+  ``{S}{t},{n},{a},{r}<TAB>{evidence}<TAB>{institution}``: ``S`` is ``-``, ``s`` once swept;
+  ``t``/``n``/``a``/``r`` count all settlements, non-inpatient settlements, their amount in fen and
+  the resale-prone ones; the institution is the day's first; the evidence is ``|{id} {seconds since
+  the day's start}`` per settlement (no ``.0``), the id as it is when plain (``[0-9A-Za-z_.:-]``),
+  else ``~`` + its UTF-8 in hex, so a search for ``|{id} `` finds that id only: a redelivered
+  event is a no-op. A batch puts its new evidence in front; it is sent back only for a day
+  that fires;
 * ``…:{baseline_days x 86400}:{physician}`` — history hash: local day number -> ``t,n,a,r``
-  and the physician's group;
-* ``…:peer:{group}:{day}`` — physician -> ``n,a,r`` of that day, for the peer statistics;
-* ``…:pending`` (physician-days to evaluate, score = day end + lateness), ``…:wm`` (newest
-  event time), ``…:swept:{newest event of a batch}`` (what that batch swept).
+  and the physician's group (``g``, ``c``) and oldest kept day (``lo``);
+* ``…:peer:{group}:{day number}:{bucket}`` — physician -> ``n,a,r`` of that day, for the peer
+  statistics, each group-day spread over :data:`PEER_BUCKETS` hashes by a CRC-32 of the physician
+  id (a settlement rewrites its physician's value: a shorter hash is a shorter search in Redis);
+* ``…:pending`` (physician-days to evaluate, score = day end + lateness), ``…:wmp`` (newest
+  event time per input partition), ``…:swept:{newest event of a batch}`` (what that batch swept).
 
 >>> PrescriberVolume(baseline_days=28, min_baseline_days=3)  # doctest: +ELLIPSIS
 PrescriberVolume(baseline_days=28, min_baseline_days=3, peer_days=7, min_peers=5, peer_quantile=0.9, ...)
@@ -53,12 +59,14 @@ ValueError: prescriber_volume: baseline_days must be a positive integer, got 0
 
 from __future__ import annotations
 
+import re
+import zlib
 from typing import Any, Sequence
 
 import orjson
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
-from detectors._peers import TZ_OFFSET_S, day_label
+from detectors._peers import TZ_OFFSET_S, day_label, day_start
 from detectors.base import Detector, Namespace, check_positive
 from detectors.drugs import EMPTY, DrugList, is_placeholder
 from stream.events import Settlement, iso
@@ -66,27 +74,37 @@ from stream.events import Settlement, iso
 LUA = r"""
 -- ARGV[1] key prefix P (cw:{run}:prescriber_volume), ARGV[2] JSON [W, min_base, Wp, min_peers, q, n_min, n_factor,
 -- n_z, a_min (fen), a_factor, s_min_r, s_inc, require mask (1 settlements, 2 amount, 4 share), min_measures,
--- lateness, sweep_max, ttl history, ttl wm], ARGV[3] batch max event time, ARGV[4] trigger (the batch's newest
--- event), ARGV[5] JSON [[idx, t, event_id, physician, day, day label, day start, o|i, amount fen, resale 0|1,
--- group, coarse group, institution, in-progress 0|1], ...]. Keys are built here: P:86400:{physician}:{day}
--- (day state, JSON), P:{W x 86400}:{physician} (history), P:peer:{group}:{day}, P:pending, P:wm, P:swept:….
--- States are read once per batch, updated in memory and written back once. Verdicts: every physician-day
--- the batch touched after its previous day was complete (day start + lateness), judged once as of the end
--- of the batch, then the sweep of complete days (end + lateness <= newest event time). The physician-days
--- a batch swept are remembered under its trigger, so a redelivered batch returns the same verdicts.
--- Returns {physician, day label, institution, group, level, values, baseline, peers, fired, evidence}*.
+-- lateness, sweep_max, ttl history, ttl wm, in-progress verdicts 0|1, peer buckets], ARGV[3] JSON {partition:
+-- newest event time}, ARGV[4] trigger (the batch's newest event), ARGV[5] JSON [days, contexts, events], flat:
+-- days [D, 'D', label, day start]*, contexts [physician, day index, group, coarse group, institution, peer
+-- bucket]* and events [time - day start, '|' .. event token .. ' ', context index, amount fen x 8 + flags]*
+-- (indexes from 0; flags 1 inpatient, 2 resale-prone, 4 after the previous day's end + lateness).
+-- Keys are built here: P:day:{physician}:{label} (the day: 'S' .. 't,n,a,r' .. TAB .. evidence .. TAB ..
+-- institution, S '-' or 's' once swept; evidence = ('|' .. token .. ' ' .. time - day start)*, a redelivered
+-- event's '|token ' is found in it), P:{W x 86400}:{physician} (history), P:peer:{group}:{D}:{bucket},
+-- P:pending, P:wmp, P:swept:…. Each day is read once per batch (GET), updated in memory and written back
+-- once (SET: new evidence in front of the old). Verdicts: every physician-day the batch touched after its
+-- previous day was complete (day start + lateness), judged once as of the end of the batch, then the sweep of
+-- complete days (end + lateness <= newest event time). The physician-days a batch swept are remembered under
+-- its trigger, so a redelivered batch returns the same verdicts.
+-- Returns {physician, label, institution, group, level, values, baseline, peers, fired, evidence, D}*.
 local P = ARGV[1]
 local cfg = cjson.decode(ARGV[2])
 local W, MINB, WP, MINP, Q = cfg[1], cfg[2], cfg[3], cfg[4], cfg[5]
 local N_MIN, N_F, N_Z, A_MIN, A_F, S_MIN, S_INC = cfg[6], cfg[7], cfg[8], cfg[9], cfg[10], cfg[11], cfg[12]
-local REQ, MINM, LATE, SWEEP, TTL_H, TTL_WM = cfg[13], cfg[14], cfg[15], cfg[16], cfg[17], cfg[18]
-local INPROG = cfg[19] == 1
+local REQ, MINM, LATE, SWEEP, TTL_H, TTL_WM = cfg[13], cfg[14], cfg[15], cfg[16], tostring(cfg[17]), cfg[18]
+local INPROG, NB = cfg[19] == 1, cfg[20]
 local PMAX, TRIGGER = cjson.decode(ARGV[3]), ARGV[4]
-local rows = cjson.decode(ARGV[5])
+local batch = cjson.decode(ARGV[5])
+local DY, CX, EV = batch[1], batch[2], batch[3]
 local pending, wmk = P .. ':pending', P .. ':wmp'
 local HIST = P .. ':' .. (W * 86400) .. ':'
+local DAYP, PEERP = P .. ':day:', P .. ':peer:'
+-- (numbers go to Redis as strings formatted with '%d': Redis would format each with '%.17g', slower)
+local find, sub, byte, fmt, floor = string.find, string.sub, string.byte, string.format, math.floor
+local BYTE_S = byte('s')
 
-local function bit(mask, b) return math.floor(mask / b) % 2 == 1 end
+local function bit(mask, b) return floor(mask / b) % 2 == 1 end
 
 local function median(xs)
   local m = #xs
@@ -115,6 +133,18 @@ local function count_ok(ok)
   return true
 end
 
+-- a stored day -> {t, n, a, r, sw, inst, doc, p1, p2} (p1, p2: the tabs around the evidence)
+local function day_of(doc)
+  local p1 = find(doc, '\t', 1, true)
+  local p2 = find(doc, '\t', p1 + 1, true)
+  local c1 = find(doc, ',', 2, true)
+  local c2 = find(doc, ',', c1 + 1, true)
+  local c3 = find(doc, ',', c2 + 1, true)
+  return {t = tonumber(sub(doc, 2, c1 - 1)), n = tonumber(sub(doc, c1 + 1, c2 - 1)),
+          a = tonumber(sub(doc, c2 + 1, c3 - 1)), r = tonumber(sub(doc, c3 + 1, p1 - 1)),
+          sw = byte(doc, 1) == BYTE_S, inst = sub(doc, p2 + 1), doc = doc, p1 = p1, p2 = p2, seen = {}, new = {}}
+end
+
 -- own baseline from the history ('t,n,a,r' per day) of days D-W .. D-1: {lam_n, lam_a, share, active days}
 local function baseline(hk, D)
   local f = {}
@@ -125,11 +155,10 @@ local function baseline(hk, D)
   for i = 1, W do
     local x = v[i]
     if x then
-      local p1 = string.find(x, ',', 1, true)
-      local p2 = string.find(x, ',', p1 + 1, true)
-      local p3 = string.find(x, ',', p2 + 1, true)
-      local n, am, r = tonumber(string.sub(x, p1 + 1, p2 - 1)), tonumber(string.sub(x, p2 + 1, p3 - 1)),
-                       tonumber(string.sub(x, p3 + 1))
+      local p1 = find(x, ',', 1, true)
+      local p2 = find(x, ',', p1 + 1, true)
+      local p3 = find(x, ',', p2 + 1, true)
+      local n, am, r = tonumber(sub(x, p1 + 1, p2 - 1)), tonumber(sub(x, p2 + 1, p3 - 1)), tonumber(sub(x, p3 + 1))
       ns[#ns + 1] = n; as[#as + 1] = am
       sn = sn + n; sr = sr + r
       if i % 7 == 0 then wn[#wn + 1] = n; wa[#wa + 1] = am end
@@ -153,17 +182,20 @@ local function peers(phys, D, g, c)
     local ns, as, ss, who = {}, {}, {}, {}
     local np = 0
     for i = 1, WP do
-      local f = redis.call('HGETALL', P .. ':peer:' .. groups[lvl] .. ':' .. (D - i))
-      for j = 1, #f, 2 do
-        if f[j] ~= phys then
-          if not who[f[j]] then who[f[j]] = true; np = np + 1 end
-          local x = f[j + 1]
-          local p1 = string.find(x, ',', 1, true)
-          local p2 = string.find(x, ',', p1 + 1, true)
-          local n = tonumber(string.sub(x, 1, p1 - 1))
-          ns[#ns + 1] = n
-          as[#as + 1] = tonumber(string.sub(x, p1 + 1, p2 - 1))
-          if n > 0 then ss[#ss + 1] = tonumber(string.sub(x, p2 + 1)) / n end
+      local kp = PEERP .. groups[lvl] .. ':' .. (D - i) .. ':'
+      for bk = 0, NB - 1 do
+        local f = redis.call('HGETALL', kp .. bk)
+        for j = 1, #f, 2 do
+          if f[j] ~= phys then
+            if not who[f[j]] then who[f[j]] = true; np = np + 1 end
+            local x = f[j + 1]
+            local p1 = find(x, ',', 1, true)
+            local p2 = find(x, ',', p1 + 1, true)
+            local n = tonumber(sub(x, 1, p1 - 1))
+            ns[#ns + 1] = n
+            as[#as + 1] = tonumber(sub(x, p1 + 1, p2 - 1))
+            if n > 0 then ss[#ss + 1] = tonumber(sub(x, p2 + 1)) / n end
+          end
         end
       end
     end
@@ -174,7 +206,7 @@ local function peers(phys, D, g, c)
   return nil
 end
 
--- verdict on (phys, D) from its day state m (nil when it does not fire)
+-- verdict on (phys, D) from its day m (nil when it does not fire)
 local function judge(phys, D, label, m, hk, g, c)
   local n, am, r = m.n, m.a, m.r
   local cand = {n >= N_MIN, am >= A_MIN, r >= S_MIN}
@@ -198,84 +230,103 @@ local function judge(phys, D, label, m, hk, g, c)
   if ok[1] then fired = fired + 1 end
   if ok[2] then fired = fired + 2 end
   if ok[3] then fired = fired + 4 end
-  local ev = {}
-  for id, t in pairs(m.ev) do
-    ev[#ev + 1] = id
-    ev[#ev + 1] = t
-  end
   return {phys, label, m.inst or '', g, p[1], {n, am, r}, {tostring(ln), tostring(la), tostring(sb), b[4]},
-          {p[2], tostring(p[3]), tostring(p[4]), tostring(p[5])}, fired, ev}
+          {p[2], tostring(p[3]), tostring(p[4]), tostring(p[5])}, fired, sub(m.doc, m.p1 + 1, m.p2 - 1), D}
 end
 
 local days, hists, dirty, dorder, first, touched, torder = {}, {}, {}, {}, {}, {}, {}
-for r = 1, #rows do
-  local e = rows[r]
-  local t, eid, phys, D, label, dstart = e[2], e[3], e[4], e[5], e[6], e[7]
-  local kind, amt, res, eg, ec, inst, inprog = e[8], e[9], e[10], e[11], e[12], e[13], e[14]
-  local dk, hk = P .. ':86400:' .. phys .. ':' .. label, HIST .. phys
+local cdk, chk = {}, {}
+for r = 1, #EV, 4 do
+  local t, tok, ci, pk = EV[r], EV[r + 1], EV[r + 2], EV[r + 3]
+  local c0 = ci * 6
+  local phys, d0 = CX[c0 + 1], CX[c0 + 2] * 4
+  local D, Ds, label, dstart = DY[d0 + 1], DY[d0 + 2], DY[d0 + 3], DY[d0 + 4]
+  local dk, hk = cdk[ci], chk[ci]
+  if not dk then
+    dk, hk = DAYP .. phys .. ':' .. label, HIST .. phys
+    cdk[ci], chk[ci] = dk, hk
+  end
   local h = hists[hk]
   if not h then
     local st = redis.call('HMGET', hk, 'g', 'c', 'lo')
-    h = {g = st[1], c = st[2], lo = tonumber(st[3]), set = {}}
+    h = {g = st[1], c = st[2], lo = tonumber(st[3])}
     if h.g and not h.c then h.g = false end
     hists[hk] = h
   end
   local m = days[dk]
   if not m then
-    local raw = redis.call('GET', dk)
-    if raw then m = cjson.decode(raw) else m = {ev = {}, t = 0, n = 0, a = 0, r = 0} end
+    local doc = redis.call('GET', dk)
+    if doc then m = day_of(doc) else m = {t = 0, n = 0, a = 0, r = 0, seen = {}, new = {}} end
     days[dk] = m
   end
-  if not m.ev[eid] then
-    m.ev[eid] = t
-    if not h.g or (string.find(h.g, '?', 1, true) and not string.find(eg, '?', 1, true)) then
+  local flags = pk % 8
+  local kind_o = flags % 2 == 0
+  local fresh = not m.seen[tok]
+  if fresh and m.doc then
+    local at = find(m.doc, tok, m.p1, true)
+    fresh = not (at and at < m.p2)
+  end
+  if fresh then
+    m.seen[tok] = true
+    local nw = m.new
+    nw[#nw + 1] = tok
+    nw[#nw + 1] = t
+    local eg, ec = CX[c0 + 3], CX[c0 + 4]
+    if not h.g or (find(h.g, '?', 1, true) and not find(eg, '?', 1, true)) then
       if h.g and h.g ~= eg then
-        redis.call('HDEL', P .. ':peer:' .. h.g .. ':' .. D, phys)
-        redis.call('HDEL', P .. ':peer:' .. h.c .. ':' .. D, phys)
+        local bk = ':' .. Ds .. ':' .. CX[c0 + 6]
+        redis.call('HDEL', PEERP .. h.g .. bk, phys)
+        redis.call('HDEL', PEERP .. h.c .. bk, phys)
       end
       h.g, h.c = eg, ec
-      h.set.g, h.set.c = eg, ec
+      h.set, h.moved = {'g', eg, 'c', ec}, true
     end
     m.t = m.t + 1
-    if kind == 'o' then
+    if kind_o then
       m.n = m.n + 1
-      m.a = m.a + amt
-      m.r = m.r + res
+      m.a = m.a + (pk - flags) / 8
+      if flags % 4 >= 2 then m.r = m.r + 1 end
     end
     if m.t == 1 then
-      m.inst = inst
+      m.inst = CX[c0 + 5]
       first[dk] = true
     end
     if not dirty[dk] then
-      dirty[dk] = {phys, D, label, hk, math.floor(dstart + 86400 - tonumber(t)), dstart + 86400}
+      dirty[dk] = {phys, D, Ds, label, hk, floor(86400 - tonumber(t)), dstart + 86400, CX[c0 + 6]}
       dorder[#dorder + 1] = dk
     end
   end
-  if kind == 'o' and inprog == 1 and not touched[dk] then
+  if kind_o and flags >= 4 and not touched[dk] then
     touched[dk] = {phys, D, label, hk}
     torder[#torder + 1] = dk
   end
 end
 
--- write back: day state, history, peers, pending
+-- write back: day, history, peers, pending
 for _, dk in ipairs(dorder) do
   local m, x = days[dk], dirty[dk]
-  local phys, D, label, hk, rest, dend = x[1], x[2], x[3], x[4], x[5], x[6]
+  local phys, D, Ds, label, hk, rest, dend, bk = x[1], x[2], x[3], x[4], x[5], x[6], x[7], x[8]
   local h = hists[hk]
-  local hset = {D, m.t .. ',' .. m.n .. ',' .. m.a .. ',' .. m.r}
-  for f, v in pairs(h.set) do hset[#hset + 1] = f; hset[#hset + 1] = v end
-  h.set = {}
-  local val = m.n .. ',' .. m.a .. ',' .. m.r
-  local pk1, pk2 = P .. ':peer:' .. h.g .. ':' .. D, P .. ':peer:' .. h.c .. ':' .. D
+  local tnar = fmt('%d,%d,%d,%d', m.t, m.n, m.a, m.r)
+  local hset = {Ds, tnar}
+  if h.set then
+    for i = 1, 4 do hset[i + 2] = h.set[i] end
+    h.set = nil
+  end
+  local pk1, pk2 = PEERP .. h.g .. ':' .. Ds .. ':' .. bk, PEERP .. h.c .. ':' .. Ds .. ':' .. bk
+  local val = sub(tnar, find(tnar, ',', 1, true) + 1)
   redis.call('HSET', pk1, phys, val)
   redis.call('HSET', pk2, phys, val)
-  if first[dk] or m.sw then
-    local pttl = rest + (WP + 1) * 86400 + LATE
+  -- (a physician who moved group this batch may be the first of their bucket in the new group's keys)
+  if first[dk] or m.sw or h.moved then
+    local pttl = fmt('%d', rest + (WP + 1) * 86400 + LATE)
     redis.call('EXPIRE', pk1, pttl)
     redis.call('EXPIRE', pk2, pttl)
+  end
+  if first[dk] or m.sw then
     if not h.lo then
       h.lo = D
-      hset[#hset + 1] = 'lo'; hset[#hset + 1] = D
+      hset[#hset + 1] = 'lo'; hset[#hset + 1] = Ds
     elseif h.lo < D - W - 2 then
       local f = {}
       for d = h.lo, math.min(D - W - 2, h.lo + 60) do f[#f + 1] = d end
@@ -284,11 +335,19 @@ for _, dk in ipairs(dorder) do
       hset[#hset + 1] = 'lo'; hset[#hset + 1] = h.lo
     end
     m.sw = nil
-    redis.call('ZADD', pending, dend + LATE, D .. '\t' .. label .. '\t' .. phys)
+    redis.call('ZADD', pending, fmt('%d', dend + LATE), Ds .. '\t' .. label .. '\t' .. phys)
   end
   redis.call('HSET', hk, unpack(hset))
-  redis.call('EXPIRE', hk, TTL_H)
-  redis.call('SET', dk, cjson.encode(m), 'EX', rest + LATE + 2 * 86400)
+  if not h.wrote then
+    h.wrote = true
+    redis.call('EXPIRE', hk, TTL_H)
+  end
+  local tail
+  if m.doc then tail = sub(m.doc, m.p1 + 1) else tail = '\t' .. m.inst end
+  local ev = table.concat(m.new)
+  local doc = '-' .. tnar .. '\t' .. ev .. tail
+  redis.call('SET', dk, doc, 'EX', fmt('%d', rest + LATE + 2 * 86400))
+  m.doc, m.p1, m.p2 = doc, #tnar + 2, #tnar + 2 + #ev + #tail - #m.inst
 end
 
 -- verdicts on the days in progress the batch touched (judge_in_progress: faster, but which events of
@@ -305,21 +364,17 @@ end
 
 -- complete days: physician-days whose end + lateness has been passed
 local function complete(mem, mark)
-  local i1 = string.find(mem, '\t', 1, true)
-  local i2 = string.find(mem, '\t', i1 + 1, true)
-  local D, label, phys = tonumber(string.sub(mem, 1, i1 - 1)), string.sub(mem, i1 + 1, i2 - 1), string.sub(mem, i2 + 1)
-  local dk, hk = P .. ':86400:' .. phys .. ':' .. label, HIST .. phys
-  local raw = redis.call('GET', dk)
+  local i1 = find(mem, '\t', 1, true)
+  local i2 = find(mem, '\t', i1 + 1, true)
+  local D, label, phys = tonumber(sub(mem, 1, i1 - 1)), sub(mem, i1 + 1, i2 - 1), sub(mem, i2 + 1)
+  local dk, hk = DAYP .. phys .. ':' .. label, HIST .. phys
+  local doc = redis.call('GET', dk)
   local v = redis.call('HMGET', hk, 'g', 'c')
-  if raw and v[1] and v[2] then
-    local m = cjson.decode(raw)
+  if doc and v[1] and v[2] then
+    local m = day_of(doc)
     local res = judge(phys, D, label, m, hk, v[1], v[2])
     if res then out[#out + 1] = res end
-    if mark and not m.sw then
-      m.sw = 1
-      local ttl = redis.call('TTL', dk)
-      if ttl > 0 then redis.call('SET', dk, cjson.encode(m), 'EX', ttl) end
-    end
+    if mark and not m.sw then redis.call('SETRANGE', dk, 0, 's') end
   end
 end
 
@@ -357,6 +412,12 @@ if redis.call('EXISTS', pending) == 1 then redis.call('EXPIRE', pending, TTL_WM)
 return out
 """
 
+#: each (peer group, day) is kept in this many hashes, a physician's by a hash of their id: a settlement
+#: rewrites its physician's peer value, and a smaller hash is a shorter search in Redis
+PEER_BUCKETS = 8
+#: event ids stored as they are in a day's evidence; any other is stored as '~' + its UTF-8 in hex
+_PLAIN_ID = re.compile(r"[0-9A-Za-z_.:\-]+")
+
 _MEASURES = ("settlements", "amount_cny", "resale_share")
 _MEASURE_ZH = {"settlements": "结算量", "amount_cny": "金额", "resale_share": "回流风险药品占比"}
 _MEASURE_EN = {"settlements": "volume", "amount_cny": "value", "resale_share": "resale-prone share"}
@@ -371,6 +432,24 @@ _DEFAULTS: dict[str, dict[str, float]] = {
 
 def _dec(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _token(event_id: str) -> str:
+    """An event id as a day's evidence stores it (no ``|``, space or tab in it, so a search finds only it).
+
+    >>> _token("E20261101000000001"), _token("E 1|2")
+    ('E20261101000000001', '~4520317c32')
+    """
+    return event_id if _PLAIN_ID.fullmatch(event_id) else "~" + event_id.encode().hex()
+
+
+def _event_id(token: str) -> str:
+    """Inverse of :func:`_token`.
+
+    >>> _event_id("~4520317c32"), _event_id("E1")
+    ('E 1|2', 'E1')
+    """
+    return bytes.fromhex(token[1:]).decode() if token[:1] == "~" else token
 
 
 def _num(v: Any) -> bool:
@@ -473,7 +552,7 @@ class PrescriberVolume(Detector):
                                   int(round(am["min_per_day"] * 100)), float(am["own_factor"]),
                                   int(sh["min_resale_settlements"]), float(sh["min_increase"]), req, min_measures,
                                   lateness_s, sweep_per_batch, (baseline_days + 1) * 86400 + lateness_s,
-                                  2 * 86400 + lateness_s, 1 if judge_in_progress else 0])
+                                  2 * 86400 + lateness_s, 1 if judge_in_progress else 0, PEER_BUCKETS])
 
     def params(self) -> dict[str, Any]:
         return {"baseline_days": self.baseline_days, "min_baseline_days": self.min_baseline_days,
@@ -491,20 +570,41 @@ class PrescriberVolume(Detector):
         if not events:
             return 0
         late = self.lateness_s
-        rows: list[list[Any]] = []
-        for i, ev in enumerate(events):
+        days: list[Any] = []           # flat [D, 'D', label, day start]*
+        day_ix: dict[int, tuple[int, int]] = {}
+        ctx: list[Any] = []            # flat [physician, day index, group, coarse group, institution, bucket]*
+        ctx_ix: dict[tuple, int] = {}
+        # flat [seconds since day start (no '.0'), '|' + token + ' ', context index, fen x 8 + flags]*
+        rows: list[Any] = []
+        plain = _PLAIN_ID.fullmatch
+        for ev in events:
             phys = ev.physician_id
             if is_placeholder(phys):
                 continue
             ts = ev.ts
             d = int((ts + TZ_OFFSET_S) // 86400)
-            ds = d * 86400 - TZ_OFFSET_S
-            inpatient = ev.visit_type == "inpatient"
-            dept = ev.department or "?"
-            rows.append([i, repr(ts), ev.event_id, phys, d, day_label(d), ds, "i" if inpatient else "o",
-                         0 if inpatient else int(round(ev.total_amount * 100)), 0 if inpatient else self._resale(ev),
-                         f"{ev.institution_type}|L{ev.institution_level or '?'}|{dept}", f"*|*|{dept}",
-                         ev.institution_id, int(ts >= ds + late)])
+            di_ds = day_ix.get(d)
+            if di_ds is None:
+                di_ds = day_ix[d] = (len(day_ix), day_start(d))
+                days += (d, str(d), day_label(d), di_ds[1])
+            di, ds = di_ds
+            ck = (phys, di, ev.institution_type, ev.institution_level, ev.department, ev.institution_id)
+            ci = ctx_ix.get(ck)
+            if ci is None:
+                ci = ctx_ix[ck] = len(ctx_ix)
+                dept = ev.department or "?"
+                ctx += (phys, di, f"{ev.institution_type}|L{ev.institution_level or '?'}|{dept}", f"*|*|{dept}",
+                        ev.institution_id, str(zlib.crc32(phys.encode()) % PEER_BUCKETS))
+            if ev.visit_type == "inpatient":
+                packed = 1
+            else:
+                packed = int(round(ev.total_amount * 100)) * 8 + 2 * self._resale(ev)
+            if ts >= ds + late:
+                packed += 4
+            rel = ts - ds
+            eid = ev.event_id
+            rows += (str(int(rel)) if rel.is_integer() else repr(rel),
+                     f"|{eid} " if plain(eid) else f"|{_token(eid)} ", ci, packed)
         newest = max(events, key=lambda e: (e.ts, e.event_id))
         pmax: dict[str, float] = {}
         for ev in events:
@@ -512,7 +612,7 @@ class PrescriberVolume(Detector):
             if ev.ts > pmax.get(k, 0.0):
                 pmax[k] = ev.ts
         pipe.evalsha(self._sha, 0, self.key(ns), self._cfg, orjson.dumps(pmax), f"{newest.ts!r}|{newest.event_id}",
-                     orjson.dumps(rows))
+                     orjson.dumps([days, ctx, rows]))
         return 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:
@@ -532,9 +632,12 @@ class PrescriberVolume(Detector):
         ln, la_fen, sb, bdays = float(_dec(res[6][0])), float(_dec(res[6][1])), float(_dec(res[6][2])), int(res[6][3])
         npeers, qn, qa_fen, qs = int(res[7][0]), float(_dec(res[7][1])), float(_dec(res[7][2])), float(_dec(res[7][3]))
         fired = int(res[8])
-        flat = res[9]
-        ids = [_dec(x) for x in flat[0::2]]
-        times = [float(_dec(x)) for x in flat[1::2]]
+        ds = day_start(int(res[10]))
+        ids, times = [], []
+        for entry in _dec(res[9]).split("|")[1:]:
+            token, _, rel = entry.partition(" ")
+            ids.append(_event_id(token))
+            times.append(ds + float(rel))
         order = sorted(range(len(ids)), key=lambda j: (times[j], ids[j]))[-self.max_evidence:]
         ids, times = [ids[j] for j in order], [times[j] for j in order]
         share = r / n if n else 0.0

@@ -7,11 +7,13 @@ import uuid
 from datetime import datetime
 from itertools import count
 
+import orjson
 import pytest
 
 from detectors.config import load_rules_text
 from detectors.drugs import DrugList
 from detectors.prescriber_volume import PrescriberVolume
+from stream.events import iso, parse_event
 from tests.helpers import TZ, dumps, make_event
 
 RULES = """
@@ -190,11 +192,29 @@ def test_redelivered_events_change_nothing(process, rules, redis_sync):
     evs = history(PEERS + [SUBJ], range(1, 7)) + spike(6, 12) + [trigger(7)]
     first = final(process(rules, batches(evs), rid))
     hkey = f"cw:{rid}:prescriber_volume:{28 * 86400}:{SUBJ}"
-    before = redis_sync.hgetall(hkey)
+    dkey = f"cw:{rid}:prescriber_volume:day:{SUBJ}:2026-11-06"
+    before, day = redis_sync.hgetall(hkey), redis_sync.get(dkey)
+    assert day.startswith(b"s14,14,") and day.count(b"|") == 14   # swept; 14 settlements, 14 evidence entries
     again = final(process(rules, batches(evs) + batches(evs, 17), rid))
-    assert redis_sync.hgetall(hkey) == before
+    assert redis_sync.hgetall(hkey) == before and redis_sync.get(dkey) == day
     assert first.keys() == again.keys()
     assert [v[0] for v in first.values()] == [v[0] for v in again.values()]
+
+
+def test_evidence_keeps_any_event_id_and_time_exactly(process, rules, redis_sync):
+    # ids that are prefixes of each other or hold the day string's separators, non-ASCII ids, and
+    # times with microseconds: each counted once, redelivered or not, and returned as they came
+    ids = ["E1", "E12", "E1 2", "E|1", "|E1 ", "E\t1", "~E1", "医保-1", "E1.2:x-y_z", "e1", "E12 ", "7"]
+    times = [at(6, 11 + 0.5 * k) + 0.123457 * (k + 1) for k in range(11)]
+    times.append(times[-1] + 0.000003)    # "7" sorts before "E12 " but comes 3 µs after it
+    spk = [(t, dumps(orjson.loads(rx(SUBJ, t, resale=True)[1]) | {"event_id": i})) for t, i in zip(times, ids)]
+    rid = run_id()
+    evs = history(PEERS + [SUBJ], range(1, 7)) + spk + [trigger(7)]
+    a, = alerts_of(process(rules, batches(evs) + [[b for _, b in spk]] + batches(evs, 7), rid))
+    assert a.metrics["settlements"] == 14 and len(a.evidence_event_ids) == 14
+    assert a.evidence_event_ids[-12:] == ids          # in event-time order, to the microsecond
+    assert a.window_end == iso(parse_event(spk[-1][1], future_tolerance_s=1e10).ts)
+    assert redis_sync.get(f"cw:{rid}:prescriber_volume:day:{SUBJ}:2026-11-06").count(b"|") == 14
 
 
 def test_every_key_expires(process, rules, redis_sync):
