@@ -54,6 +54,33 @@ end
 """
 
 
+#: Lua shared by rules that keep sorted event lists as cjson arrays in a card-hash field (prepend it):
+#: ``bytes_lt`` orders strings byte by byte, as a sorted set orders members (Lua's ``<`` is locale
+#: strcoll); cjson keeps 14 digits of a number, so ``times_save`` writes a fractional event time as
+#: ``%.17g`` text and ``times_load`` reads it back exactly (the times sit every ``step`` values from ``first``).
+TIMES_LUA = r"""
+local function bytes_lt(a, b)
+  for k = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, k), string.byte(b, k)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+local function times_load(st, first, step)
+  for m = first, #st, step do
+    if type(st[m]) == 'string' then st[m] = tonumber(st[m]) end
+  end
+  return st
+end
+local function times_save(st, first, step)
+  for m = first, #st, step do
+    if st[m] % 1 ~= 0 then st[m] = string.format('%.17g', st[m]) end
+  end
+  return cjson.encode(st)
+end
+"""
+
+
 @dataclass(frozen=True)
 class Namespace:
     """Where a run's state lives: ``cw:{run_id}`` (``live`` for the live stream)."""

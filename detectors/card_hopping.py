@@ -38,10 +38,10 @@ from typing import Any, Sequence
 import orjson
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
-from detectors.base import EPISODE_LUA, Detector, Namespace, check_positive
+from detectors.base import EPISODE_LUA, TIMES_LUA, Detector, Namespace, check_positive
 from stream.events import Settlement, iso
 
-LUA = EPISODE_LUA + r"""
+LUA = EPISODE_LUA + TIMES_LUA + r"""
 -- ARGV[1] episode key prefix (cw:{run}:card_hopping), ARGV[2] card hash prefix (cw:{run}:c:),
 -- ARGV[3] JSON [field, lateness, largest window, smallest min_n, [[window_s, min_n, ttl], ...]],
 -- ARGV[4] JSON [[t, card, institution, event_id], ...]. The card's field is a flat array t, institution,
@@ -57,28 +57,13 @@ local function q(x)
   if x % 1 == 0 then return x end
   return tonumber(tostring(x))
 end
--- cjson keeps 14 digits of a number: a fractional event time is stored as %.17g text, exact
-local function load(raw)
-  local st = cjson.decode(raw)
-  for m = 1, #st, 3 do
-    if type(st[m]) == 'string' then st[m] = tonumber(st[m]) end
-  end
-  return st
-end
-local function save(st)
-  for m = 1, #st, 3 do
-    if st[m] % 1 ~= 0 then st[m] = string.format('%.17g', st[m]) end
-  end
-  return cjson.encode(st)
-end
--- (ta, ea) sorts before (tb, eb): by time, then event id byte by byte (as a sorted set; not locale strcoll)
+-- the field: t, institution, event_id per settlement (exact fractional times: TIMES_LUA)
+local function load(raw) return times_load(cjson.decode(raw), 1, 3) end
+local function save(st) return times_save(st, 1, 3) end
+-- (ta, ea) sorts before (tb, eb): by time, then event id byte by byte (as a sorted set)
 local function before(ta, ea, tb, eb)
   if ta ~= tb then return ta < tb end
-  for k = 1, math.min(#ea, #eb) do
-    local x, y = string.byte(ea, k), string.byte(eb, k)
-    if x ~= y then return x < y end
-  end
-  return #ea < #eb
+  return bytes_lt(ea, eb)
 end
 local state, cards, dirty = {}, {}, {}
 local out = {}

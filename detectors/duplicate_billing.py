@@ -48,14 +48,14 @@ from typing import Any, Sequence
 import orjson
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
-from detectors.base import Detector, Namespace, check_positive
+from detectors.base import TIMES_LUA, Detector, Namespace, check_positive
 from detectors.drugs import is_placeholder
 from stream.events import Settlement, iso
 
 TZ_S = 8 * 3600  # episodes are local (UTC+08:00) calendar days, as the events are stamped
 _placeholder_institution = lru_cache(maxsize=65536)(is_placeholder)  # institutions are few, cards are not
 
-LUA = r"""
+LUA = TIMES_LUA + r"""
 -- ARGV[1] key prefix (cw:{run}:duplicate_billing:{window_s}) of the institution day keys, ARGV[2] card hash prefix
 -- (cw:{run}:c:), ARGV[3] JSON [field, W, lateness, day_ttl, tz_s],
 -- ARGV[4] JSON [[index, t, event_id, card, institution, fingerprint, total], ...]. The card's field is a flat array
@@ -66,14 +66,6 @@ local prefix, cp = ARGV[1], ARGV[2]
 local cfg = cjson.decode(ARGV[3])
 local field, W, lateness, day_ttl, tz = cfg[1], cfg[2], cfg[3], cfg[4], cfg[5]
 local evs = cjson.decode(ARGV[4])
--- a < b byte by byte (as a sorted set orders members; Lua's < is locale strcoll)
-local function bytes_lt(a, b)
-  for k = 1, math.min(#a, #b) do
-    local x, y = string.byte(a, k), string.byte(b, k)
-    if x ~= y then return x < y end
-  end
-  return #a < #b
-end
 local function before(ta, ea, fa, tb, eb, fb)
   if ta ~= tb then return ta < tb end
   if ea ~= eb then return bytes_lt(ea, eb) end
@@ -81,23 +73,14 @@ local function before(ta, ea, fa, tb, eb, fb)
 end
 -- the card's recent bills; {} when even the newest (first) one is out of reach of an event at t: a card hash
 -- outlives this rule's state (other rules keep it longer), and then this costs no decoding.
--- cjson keeps 14 digits of a number: a fractional event time is stored as %.17g text, exact.
+-- Fractional event times are kept exact (TIMES_LUA).
 local function load(raw, t)
   if not raw then return {} end
   local newest = tonumber(string.match(raw, '^%["%x+","?([^,"]+)'))
   if newest and newest < t - W - lateness then return {} end
-  local st = cjson.decode(raw)
-  for m = 2, #st, 3 do
-    if type(st[m]) == 'string' then st[m] = tonumber(st[m]) end
-  end
-  return st
+  return times_load(cjson.decode(raw), 2, 3)
 end
-local function save(st)
-  for m = 2, #st, 3 do
-    if st[m] % 1 ~= 0 then st[m] = string.format('%.17g', st[m]) end
-  end
-  return cjson.encode(st)
-end
+local function save(st) return times_save(st, 2, 3) end
 local state, cards, dirty = {}, {}, {}
 local out = {}
 for i = 1, #evs do
