@@ -684,6 +684,43 @@ local function cal_store(S, field, keep, menc)
   redis.call('HSET', S.key, field, cmsgpack.pack({ys, ms}))
 end
 
+-- one batch's calendar state: the cards it loaded, those to write back, the months it touched (in order)
+local function cal_batch(cp, field, keep, mdec, mnew)
+  return {cp = cp, field = field, keep = keep, mdec = mdec, mnew = mnew, cards = {}, dirty = {}, order = {}}
+end
+
+-- an event of card at t in the month ending at me (year ending at ye): its card state S and month m when it
+-- counts; nil when its month is no longer kept (late) or it was counted before (redelivered)
+local function cal_event(B, card, ym, me, ye, idx, rdom, eid, t)
+  local S = B.cards[card]
+  if not S then
+    S = cal_load(B.cp .. card, B.field, B.mdec)
+    B.cards[card] = S
+  end
+  if cal_gone(S, me, B.keep) then return nil end
+  local m = cal_month(S, me, B.mnew)
+  if not m.li then
+    B.order[#B.order + 1] = m
+    m.S, m.ym, m.ye = S, ym, ye
+  end
+  m.li, m.lr = idx, rdom   -- judged as of its last event in the batch
+  if cal_seen(m, eid) then return nil end
+  cal_ev_add(m, eid, t)
+  B.dirty[card] = S
+  if not S.newest or t > S.newest then S.newest = t end
+  return S, m
+end
+
+-- the month's card moves in its peer histograms from v0 to v1 on day dom (regrouped by this event's buckets
+-- eb/ed), and the day's running value becomes hv
+local function cal_peer_move(prefix, pc, m, ym, dom, ttl, eb, ed, v0, v1, hv)
+  local nb, nd = pk_regroup(m.gb, m.gd, eb, ed)
+  pk_update(prefix, ym, pk_dstr(dom), ttl, pc, m.gb, m.gd, v0, nb, nd, v1)
+  m.gb = nb
+  m.gd = nd
+  cal_h_set(m, dom, hv)
+end
+
 -- the evidence of a month: flat {event_id, time (string, exact), …}
 local function pk_evidence(ev)
   local out = {}

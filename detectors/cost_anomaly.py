@@ -85,50 +85,32 @@ local function mdec(x)
 end
 local function menc(m) return {m.me, m.a, m.f, m.sa, m.ev, m.h, m.gs} end
 local function mnew(me) return {me = me, a = 0, f = 0, sa = 0, ev = {}, h = {}, gs = {}} end
-local cards, dirty, order = {}, {}, {}
+local B = cal_batch(cp, F, keep, mdec, mnew)
 for r = 1, #rows do
   local e = rows[r]
   local idx, t, eid, card, dom, mo = e[1], e[2], e[3], e[4], e[5], months[e[6]]
   local amt, fund, special, eb, ed, rdom = e[7], e[8], e[9], e[10], e[11], e[12]
   local ym, me, ye = mo[1], mo[2], mo[3]
-  local S = cards[card]
-  if not S then
-    S = cal_load(cp .. card, F, mdec)
-    cards[card] = S
-  end
-  if not cal_gone(S, me, keep) then   -- else: the event is late, its month no longer kept
-    local m = cal_month(S, me, mnew)
-    if not m.li then
-      order[#order + 1] = m
-      m.S, m.ym, m.ye = S, ym, ye
+  local S, m = cal_event(B, card, ym, me, ye, idx, rdom, eid, t)
+  if m then   -- else: late (its month no longer kept) or counted before
+    local pa = m.a + m.sa
+    if not special then
+      m.a = m.a + amt
+      m.f = m.f + fund
+      local y = cal_year(S, ye, 2)
+      y[2] = y[2] + amt
+      y[3] = y[3] + fund
+    else
+      m.sa = m.sa + amt
     end
-    m.li, m.lr = idx, rdom   -- judged as of its last event in the batch
-    if not cal_seen(m, eid) then
-      cal_ev_add(m, eid, t)
-      dirty[card] = S
-      if not S.newest or t > S.newest then S.newest = t end
-      local pa = m.a + m.sa
-      if not special then
-        m.a = m.a + amt
-        m.f = m.f + fund
-        local y = cal_year(S, ye, 2)
-        y[2] = y[2] + amt
-        y[3] = y[3] + fund
-      else
-        m.sa = m.sa + amt
-      end
-      if pc.enabled then
-        local nb, nd = pk_regroup(m.gb, m.gd, eb, ed)
-        pk_update(prefix, ym, pk_dstr(dom), math.max(1, math.floor(me - t) + late), pc, m.gb, m.gd, pa / 100,
-                  nb, nd, (pa + amt) / 100)
-        m.gb = nb
-        m.gd = nd
-        cal_h_set(m, dom, pa + amt)
-      end
+    if pc.enabled then
+      cal_peer_move(prefix, pc, m, ym, dom, math.max(1, math.floor(me - t) + late), eb, ed, pa / 100,
+                    (pa + amt) / 100, pa + amt)
     end
   end
 end
-for _, S in pairs(dirty) do cal_store(S, F, keep, menc) end
+local order = B.order
+for _, S in pairs(B.dirty) do cal_store(S, F, keep, menc) end
 pk_flush(pc)
 local out = {}
 local none = {0, 0, 0}

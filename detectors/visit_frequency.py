@@ -105,67 +105,48 @@ local function vk_add(m, k)
     m.vnew = true
   end
 end
-local cards, dirty, order = {}, {}, {}
+local B = cal_batch(cp, F, keep, mdec, mnew)
 for r = 1, #rows do
   local e = rows[r]
   local idx, t, eid, card, dom, mo = e[1], e[2], e[3], e[4], e[5], months[e[6]]
   local vt, special, kb, kp, ki = e[7], e[8], e[9], e[10], e[11]
   local eb, ed, rdom = e[12], e[13], e[14]
   local ym, me, ye = mo[1], mo[2], mo[3]
-  local S = cards[card]
-  if not S then
-    S = cal_load(cp .. card, F, mdec)
-    cards[card] = S
-  end
-  if not cal_gone(S, me, keep) then   -- else: the event is late, its month no longer kept
-    local m = cal_month(S, me, mnew)
-    if not m.li then
-      order[#order + 1] = m
-      m.S, m.ym, m.ye = S, ym, ye
+  local S, m = cal_event(B, card, ym, me, ye, idx, rdom, eid, t)
+  if m then   -- else: late (its month no longer kept) or counted before
+    -- a settlement with a registration (挂号) is a visit unless the same bill was settled there that day
+    -- before; one without (tests or drugs paid separately) is part of that day's visit there for the
+    -- same diagnosis, if there is one
+    local newvisit
+    if kb ~= '' then
+      newvisit = not cal_in(m.vk, kb)
+      if newvisit then vk_add(m, kb); vk_add(m, kp) end
+    else
+      newvisit = not cal_in(m.vk, kp)
+      if newvisit then vk_add(m, kp) end
     end
-    m.li, m.lr = idx, rdom   -- judged as of its last event in the batch
-    if not cal_seen(m, eid) then
-      cal_ev_add(m, eid, t)
-      dirty[card] = S
-      if not S.newest or t > S.newest then S.newest = t end
-      -- a settlement with a registration (挂号) is a visit unless the same bill was settled there that day
-      -- before; one without (tests or drugs paid separately) is part of that day's visit there for the
-      -- same diagnosis, if there is one
-      local newvisit
-      if kb ~= '' then
-        newvisit = not cal_in(m.vk, kb)
-        if newvisit then vk_add(m, kb); vk_add(m, kp) end
-      else
-        newvisit = not cal_in(m.vk, kp)
-        if newvisit then vk_add(m, kp) end
-      end
-      if newvisit then
-        m.pv = m.pv + 1
-        if not special then
-          local y = cal_year(S, ye, 2)
-          if vt == 'o' then m.o = m.o + 1; y[2] = y[2] + 1 else m.em = m.em + 1; y[3] = y[3] + 1 end
-          if J > 0 then
-            local i = cal_tri(m.d, dom)
-            m.d[i + 1] = m.d[i + 1] + 1
-            if not cal_in(m.vk, ki) then
-              vk_add(m, ki)
-              m.d[i + 2] = m.d[i + 2] + 1
-            end
+    if newvisit then
+      m.pv = m.pv + 1
+      if not special then
+        local y = cal_year(S, ye, 2)
+        if vt == 'o' then m.o = m.o + 1; y[2] = y[2] + 1 else m.em = m.em + 1; y[3] = y[3] + 1 end
+        if J > 0 then
+          local i = cal_tri(m.d, dom)
+          m.d[i + 1] = m.d[i + 1] + 1
+          if not cal_in(m.vk, ki) then
+            vk_add(m, ki)
+            m.d[i + 2] = m.d[i + 2] + 1
           end
         end
-        if pc.enabled then
-          local nb, nd = pk_regroup(m.gb, m.gd, eb, ed)
-          pk_update(prefix, ym, pk_dstr(dom), math.max(1, math.floor(me - t) + late), pc, m.gb, m.gd, m.pv - 1,
-                    nb, nd, m.pv)
-          m.gb = nb
-          m.gd = nd
-          cal_h_set(m, dom, m.pv)
-        end
+      end
+      if pc.enabled then
+        cal_peer_move(prefix, pc, m, ym, dom, math.max(1, math.floor(me - t) + late), eb, ed, m.pv - 1, m.pv, m.pv)
       end
     end
   end
 end
-for _, S in pairs(dirty) do cal_store(S, F, keep, menc) end
+local order = B.order
+for _, S in pairs(B.dirty) do cal_store(S, F, keep, menc) end
 pk_flush(pc)
 local out = {}
 local none = {0, 0, 0}
