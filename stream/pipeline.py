@@ -133,6 +133,7 @@ class Processor:
         self.max_event_bytes = max_event_bytes
         self.future_tolerance_s = future_tolerance_s
         self._loaded: set[str] = set()
+        self._want: tuple[Any, set[str]] = (None, set())
         self.exemptions = ExemptionRegistry()
         self.outbox = False  # the worker turns it on; in-process runs (tests, quality) need none
         self._watermarks: dict[tuple[str, str, int], float] = {}
@@ -215,8 +216,10 @@ class Processor:
         prepares batch N+1 while Redis still runs batch N, so Redis never waits for Python to build it."""
         by_run, res = parsed
         res.alerts = []
-        want = {Detector.sha(src) for det in self.rules.detectors for src in det.scripts} | {_TOUCH_SHA}
-        if by_run and not want <= self._loaded:
+        if self._want[0] is not self.rules:  # the scripts' digests, once per rule set (reloads replace it)
+            self._want = (self.rules, {Detector.sha(src) for det in self.rules.detectors for src in det.scripts}
+                          | {_TOUCH_SHA})
+        if by_run and not self._want[1] <= self._loaded:
             await self.load_scripts()
         return self._queue(by_run, res)
 
