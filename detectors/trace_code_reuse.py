@@ -20,7 +20,9 @@ are the field, other bits pick one of ``buckets`` buckets; buckets are per event
 
 * ``cw:{run}:trace_code_reuse:{retention_s}:{period}:{bucket}`` — hash, field = 8-byte code
   hash, value = ``time(base 36) \\x1f event_id \\x1f card \\x1f institution`` of the first
-  settlement; expires ``retention_s`` + lateness after its last write, so a code lives between
+  settlement (when an earlier settlement arrives after a later one of the same period, its record
+  goes in front and the later one stays behind it, ``\\x1e``-separated, at most 4 records, so that a
+  batch redelivered after a crash still finds both); expires ``retention_s`` + lateness after its last write, so a code lives between
   ``retention_s`` and ``retention_s`` + ``period_s``. A code is looked up in every period
   bucket of the retention: ``retention_s / period_s`` + 1 lookups (one more near a period's
   end). Half years (the default) cost 5 lookups a code and keep codes 12.5 % longer on
@@ -68,6 +70,8 @@ local R, P, lateness, ttl = cfg[1], cfg[2], cfg[3], cfg[4]
 local evs = cjson.decode(ARGV[3])
 local blob = ARGV[4]
 local SEP = '\31'
+local RS = '\30'
+local MAXREC = 4
 local out = {}
 local off = 1
 for i = 1, #evs do
@@ -88,27 +92,50 @@ for i = 1, #evs do
     local wk = wp .. b
     local best = nil
     local stored = false
+    local wv = nil  -- the value already in this event's own period bucket
     for q = 1, #pks do
       local v = redis.call('HGET', pks[q] .. b, f)
       if v then
-        local p1 = string.find(v, SEP, 1, true)
-        local p2 = string.find(v, SEP, p1 + 1, true)
-        local p3 = string.find(v, SEP, p2 + 1, true)
-        local vt = tonumber(string.sub(v, 1, p1 - 1), 36)
-        local ve = string.sub(v, p1 + 1, p2 - 1)
-        if ve == eid then
-          stored = true
-        elseif math.abs(t - vt) <= R then
-          if best == nil or vt < best[1] or (vt == best[1] and ve < best[2]) then
-            best = {vt, ve, string.sub(v, p2 + 1, p3 - 1), string.sub(v, p3 + 1)}
+        if pks[q] == wp then wv = v end
+        local s = 1
+        while s <= #v do  -- records separated by \30 (see "displaced" below)
+          local e0 = string.find(v, RS, s, true) or (#v + 1)
+          local p1 = string.find(v, SEP, s, true)
+          local p2 = string.find(v, SEP, p1 + 1, true)
+          local p3 = string.find(v, SEP, p2 + 1, true)
+          local vt = tonumber(string.sub(v, s, p1 - 1), 36)
+          local ve = string.sub(v, p1 + 1, p2 - 1)
+          if ve == eid then
+            stored = true
+          elseif math.abs(t - vt) <= R then
+            if best == nil or vt < best[1] or (vt == best[1] and ve < best[2]) then
+              best = {vt, ve, string.sub(v, p2 + 1, p3 - 1), string.sub(v, p3 + 1, e0 - 1)}
+            end
           end
+          s = e0 + 1
         end
       end
     end
     if best == nil or tf < best[1] or (tf == best[1] and eid < best[2]) then
       -- first sight of the code, or this settlement is earlier than the one remembered: remember it
       if not stored then
-        redis.call('HSET', wk, f, value)
+        local nv = value
+        if wv then
+          -- displaced: the later settlement's record stays behind this one, so that a redelivery of
+          -- this batch (a crash before its alerts were saved) still finds the pair; at most MAXREC records
+          nv = value .. RS .. wv
+          local n, cut = 1, nil
+          local s = 1
+          while true do
+            local e0 = string.find(nv, RS, s, true)
+            if not e0 then break end
+            n = n + 1
+            if n > MAXREC then cut = e0; break end
+            s = e0 + 1
+          end
+          if cut then nv = string.sub(nv, 1, cut - 1) end
+        end
+        redis.call('HSET', wk, f, nv)
         redis.call('EXPIRE', wk, ttl)
       end
       if best ~= nil then

@@ -12,6 +12,12 @@ from typing import Any
 import orjson
 import pytest
 
+# Verdicts of these rules depend on more than the events: prescriber_volume on when every partition's
+# watermark passes a day (how a replay's partitions interleave), visit_frequency and cost_anomaly on the
+# peer-group state (all partitions) at the moment a card is judged, ml_outlier on the model checkpoint a
+# restarted worker resumes from. Tests comparing two runs exclude them (README, Guarantees: known gap).
+TIMING_DEPENDENT = {"prescriber_volume", "ml_outlier", "visit_frequency", "cost_anomaly"}
+
 TZ = timezone(timedelta(hours=8))
 T0 = datetime(2026, 11, 2, 8, 0, tzinfo=TZ).timestamp()
 _seq = itertools.count(1)

