@@ -82,7 +82,7 @@ class DirectIngest(Service):
 
     def __init__(self, settings: Settings, handle: Callable[..., Awaitable[BatchResult]],
                  parse: Callable | None = None, prepare: Callable[..., Awaitable[Pending]] | None = None,
-                 execute: Callable[[Pending], Pending] | None = None, **kwargs) -> None:
+                 execute: Callable[[Pending], Awaitable[Pending]] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.settings = settings
         self.handle = handle
@@ -90,6 +90,10 @@ class DirectIngest(Service):
         self.prepare = prepare
         self.execute = execute
         self.consumer: AIOKafkaConsumer | None = None
+        #: clear while a batch is being written to Redis: the fetcher's long synchronous steps (parse,
+        #: prepare) wait for it, or they would hold the event loop with Redis idle and the batch unsent
+        self._sent = asyncio.Event()
+        self._sent.set()
 
     def assignment(self) -> set:
         return set(self.consumer.assignment()) if self.consumer is not None else set()
@@ -161,6 +165,7 @@ class DirectIngest(Service):
                 if not got:
                     continue
                 t0 = time.perf_counter()
+                await self._sent.wait()
                 msgs: list[Message] = []
                 offsets: dict[TopicPartition, int] = {}
                 for tp, recs in got.items():
@@ -168,7 +173,9 @@ class DirectIngest(Service):
                         msgs.append(Message(r.value, {k: v for k, v in (r.headers or ())}, tp.topic, tp.partition,
                                             r.offset, r.key, r.timestamp / 1000.0 if r.timestamp else None))
                     offsets[tp] = recs[-1].offset + 1
+                await self._sent.wait()
                 parsed = self.parse(msgs) if self.parse is not None else None
+                await self._sent.wait()
                 pending = await self._prepare(parsed)
                 await ready.put([msgs, offsets, parsed, t0, pending])
         finally:
@@ -197,19 +204,19 @@ class DirectIngest(Service):
                 inflight = await ready.get()
                 if inflight is None:
                     return
-                self._execute(inflight[4])
+                await self._execute(inflight[4])
             pending = inflight[4]
             if pending is not None:
                 await pending.wait()
             nxt = ready.get_nowait() if not ready.empty() else False
             if nxt and pending is not None and not pending.failed():
-                self._execute(nxt[4])  # Redis starts on N+1 before N is collected and published
+                await self._execute(nxt[4])  # Redis starts on N+1 before N is collected and published
             await self._finish(c, inflight)
             if nxt is None:
                 return
             inflight = nxt or None
             if inflight is not None:
-                self._execute(inflight[4])
+                await self._execute(inflight[4])
 
     async def _prepare(self, parsed) -> Pending | None:
         """Queue a batch's Redis work; on trouble leave it to ``handle`` (which retries)."""
@@ -221,9 +228,16 @@ class DirectIngest(Service):
             log.warning("could not prepare a batch for Redis yet (%s)", exc)
             return None
 
-    def _execute(self, pending: Pending | None) -> None:
+    async def _execute(self, pending: Pending | None) -> None:
+        """Send a prepared batch to Redis; on trouble leave it unsent to ``handle`` (which retries)."""
         if pending is not None and self.execute is not None:
-            self.execute(pending)
+            self._sent.clear()
+            try:
+                await self.execute(pending)
+            except Exception as exc:
+                log.warning("could not send a batch to Redis yet (%s)", exc)
+            finally:
+                self._sent.set()
 
     async def _finish(self, c: AIOKafkaConsumer, inflight) -> None:
         from stream.app import _observe_batch

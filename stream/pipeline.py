@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import orjson
 
 from alerts.model import Alert
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from alerts.exemptions import ExemptionRegistry
 from alerts.model import to_json
@@ -89,6 +89,45 @@ class Pending:
         """Until the round trip ended, whatever its outcome (:meth:`Processor.finish` raises its error)."""
         if self.task is not None:
             await asyncio.wait([self.task])
+
+
+async def send_pipeline(pipe: Any) -> "asyncio.Future[list[Any]]":
+    """Write a queued (non-transactional) redis-py pipeline's commands now; a task reads the replies.
+
+    ``await pipe.execute()`` as a task would write only when the event loop next runs it. The replies
+    are those of ``pipe.execute()``: response callbacks applied, the first error raised after every
+    reply was read (the connection never desyncs); a broken connection is dropped, not reused.
+    """
+    cmds = list(pipe.command_stack)  # kept on the pipe: a failed send can be sent again
+    pool = pipe.connection_pool
+    conn = await pool.get_connection()
+    try:
+        await conn.send_packed_command(conn.pack_commands([args for args, _ in cmds]))
+    except BaseException:
+        await conn.disconnect()
+        await pool.release(conn)
+        raise
+
+    async def replies() -> list[Any]:
+        out: list[Any] = []
+        try:
+            for args, options in cmds:
+                try:
+                    out.append(await pipe.parse_response(conn, args[0], **options))
+                except ResponseError as exc:
+                    out.append(exc)
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
+        for i, r in enumerate(out):
+            if isinstance(r, ResponseError):
+                pipe.annotate_exception(r, i + 1, cmds[i][0])
+                raise r
+        return out
+
+    return asyncio.ensure_future(replies())
 
 
 def headers_dict(headers: Any) -> dict[str, bytes]:
@@ -209,7 +248,7 @@ class Processor:
         publishes the previous batch and parses the next one while Redis runs this one). Submit
         a batch only after the previous batch's round trip completed: per-card order is batch order.
         """
-        return self.execute(await self.prepare(parsed))
+        return await self.execute(await self.prepare(parsed))
 
     async def prepare(self, parsed: tuple[dict[str, list[Settlement]], BatchResult]) -> "Pending":
         """Queue a parsed batch's Redis work without sending it (:meth:`execute` sends): the worker
@@ -224,21 +263,25 @@ class Processor:
         return self._queue(by_run, res)
 
     @staticmethod
-    def execute(pending: "Pending") -> "Pending":
-        """Send a prepared batch to Redis (the round trip runs as a task)."""
+    async def execute(pending: "Pending") -> "Pending":
+        """Send a prepared batch to Redis; returns once its commands are written (replies are read by a task).
+
+        Writing before returning matters: the caller goes on with long synchronous work (collecting and
+        publishing the previous batch), and a pipeline left to a task would sit unsent in the event loop
+        meanwhile, leaving Redis idle."""
         if pending.pipe is not None and pending.task is None:
             pending.t0 = time.perf_counter()
-            pending.task = asyncio.ensure_future(pending.pipe.execute())
+            pending.task = await send_pipeline(pending.pipe)
         return pending
 
     async def finish(self, pending: "Pending") -> BatchResult:
         """Wait for a submitted batch's replies and turn them into alerts (outbox written when on)."""
         try:
-            replies = await self.execute(pending).task if pending.pipe is not None else []
+            replies = await (await self.execute(pending)).task if pending.pipe is not None else []
         except NoScriptError:  # Redis restarted and lost its script cache: load and redo (idempotent)
             self._loaded.clear()
             await self.load_scripts()
-            pending = self.execute(self._queue(pending.by_run, pending.res))
+            pending = await self.execute(self._queue(pending.by_run, pending.res))
             replies = await pending.task if pending.task is not None else []
         res = pending.res
         res.redis_s = time.perf_counter() - pending.t0

@@ -76,3 +76,54 @@ def test_events_later_than_lateness_are_counted(stack):
     [res] = _run(stack, [[new, old_ok, old_late]], rid)
     assert res.late == {rid: 1}
     assert res.processed == {rid: 3}  # counted and still processed, never silently dropped
+
+
+def test_send_pipeline_writes_before_returning_and_replies_like_execute(stack, redis_sync):
+    """``send_pipeline`` returns once the commands are written (Redis runs them while the caller does other
+    work); its replies are ``pipe.execute()``'s, and an error is raised only after every reply was read."""
+    import asyncio
+    import time
+
+    import redis.asyncio as aioredis
+    from redis.exceptions import NoScriptError
+
+    from stream.pipeline import send_pipeline
+
+    key = "cw:test:send:" + uuid.uuid4().hex[:8]
+
+    def queue(r, *, bad=False):
+        p = r.pipeline(transaction=False)
+        p.set(key, "1")
+        p.incr(key)
+        p.hgetall(key + ":h")
+        if bad:
+            p.evalsha("0" * 40, 0)
+        p.get(key)
+        return p
+
+    async def go():
+        r = aioredis.from_url(stack.redis_url)
+        sync = redis_sync
+        try:
+            expected = await queue(r).execute()
+            await r.delete(key)
+            task = await send_pipeline(queue(r))
+            # the event loop is blocked from here on: Redis must already have the commands
+            deadline = time.monotonic() + 2
+            while sync.get(key) != b"2" and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert sync.get(key) == b"2"
+            assert await task == expected == [True, 2, {}, b"2"]
+            pipe = queue(r, bad=True)
+            task = await send_pipeline(pipe)
+            try:
+                await task
+                raise AssertionError("the missing script's error must be raised")
+            except NoScriptError as exc:
+                assert "Command # 4" in str(exc)
+            assert await r.get(key) == b"2"  # the connection stays in sync after the error
+            assert len(pipe.command_stack) == 5  # kept, so a failed send can be sent again
+        finally:
+            await r.delete(key)
+            await r.aclose()
+    asyncio.run(go())
