@@ -360,10 +360,26 @@ def _mtime(p: Path) -> float:
         return 0.0
 
 
+#: the worker's garbage-collector thresholds: a batch creates hundreds of thousands of short-lived objects
+#: (parsed events, Lua arguments, replies), and with Python's default (700) the collector ran thousands of
+#: times per batch over every live object: parsing alone was 2x slower. Cycles are still collected.
+GC_THRESHOLDS = (50_000, 20, 20)
+
+
+def tune_gc() -> None:
+    """Freeze what start-up allocated (modules, rules, models) out of the collector's way; collect less often."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def run_worker(settings: Settings, *, web_port: int, loglevel: str = "warn") -> None:
     """Run one worker until SIGINT/SIGTERM."""
     rules = load_rules(settings.rules_path, lang=settings.lang)
     app = create_app(settings, rules, web_port=web_port)
+    tune_gc()
     from stream.logs import logging_config
 
     level = {"crit": "CRITICAL", "warn": "WARNING"}.get(loglevel, loglevel.upper())
