@@ -223,7 +223,7 @@ class DirectIngest(Service):
         if self.prepare is None or parsed is None:
             return None
         try:
-            return await self.prepare(parsed)
+            return await self.prepare(parsed, gate=self._sent.wait)
         except Exception as exc:  # Redis away (loading scripts): handle() retries with backoff
             log.warning("could not prepare a batch for Redis yet (%s)", exc)
             return None

@@ -162,6 +162,17 @@ def run_id_of(headers: dict[str, bytes]) -> str:
 _RUN_IDS: dict[bytes, str] = {}
 
 
+class _Steps:
+    """Iterate a generator to its end, keeping its return value (``pending``)."""
+
+    def __init__(self, gen: Any) -> None:
+        self.gen = gen
+        self.pending: Pending | None = None
+
+    def __iter__(self):
+        self.pending = yield from self.gen
+
+
 class Processor:
     """Parse, validate and run every detector over a batch (see module docstring)."""
 
@@ -250,7 +261,8 @@ class Processor:
         """
         return await self.execute(await self.prepare(parsed))
 
-    async def prepare(self, parsed: tuple[dict[str, list[Settlement]], BatchResult]) -> "Pending":
+    async def prepare(self, parsed: tuple[dict[str, list[Settlement]], BatchResult], *,
+                      gate: Any = None) -> "Pending":
         """Queue a parsed batch's Redis work without sending it (:meth:`execute` sends): the worker
         prepares batch N+1 while Redis still runs batch N, so Redis never waits for Python to build it."""
         by_run, res = parsed
@@ -260,7 +272,7 @@ class Processor:
                           | {_TOUCH_SHA})
         if by_run and not self._want[1] <= self._loaded:
             await self.load_scripts()
-        return self._queue(by_run, res)
+        return await self._queue_yielding(by_run, res, gate)
 
     @staticmethod
     async def execute(pending: "Pending") -> "Pending":
@@ -297,6 +309,27 @@ class Processor:
         return res
 
     def _queue(self, by_run: dict[str, list[Settlement]], res: BatchResult) -> "Pending":
+        steps = self._queue_steps(by_run, res)
+        for _ in steps:
+            pass
+        return steps.pending  # type: ignore[attr-defined]
+
+    async def _queue_yielding(self, by_run: dict[str, list[Settlement]], res: BatchResult,
+                              gate: Any = None) -> "Pending":
+        """:meth:`_queue`, giving the event loop a turn after each detector: a batch whose round trip just
+        ended is then followed by the next one within one detector's queueing time, not a whole batch's.
+        ``gate``: awaited before going on (the worker holds it while writing a batch to Redis)."""
+        steps = self._queue_steps(by_run, res)
+        for _ in steps:
+            await asyncio.sleep(0)
+            if gate is not None:
+                await gate()
+        return steps.pending  # type: ignore[attr-defined]
+
+    def _queue_steps(self, by_run: dict[str, list[Settlement]], res: BatchResult) -> "_Steps":
+        return _Steps(self._queue_gen(by_run, res))
+
+    def _queue_gen(self, by_run: dict[str, list[Settlement]], res: BatchResult):
         plan: list[tuple[Any, Namespace, list[Settlement], int, int]] = []
         card_ttls = self.card_ttls()
         t0 = time.perf_counter()
@@ -308,6 +341,7 @@ class Processor:
                 k = det.queue(pipe, events, ns)
                 plan.append((det, ns, events, n, k))
                 n += k
+                yield
             if card_ttls and n:
                 cards_json = orjson.dumps(list(dict.fromkeys(ev.card_id for ev in events)))
                 for h, ttl in card_ttls.items():  # after the rules' scripts: new card hashes get their TTL too
