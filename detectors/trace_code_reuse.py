@@ -24,9 +24,15 @@ are the field, other bits pick one of ``buckets`` buckets; buckets are per event
   goes in front and the later one stays behind it, ``\\x1e``-separated, at most 4 records, so that a
   batch redelivered after a crash still finds both); expires ``retention_s`` + lateness after its last write, so a code lives between
   ``retention_s`` and ``retention_s`` + ``period_s``. A code is looked up in every period
-  bucket of the retention: ``retention_s / period_s`` + 1 lookups (one more near a period's
-  end). Half years (the default) cost 5 lookups a code and keep codes 12.5 % longer on
-  average than needed; months would cost 25 lookups (each a scan of a bucket) for 2 %.
+  bucket of the retention that may hold a code settled within ``retention_s`` of it:
+  ``retention_s / period_s`` + 1 lookups once the retention is full (one more near a period's
+  end), fewer while it fills (a new run or deployment). Half years (the default) cost 5 lookups a
+  code and keep codes 12.5 % longer on average than needed; months would cost 25 lookups (each a
+  scan of a bucket) for 2 %.
+* ``cw:{run}:trace_code_reuse:{retention_s}:periods`` — hash, field = period, value = ``min max``,
+  the first and last event time (integer seconds) ever written to that period's buckets; read once
+  per batch, it lets a lookup skip a period that holds no code within ``retention_s``; it only grows
+  and expires with the latest bucket written.
 
 Measured on Redis 6.2 (libc malloc) with 18-character event ids, 16-character card ids and
 11-character institution ids: 69 bytes per stored code when buckets hold ~90 codes, 71 at
@@ -58,58 +64,81 @@ from stream.events import Settlement, iso
 
 LUA = r"""
 -- ARGV[1] key prefix (cw:{run}:trace_code_reuse:{retention_s}), ARGV[2] JSON [retention, period, lateness, ttl],
--- ARGV[3] JSON [[index, t, event_id, value to remember (see the module docstring), ["bucket", ...]], ...],
--- ARGV[4] the codes' 8-byte field hashes, concatenated in the same order. Keys are built here:
--- {prefix}:{period}:{bucket}; a code is written to its event time's period and read in every period
--- of the retention.
+-- ARGV[3] one flat JSON array, per event: index, t, event_id, value to remember (see the module docstring),
+-- n, then its n codes' buckets (strings); ARGV[4] the codes' 8-byte field hashes, concatenated in the same
+-- order. Keys are built here: {prefix}:{period}:{bucket}; a code is written to its event time's period and
+-- read in every period of the retention that holds a code within the retention of t: {prefix}:periods
+-- (field period, value "min max" of the event times written to it) says which.
 -- Returns only events with reuse: {index, {code position, role, time, event_id, card, institution}*}
 --   role 's': this event is the second settlement of the code; 'f': it is the (earlier) first one
 local prefix = ARGV[1] .. ':'
 local cfg = cjson.decode(ARGV[2])
 local R, P, lateness, ttl = cfg[1], cfg[2], cfg[3], cfg[4]
-local evs = cjson.decode(ARGV[3])
+local x = cjson.decode(ARGV[3])
 local blob = ARGV[4]
 local SEP = '\31'
 local RS = '\30'
 local MAXREC = 4
+local find, sub, floor = string.find, string.sub, math.floor
+local ik = prefix .. 'periods'
+local per = {}      -- period -> {min, max} event time written to it
+local pkey = {}     -- period -> its key prefix
+do
+  local h = redis.call('HGETALL', ik)
+  for m = 1, #h, 2 do
+    local a = find(h[m + 1], ' ', 1, true)
+    per[tonumber(h[m])] = {tonumber(sub(h[m + 1], 1, a - 1)), tonumber(sub(h[m + 1], a + 1))}
+  end
+end
+local dirty = {}    -- periods whose range grew
+local written, wkeys = {}, {}   -- bucket keys written (expired once, at the end)
 local out = {}
 local off = 1
-for i = 1, #evs do
-  local e = evs[i]
-  local idx, t, eid, value, bs = e[1], e[2], e[3], e[4], e[5]
-  local tf = math.floor(t)
-  local p = math.floor(t / P)
-  local lo = math.floor((t - R) / P)
-  local hi = math.floor((t + lateness) / P)
+local c = 1
+while c <= #x do
+  local idx, t, eid, value, n = x[c], x[c + 1], x[c + 2], x[c + 3], x[c + 4]
+  local bs = c + 5
+  c = bs + n
+  local tf = floor(t)
+  local p = floor(t / P)
+  local lo = floor((t - R) / P)
+  local hi = floor((t + lateness) / P)
   local hits = {}
-  local pks = {}  -- period key prefixes, built once per event (number formatting is slow in Lua)
-  for q = lo, hi do pks[#pks + 1] = prefix .. q .. ':' end
-  local wp = prefix .. p .. ':'
-  for j = 1, #bs do
-    local b = bs[j]  -- the bucket, as a string
-    local f = string.sub(blob, off, off + 7)
+  local qs = {}   -- the periods that may hold a code settled within R of t
+  for q = lo, hi do
+    local r = per[q]
+    if r and t - r[2] <= R and r[1] - t <= R then
+      local pk = pkey[q]
+      if not pk then pk = prefix .. q .. ':'; pkey[q] = pk end
+      qs[#qs + 1] = q
+    end
+  end
+  for j = 1, n do
+    local b = x[bs + j - 1]  -- the bucket, as a string
+    local f = sub(blob, off, off + 7)
     off = off + 8
-    local wk = wp .. b
     local best = nil
     local stored = false
     local wv = nil  -- the value already in this event's own period bucket
-    for q = 1, #pks do
-      local v = redis.call('HGET', pks[q] .. b, f)
+    for k = 1, #qs do
+      local q = qs[k]
+      local v = redis.call('HGET', pkey[q] .. b, f)
       if v then
-        if pks[q] == wp then wv = v end
+        if q == p then wv = v end
         local s = 1
-        while s <= #v do  -- records separated by \30 (see "displaced" below)
-          local e0 = string.find(v, RS, s, true) or (#v + 1)
-          local p1 = string.find(v, SEP, s, true)
-          local p2 = string.find(v, SEP, p1 + 1, true)
-          local p3 = string.find(v, SEP, p2 + 1, true)
-          local vt = tonumber(string.sub(v, s, p1 - 1), 36)
-          local ve = string.sub(v, p1 + 1, p2 - 1)
+        local lv = #v
+        while s <= lv do  -- records separated by \30 (see "displaced" below)
+          local e0 = find(v, RS, s, true) or (lv + 1)
+          local p1 = find(v, SEP, s, true)
+          local p2 = find(v, SEP, p1 + 1, true)
+          local ve = sub(v, p1 + 1, p2 - 1)
           if ve == eid then
             stored = true
-          elseif math.abs(t - vt) <= R then
-            if best == nil or vt < best[1] or (vt == best[1] and ve < best[2]) then
-              best = {vt, ve, string.sub(v, p2 + 1, p3 - 1), string.sub(v, p3 + 1, e0 - 1)}
+          else
+            local vt = tonumber(sub(v, s, p1 - 1), 36)
+            if math.abs(t - vt) <= R and (best == nil or vt < best[1] or (vt == best[1] and ve < best[2])) then
+              local p3 = find(v, SEP, p2 + 1, true)
+              best = {vt, ve, sub(v, p2 + 1, p3 - 1), sub(v, p3 + 1, e0 - 1)}
             end
           end
           s = e0 + 1
@@ -124,19 +153,29 @@ for i = 1, #evs do
           -- displaced: the later settlement's record stays behind this one, so that a redelivery of
           -- this batch (a crash before its alerts were saved) still finds the pair; at most MAXREC records
           nv = value .. RS .. wv
-          local n, cut = 1, nil
+          local k, cut = 1, nil
           local s = 1
           while true do
-            local e0 = string.find(nv, RS, s, true)
+            local e0 = find(nv, RS, s, true)
             if not e0 then break end
-            n = n + 1
-            if n > MAXREC then cut = e0; break end
+            k = k + 1
+            if k > MAXREC then cut = e0; break end
             s = e0 + 1
           end
-          if cut then nv = string.sub(nv, 1, cut - 1) end
+          if cut then nv = sub(nv, 1, cut - 1) end
         end
+        local r = per[p]
+        if not r then
+          r = {tf, tf}; per[p] = r; dirty[#dirty + 1] = p
+          pkey[p] = prefix .. p .. ':'
+          qs[#qs + 1] = p   -- the event's next codes look here too
+        elseif tf < r[1] or tf > r[2] then
+          if tf < r[1] then r[1] = tf else r[2] = tf end
+          dirty[#dirty + 1] = p
+        end
+        local wk = pkey[p] .. b
         redis.call('HSET', wk, f, nv)
-        redis.call('EXPIRE', wk, ttl)
+        if not written[wk] then written[wk] = true; wkeys[#wkeys + 1] = wk end
       end
       if best ~= nil then
         hits[#hits + 1] = {j, 'f', tostring(best[1]), best[2], best[3], best[4]}
@@ -146,6 +185,18 @@ for i = 1, #evs do
     end
   end
   if #hits > 0 then out[#out + 1] = {idx, hits} end
+end
+for k = 1, #wkeys do redis.call('EXPIRE', wkeys[k], ttl) end
+if #wkeys > 0 then
+  local seen = {}
+  for k = 1, #dirty do
+    local q = dirty[k]
+    if not seen[q] then
+      seen[q] = true
+      redis.call('HSET', ik, string.format('%d', q), string.format('%d %d', per[q][1], per[q][2]))
+    end
+  end
+  redis.call('EXPIRE', ik, ttl)
 end
 return out
 """
@@ -225,13 +276,12 @@ class TraceCodeReuse(Detector):
             codes = self.codes(ev)
             if not codes:
                 continue
-            bs = []
+            value = f"{_base36(int(ev.ts // 1))}\x1f{ev.event_id}\x1f{ev.card_id}\x1f{ev.institution_id}"
+            rows += (i, ev.ts, ev.event_id, value, len(codes))
             for code, *_ in codes:
                 b, f = self._slot(code)
-                bs.append(str(b))
+                rows.append(str(b))
                 fields.append(f)
-            value = f"{_base36(int(ev.ts // 1))}\x1f{ev.event_id}\x1f{ev.card_id}\x1f{ev.institution_id}"
-            rows.append([i, ev.ts, ev.event_id, value, bs])
         if not rows:
             return 0
         cfg = [self.retention_s, self.period_s, self.lateness_s, self.retention_s + self.lateness_s]

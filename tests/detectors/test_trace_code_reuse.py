@@ -44,6 +44,14 @@ def sale(card, inst, t, codes, **over):
                       self_paid=round(amt * 0.4, 2), **over)
 
 
+def bucket_keys(redis_sync, rid):
+    """The run's code buckets; its period index (``...:periods``, one small hash) aside."""
+    keys = list(redis_sync.scan_iter(match=f"cw:{rid}:*"))
+    index = [k for k in keys if k.endswith(b":periods")]
+    assert len(index) <= 1 and all(k == f"cw:{rid}:trace_code_reuse:63072000:periods".encode() for k in index)
+    return [k for k in keys if k not in index]
+
+
 def alerts_of(results):
     out = {}
     for r in results:
@@ -79,8 +87,10 @@ def test_the_same_event_redelivered_is_not_reuse(process, rules, redis_sync):
     rid = run_id()
     one = dumps(sale("RA", "P001", T0, [code(10), code(11)]))
     assert alerts_of(process(rules, [[one, one], [one], [one]], rid)) == []
-    keys = list(redis_sync.scan_iter(match=f"cw:{rid}:*"))
+    keys = bucket_keys(redis_sync, rid)
     assert sum(redis_sync.hlen(k) for k in keys) == 2
+    assert redis_sync.hgetall(f"cw:{rid}:trace_code_reuse:63072000:periods") == {
+        str(int(T0 // 15768000)).encode(): f"{int(T0)} {int(T0)}".encode()}
 
 
 def test_codes_repeated_within_one_settlement_and_unusable_codes_are_ignored(process, rules):
@@ -140,7 +150,7 @@ def test_displaced_records_per_code_are_bounded(process, rules, redis_sync):
     evs = [sale(f"B{i}", f"P{i:03d}", T0 + (10 - i) * 600, [code(46)]) for i in range(10)]
     alerts = alerts_of(process(rules, [[dumps(e)] for e in evs], rid))
     assert len(alerts) == 9  # every settlement but the earliest is a second settlement
-    values = [v for k in redis_sync.scan_iter(f"cw:{rid}:trace_code_reuse:*") for v in redis_sync.hvals(k)]
+    values = [v for k in bucket_keys(redis_sync, rid) for v in redis_sync.hvals(k)]
     assert len(values) == 1 and values[0].count(b"\x1e") == 3  # 4 records at most
 
 
@@ -173,6 +183,20 @@ def test_retention_is_event_time_and_spans_period_buckets(process):
     assert [a.subject_id for a in alerts] == ["P002"]
 
 
+def test_period_index_skips_only_periods_without_a_code_in_retention(process):
+    short = load_rules_text("rules:\n  trace_code_reuse:\n    retention_s: 864000\n    period_s: 86400\n"
+                            "    buckets: 8\n")
+    rid = run_id()
+    evs = [sale("IA", "H001", T0 + 3600, [code(63)]),                  # the period's latest code...
+           sale("IB", "H001", T0, [code(62)]),                         # ... and its earliest, arriving later
+           sale("IC", "P002", T0 + 10 * DAY + 3600, [code(63)]),       # exactly the retention after IA: reuse
+           sale("ID", "P003", T0 + 10 * DAY + 1, [code(62)]),          # just past it for IB: not
+           sale("IE", "P004", T0 + 3 * DAY, [code(64)]),               # a later settlement first ...
+           sale("IF", "P005", T0 + 3 * DAY - 1800, [code(64)])]        # ... then an earlier one, within lateness
+    alerts = alerts_of(process(short, [[dumps(e)] for e in evs], rid))
+    assert sorted(a.subject_id for a in alerts) == ["P002", "P004"]
+
+
 def test_placeholder_institution_is_never_blamed(process, rules):
     rid = run_id()
     evs = [sale("PA", "H001", T0, [code(70)]), sale("PB", "未知", T0 + DAY, [code(70)])]
@@ -183,10 +207,13 @@ def test_buckets_are_compact_hashes_and_expire(process, rules, redis_sync):
     rid = run_id()
     evs = [sale(f"K{k}", "P001", T0 + k * 60, [code(8000 + k)]) for k in range(200)]
     process(rules, [[dumps(e) for e in evs]], rid)
-    keys = list(redis_sync.scan_iter(match=f"cw:{rid}:*"))
+    keys = bucket_keys(redis_sync, rid)
     assert 0 < len(keys) <= 64
     assert sum(redis_sync.hlen(k) for k in keys) == 200
-    for k in keys:
+    index = f"cw:{rid}:trace_code_reuse:63072000:periods"
+    # the period index: the event times written to each period (one here), so that lookups skip empty periods
+    assert redis_sync.hgetall(index) == {str(int(T0 // 15768000)).encode(): f"{int(T0)} {int(T0) + 199 * 60}".encode()}
+    for k in keys + [index.encode()]:
         assert redis_sync.object("encoding", k) in (b"ziplist", b"listpack"), k
         assert 0 < redis_sync.ttl(k) <= 63072000 + 3600, k
 
