@@ -73,8 +73,8 @@ LUA = r"""
 --       episode key prefix, then the events as one flat JSON array, ten values per event: t, event_id,
 --       district, visit (o/e/p/i), institution, admission_id, admitted_at, discharged_at ('' = none), card,
 --       child detail ('' = none)
--- A card's recent settlements (a field of its hash) and stays (a key of their own) are read once per
--- card and batch and written back once, if changed:
+-- A card's recent settlements (a field of its hash) and stays (a key of their own; one MGET for all the
+-- batch's cards) are read once per card and batch and written back once, if changed:
 --   recent: [t, event_id, district, visit, institution, ...] (5 per settlement), ordered by
 --           (t, event_id\tdistrict\tvisit\tinstitution), as a sorted set with that member would be;
 --   stays:  [score, member, ...], member = admission\tinstitution\tadmitted\tdischarged\tlast bill\t
@@ -111,21 +111,35 @@ local cp, FR, FS, epp = ARGV[a + 6], ARGV[a + 7], ARGV[a + 8], ARGV[a + 9]
 local ttl_stay = tonumber(ARGV[a + 10])
 a = a + 11
 
+local x = cjson.decode(ARGV[a])
 local cache, cards = {}, {}   -- card -> {recent, stays, recent changed, stays changed}
+local stays = {}              -- card -> its stays key's value (false: none), all read at once
+do
+  local ks, kc = {}, {}
+  for b = 9, #x, 10 do
+    local card = x[b]
+    if stays[card] == nil then stays[card] = false; ks[#ks + 1] = FS .. card; kc[#kc + 1] = card end
+  end
+  for i = 1, #ks, 1000 do
+    local got = redis.call('MGET', unpack(ks, i, math.min(i + 999, #ks)))
+    for j = 1, #got do stays[kc[i + j - 1]] = got[j] end
+  end
+end
 local function load(card)
   local c = cache[card]
   if c then return c end
-  local got = {redis.call('HGET', cp .. card, FR), redis.call('GET', FS .. card)}
+  local hk = cp .. card
+  local g1, g2 = redis.call('HGET', hk, FR), stays[card]
   local rec, st = {}, {}
-  if got[1] then
-    rec = cjson.decode(got[1])
+  if g1 then
+    rec = cjson.decode(g1)
     for m = 1, #rec, 5 do if type(rec[m]) ~= 'number' then rec[m] = tonumber(rec[m]) end end
   end
-  if got[2] then
-    st = cjson.decode(got[2])
+  if g2 then
+    st = cjson.decode(g2)
     for m = 1, #st, 2 do if type(st[m]) ~= 'number' then st[m] = tonumber(st[m]) end end
   end
-  c = {rec, st, false, false}
+  c = {rec, st, false, false, hk}
   cache[card] = c
   cards[#cards + 1] = card
   return c
@@ -139,11 +153,15 @@ local function add_recent(c, t, eid, dc, v, inst)   -- ZADD: a known member only
       break
     end
   end
-  local mem = eid .. SEP .. dc .. SEP .. v .. SEP .. inst
+  local mem = nil
   local pos = #rec + 1   -- a card's events arrive (about) in order: look for the place from the end
   while pos > 1 do
     local pt = rec[pos - 5]
-    if pt < t or (pt == t and table.concat(rec, SEP, pos - 4, pos - 1) < mem) then break end
+    if pt < t then break end
+    if pt == t then
+      mem = mem or (eid .. SEP .. dc .. SEP .. v .. SEP .. inst)
+      if table.concat(rec, SEP, pos - 4, pos - 1) < mem then break end
+    end
     pos = pos - 5
   end
   table.insert(rec, pos, inst); table.insert(rec, pos, v); table.insert(rec, pos, dc)
@@ -184,12 +202,10 @@ local function prune(c, cut)   -- both are in time / score order: drop the prefi
 end
 
 local out = {}
-local x = cjson.decode(ARGV[a])
 for b = 1, #x, 10 do
   local t = x[b]; local eid = x[b + 1]; local dc = x[b + 2]; local v = x[b + 3]
   local inst = x[b + 4]; local aid = x[b + 5]; local adm = x[b + 6]; local dis = x[b + 7]; local card = x[b + 8]
   local child = x[b + 9]
-  local ek = epp .. card .. ':ep'
   local c = load(card)
   local found = {}   -- {conflict time, detail field, detail value, eid, t[, eid2, t2]}
   if v ~= 'i' then add_recent(c, t, eid, dc, v, inst) end
@@ -271,6 +287,7 @@ for b = 1, #x, 10 do
     found[#found + 1] = {t, 'C' .. SEP .. eid, child, eid, t}
   end
   if #found > 0 then
+    local ek = epp .. card .. ':ep'
     local ep = redis.call('HMGET', ek, 'start', 'last')
     local start = tonumber(ep[1]); local last = tonumber(ep[2])
     local took = false
@@ -304,9 +321,9 @@ for _, card in ipairs(cards) do   -- write back what changed (an emptied field i
     local lst = c[1]
     if #lst > 0 then
       for m = 1, #lst, 5 do lst[m] = store(lst[m]) end
-      redis.call('HSET', cp .. card, FR, cjson.encode(lst))
+      redis.call('HSET', c[5], FR, cjson.encode(lst))
     else
-      redis.call('HDEL', cp .. card, FR)
+      redis.call('HDEL', c[5], FR)
     end
   end
   if c[4] then  -- stays: a key of their own (rare), kept as long as an open stay matters
