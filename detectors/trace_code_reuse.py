@@ -103,14 +103,16 @@ while c <= #x do
   local p = floor(t / P)
   local lo = floor((t - R) / P)
   local hi = floor((t + lateness) / P)
-  local hits = {}
-  local qs = {}   -- the periods that may hold a code settled within R of t
+  local hits = nil
+  local qs = {}   -- key prefixes of the periods that may hold a code settled within R of t
+  local own = 0   -- the event's own period among them
   for q = lo, hi do
     local r = per[q]
     if r and t - r[2] <= R and r[1] - t <= R then
       local pk = pkey[q]
       if not pk then pk = prefix .. q .. ':'; pkey[q] = pk end
-      qs[#qs + 1] = q
+      qs[#qs + 1] = pk
+      if q == p then own = #qs end
     end
   end
   for j = 1, n do
@@ -120,11 +122,13 @@ while c <= #x do
     local best = nil
     local stored = false
     local wv = nil  -- the value already in this event's own period bucket
+    local wk = nil  -- its key
     for k = 1, #qs do
-      local q = qs[k]
-      local v = redis.call('HGET', pkey[q] .. b, f)
+      local key = qs[k] .. b
+      local v = redis.call('HGET', key, f)
+      if k == own then wk = key end
       if v then
-        if q == p then wv = v end
+        if k == own then wv = v end
         local s = 1
         local lv = #v
         while s <= lv do  -- records separated by \30 (see "displaced" below)
@@ -168,26 +172,32 @@ while c <= #x do
         if not r then
           r = {tf, tf}; per[p] = r; dirty[#dirty + 1] = p
           pkey[p] = prefix .. p .. ':'
-          qs[#qs + 1] = p   -- the event's next codes look here too
+          qs[#qs + 1] = pkey[p]   -- the event's next codes look here too
+          own = #qs
         elseif tf < r[1] or tf > r[2] then
           if tf < r[1] then r[1] = tf else r[2] = tf end
           dirty[#dirty + 1] = p
         end
-        local wk = pkey[p] .. b
+        wk = wk or (pkey[p] .. b)
         redis.call('HSET', wk, f, nv)
         if not written[wk] then written[wk] = true; wkeys[#wkeys + 1] = wk end
       end
       if best ~= nil then
+        hits = hits or {}
         hits[#hits + 1] = {j, 'f', tostring(best[1]), best[2], best[3], best[4]}
       end
     else
+      hits = hits or {}
       hits[#hits + 1] = {j, 's', tostring(best[1]), best[2], best[3], best[4]}
     end
   end
-  if #hits > 0 then out[#out + 1] = {idx, hits} end
+  if hits then out[#out + 1] = {idx, hits} end
 end
-for k = 1, #wkeys do redis.call('EXPIRE', wkeys[k], ttl) end
 if #wkeys > 0 then
+  -- one absolute expiry for the batch: PEXPIREAT is propagated as is (EXPIRE is rewritten into it per key)
+  local tm = redis.call('TIME')
+  local at = string.format('%d', tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000) + ttl * 1000)
+  for k = 1, #wkeys do redis.call('PEXPIREAT', wkeys[k], at) end
   local seen = {}
   for k = 1, #dirty do
     local q = dirty[k]
@@ -196,7 +206,7 @@ if #wkeys > 0 then
       redis.call('HSET', ik, string.format('%d', q), string.format('%d %d', per[q][1], per[q][2]))
     end
   end
-  redis.call('EXPIRE', ik, ttl)
+  redis.call('PEXPIREAT', ik, at)
 end
 return out
 """
