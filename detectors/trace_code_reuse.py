@@ -31,8 +31,9 @@ are the field, other bits pick one of ``buckets`` buckets; buckets are per event
   scan of a bucket) for 2 %.
 * ``cw:{run}:trace_code_reuse:{retention_s}:periods`` — hash, field = period, value = ``min max``,
   the first and last event time (integer seconds) ever written to that period's buckets; read once
-  per batch, it lets a lookup skip a period that holds no code within ``retention_s``; it only grows
-  and expires with the latest bucket written.
+  per batch, it lets a lookup skip a period that holds no code within ``retention_s``; a period
+  leaves it once its last code is 2 × ``retention_s`` + lateness older than a batch's latest event,
+  and it expires with the latest bucket written.
 
 Measured on Redis 6.2 (libc malloc) with 18-character event ids, 16-character card ids and
 11-character institution ids: 69 bytes per stored code when buckets hold ~90 codes, 71 at
@@ -95,8 +96,10 @@ local written, wkeys = {}, {}   -- bucket keys written (expired once, at the end
 local out = {}
 local off = 1
 local c = 1
+local tmax = nil
 while c <= #x do
   local idx, t, eid, value, n = x[c], x[c + 1], x[c + 2], x[c + 3], x[c + 4]
+  if not tmax or t > tmax then tmax = t end
   local bs = c + 5
   c = bs + n
   local tf = floor(t)
@@ -205,6 +208,11 @@ if #wkeys > 0 then
       seen[q] = true
       redis.call('HSET', ik, string.format('%d', q), string.format('%d %d', per[q][1], per[q][2]))
     end
+  end
+  -- a period whose codes are all older than the retention before anything this batch could still be
+  -- joined by (its time minus the retention and the lateness) leaves the index
+  for q, r in pairs(per) do
+    if r[2] + 2 * R + lateness < tmax then redis.call('HDEL', ik, string.format('%d', q)) end
   end
   redis.call('PEXPIREAT', ik, at)
 end

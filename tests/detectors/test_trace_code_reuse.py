@@ -197,6 +197,18 @@ def test_period_index_skips_only_periods_without_a_code_in_retention(process):
     assert sorted(a.subject_id for a in alerts) == ["P002", "P004"]
 
 
+def test_period_index_forgets_periods_far_behind_the_stream(process, redis_sync):
+    short = load_rules_text("rules:\n  trace_code_reuse:\n    retention_s: 864000\n    period_s: 86400\n"
+                            "    buckets: 8\n")
+    rid = run_id()
+    index = f"cw:{rid}:trace_code_reuse:864000:periods"
+    edge = T0 + 20 * DAY + 3600  # twice the retention and the lateness after the first code
+    process(short, [[dumps(sale("GA", "H001", T0, [code(80)]))], [dumps(sale("GB", "H001", edge, [code(81)]))]], rid)
+    assert sorted(int(q) for q in redis_sync.hkeys(index)) == [int(T0 // DAY), int(edge // DAY)]
+    process(short, [[dumps(sale("GC", "H001", edge + 1, [code(82)]))]], rid)
+    assert sorted(int(q) for q in redis_sync.hkeys(index)) == [int(edge // DAY)]
+
+
 def test_placeholder_institution_is_never_blamed(process, rules):
     rid = run_id()
     evs = [sale("PA", "H001", T0, [code(70)]), sale("PB", "未知", T0 + DAY, [code(70)])]
