@@ -220,17 +220,25 @@ return out
 """
 
 
+_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
+_PAIRS = [a + b for a in _DIGITS for b in _DIGITS]      # 0..1295 in two digits
+_HEADS = [p.lstrip("0") for p in _PAIRS]                # the same without leading zeros
+
+
 def _base36(n: int) -> str:
     """The event time in 6 characters.
 
-    >>> _base36(1795482785)
-    'tozfdt'
+    >>> _base36(1795482785), _base36(0), _base36(35), _base36(1679616), _base36(36 ** 6)
+    ('tozfdt', '0', 'z', '10000', '1000000')
     """
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    if 1679616 <= n < 2176782336:  # 5 or 6 digits: every event time from 1971 to 2038
+        a, r = divmod(n, 1679616)
+        b, c = divmod(r, 1296)
+        return _HEADS[a] + _PAIRS[b] + _PAIRS[c]
     out = ""
     while True:
         n, d = divmod(n, 36)
-        out = digits[d] + out
+        out = _DIGITS[d] + out
         if not n:
             return out
 
