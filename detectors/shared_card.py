@@ -164,8 +164,12 @@ local function add_recent(c, t, eid, dc, v, inst)   -- ZADD: a known member only
     end
     pos = pos - 5
   end
-  table.insert(rec, pos, inst); table.insert(rec, pos, v); table.insert(rec, pos, dc)
-  table.insert(rec, pos, eid); table.insert(rec, pos, t)
+  if pos > #rec then   -- the usual case: the card's latest settlement
+    rec[pos] = t; rec[pos + 1] = eid; rec[pos + 2] = dc; rec[pos + 3] = v; rec[pos + 4] = inst
+  else
+    table.insert(rec, pos, inst); table.insert(rec, pos, v); table.insert(rec, pos, dc)
+    table.insert(rec, pos, eid); table.insert(rec, pos, t)
+  end
   c[3] = true
 end
 local function rem_stay(c, mem)
