@@ -340,17 +340,17 @@ def day_label(day: int) -> str:
 # from its state).
 
 LUA_LIB = r"""
+local floor, sfind, ssub = math.floor, string.find, string.sub
+-- shared by reference, never written: what a missing list reads as
+local EMPTY = {}
+
 local function pk_bucket(edges, v)
   local lo, hi = 0, #edges
   while lo < hi do
-    local mid = math.floor((lo + hi + 1) / 2)
+    local mid = floor((lo + hi + 1) / 2)
     if edges[mid] <= v then lo = mid else hi = mid - 1 end
   end
   return lo
-end
-
-local function pk_key(prefix, ym, g, dom)
-  return prefix .. ':' .. ym .. ':' .. g .. ':' .. dom
 end
 
 -- day numbers as strings (for keys), each converted once per script run: Lua's number to string is a sprintf
@@ -362,6 +362,10 @@ local function pk_dstr(d)
     DS[d] = s
   end
   return s
+end
+
+local function pk_key(prefix, ym, g, dom)
+  return prefix .. ':' .. ym .. ':' .. g .. ':' .. pk_dstr(dom)
 end
 
 -- the peer configuration (a decoded PeerSpec.config()): enabled, floor, q, factor, min_peer, integer, edges
@@ -379,8 +383,8 @@ end
 local function pk_regroup(ob, od, eb, ed)
   if ob == eb and od == ed then return ob, od end
   local nb, nd = ob, od
-  if not ob or (string.find(ob, '?', 1, true) and not string.find(eb, '?', 1, true)) then nb = eb end
-  if not od or (od == '?' and ed ~= '?') or (string.sub(ed, 1, 2) == 'S:' and string.sub(od, 1, 2) ~= 'S:') then
+  if not ob or (sfind(ob, '?', 1, true) and not sfind(eb, '?', 1, true)) then nb = eb end
+  if not od or (od == '?' and ed ~= '?') or (ssub(ed, 1, 2) == 'S:' and ssub(od, 1, 2) ~= 'S:') then
     nd = ed
   end
   return nb, nd
@@ -396,62 +400,63 @@ local function pk_group(b, d)
   end
   local g = t[d]
   if not g then
-    if string.sub(d, 1, 2) == 'S:' then g = 'g:*|*|' .. d else g = 'g:' .. b .. '|' .. d end
+    if ssub(d, 1, 2) == 'S:' then g = 'g:*|*|' .. d else g = 'g:' .. b .. '|' .. d end
     t[d] = g
   end
   return g
 end
 
--- the batch's pending histogram deltas: key -> {bucket -> delta}, and the TTL of each key (the longest asked)
-local PD, PT, KC = {}, {}, {}
-local function pk_add(prefix, ym, g, dom, ttl, b, delta)
-  local kt = KC[g]
-  if not kt then
-    kt = {}
-    KC[g] = kt
+-- the batch's months (see cal_months): {ym = 'YYYY-MM', me = month end, ye = year end, keys = {group -> {day ->
+-- delta key}}}
+local function cal_months(flat)
+  local out = {}
+  for i = 1, #flat, 3 do
+    out[#out + 1] = {ym = flat[i], me = flat[i + 1], ye = flat[i + 2], keys = {}}
   end
-  local ks = ym .. dom
-  local k = kt[ks]
+  return out
+end
+
+-- the batch's pending histogram deltas: key -> {bucket -> delta}, the month end of each key and the earliest
+-- event time that touched it (its TTL runs to the month end + lateness as of that event)
+local PD, PM, PT = {}, {}, {}
+local function pk_add(prefix, mo, g, dom, t, b, delta)
+  local kg = mo.keys[g]
+  if not kg then
+    kg = {}
+    mo.keys[g] = kg
+  end
+  local k = kg[dom]
   if not k then
-    k = pk_key(prefix, ym, g, dom)
-    kt[ks] = k
+    k = pk_key(prefix, mo.ym, g, dom)
+    kg[dom] = k
   end
-  local t = PD[k]
-  if not t then
-    t = {}
-    PD[k] = t
-    PT[k] = ttl
-  elseif ttl > PT[k] then
-    PT[k] = ttl
+  local d = PD[k]
+  if not d then
+    PD[k] = {[b] = delta}
+    PM[k] = mo.me
+    PT[k] = t
+    return
   end
-  t[b] = (t[b] or 0) + delta
+  if t < PT[k] then PT[k] = t end
+  d[b] = (d[b] or 0) + delta
 end
 
 -- apply the batch's histogram deltas (one HINCRBY per key and bucket); a key whose bucket was 0 before gets
--- its TTL. Call before reading histograms (pk_peers).
-local function pk_flush(c)
+-- its TTL (the month end + lateness, as of the key's earliest event in the batch). Call before reading
+-- histograms (pk_peers).
+local function pk_flush(c, late)
   for k, t in pairs(PD) do
     local new = false
     for b, d in pairs(t) do
       if d ~= 0 and redis.call('HINCRBY', k, c.bs[b], d) == d then new = true end
     end
-    if new then redis.call('EXPIRE', k, PT[k]) end
+    if new then
+      local ttl = floor(PM[k] - PT[k]) + late
+      if ttl < 1 then ttl = 1 end
+      redis.call('EXPIRE', k, ttl)
+    end
   end
-  PD, PT = {}, {}
-end
-
--- move a card's contribution from (group g0, value v0) to (g1, v1) in the delta histogram of day dom (a
--- string, see pk_dstr), applied by pk_flush; a histogram's member count is the sum of its buckets
-local function pk_update(prefix, ym, dom, ttl, c, ob, od, v0, nb, nd, v1)
-  local g1 = pk_group(nb, nd)
-  local b1 = pk_bucket(c.edges, v1)
-  if ob then
-    local g0 = pk_group(ob, od)
-    local b0 = pk_bucket(c.edges, v0)
-    if g0 == g1 and b0 == b1 then return end
-    pk_add(prefix, ym, g0, dom, ttl, b0, -1)
-  end
-  pk_add(prefix, ym, g1, dom, ttl, b1, 1)
+  PD, PM, PT = {}, {}, {}
 end
 
 local function pk_quantile(hist, nb, total, q)
@@ -509,7 +514,10 @@ end
 -- ---- calendar state of one card and rule: one field of the card hash, MessagePack [years, months] (see the
 -- module docstring; cmsgpack writes numbers in binary, several times faster than cjson's sprintf). A year is
 -- an array {end, ...counts}; a month a table {me = end, ev, h, gs, gb, gd, ...} decoded from and encoded to
--- the rule's array by its own mdec / menc. Few tables are made per event: they cost allocation and GC time.
+-- the rule's array by its own mdec / menc, with every field it will get set in its constructor (false when
+-- empty: a list a month has not needed yet, an empty group) so it is allocated once. Few tables are made per
+-- event, each with its first contents (a table grown an element at a time is reallocated at each power of 2):
+-- tables cost allocation and GC time.
 
 -- index of dom's triple in a flat list {dom, x, y, dom, x, y, ...} ordered by dom; {dom, 0, 0} is added if missing
 local function cal_tri(a, dom)
@@ -528,10 +536,11 @@ local function cal_tri(a, dom)
   return i
 end
 
--- is x in list a? (a set is built once the list is long, kept in SETS[a] up to date by cal_put: not in the
--- list itself, which may be packed)
+-- is x in list a (false: empty)? (a set is built once the list is long, kept in SETS[a] up to date by cal_put:
+-- not in the list itself, which may be packed)
 local SETS = {}
 local function cal_in(a, x)
+  if not a then return false end
   local set = SETS[a]
   if set then return set[x] == true end
   local n = #a
@@ -554,21 +563,33 @@ local function cal_put(a, x)
   if set then set[x] = true end
 end
 
--- has a month seen event id? (its evidence: flat {id, time, ...}, ids kept in m.ids for the lookup)
+-- has a month seen event id? (its evidence: flat {id, time, ...}; a set of the ids is built in m.set once
+-- the month has many)
 local function cal_seen(m, id)
-  local ids = m.ids
-  if not ids then
-    ids = {}
-    local ev = m.ev
-    for i = 1, #ev, 2 do ids[#ids + 1] = ev[i] end
-    m.ids = ids
+  local set = m.set
+  if set then return set[id] == true end
+  local ev = m.ev
+  if not ev then return false end
+  local n = #ev
+  if n > 48 then
+    set = {}
+    for i = 1, n, 2 do set[ev[i]] = true end
+    m.set = set
+    return set[id] == true
   end
-  return cal_in(ids, id)
+  for i = 1, n, 2 do
+    if ev[i] == id then return true end
+  end
+  return false
 end
 
 -- add an event to a month's evidence, kept ordered by (time, id) whatever the arrival order
 local function cal_ev_add(m, id, t)
   local ev = m.ev
+  if not ev then
+    m.ev = {id, t}
+    return
+  end
   local n = #ev
   local p = n + 1
   while p > 1 and (ev[p - 1] > t or (ev[p - 1] == t and ev[p - 2] > id)) do p = p - 2 end
@@ -578,25 +599,30 @@ local function cal_ev_add(m, id, t)
     table.insert(ev, p, t)
     table.insert(ev, p, id)
   end
-  cal_put(m.ids, id)
+  local set = m.set
+  if set then set[id] = true end
 end
 
--- a month's peer groups, flat {base, dx, base, dx, ...} in order of appearance (the last is the current one)
-local function cal_groups(m, gs)
-  m.gs = gs
-  local n = #gs
-  if n > 0 then m.gb, m.gd = gs[n - 1], gs[n] end
-end
-
--- record the card's peer value v and current group after day dom (h: flat {dom, value, group number})
+-- record the card's peer value v and current group after day dom (h: flat {dom, value, group number}; gs the
+-- month's peer groups, flat {base, dx, base, dx, ...} in order of appearance, the last is the current one)
 local function cal_h_set(m, dom, v)
   local gs = m.gs
-  local n = #gs
-  if n == 0 or gs[n - 1] ~= m.gb or gs[n] ~= m.gd then
-    gs[n + 1], gs[n + 2] = m.gb, m.gd
-    n = n + 2
+  local n
+  if not gs then
+    m.gs = {m.gb, m.gd}
+    n = 2
+  else
+    n = #gs
+    if n == 0 or gs[n - 1] ~= m.gb or gs[n] ~= m.gd then
+      gs[n + 1], gs[n + 2] = m.gb, m.gd
+      n = n + 2
+    end
   end
   local h = m.h
+  if not h then
+    m.h = {dom, v, n / 2}
+    return
+  end
   local i = cal_tri(h, dom)
   h[i + 1] = v
   h[i + 2] = n / 2
@@ -605,6 +631,7 @@ end
 -- the card's own {value / scale, base, dx} after the last day <= rdom it had an event, nil if none
 local function cal_own(m, rdom, scale)
   local h = m.h
+  if not h then return nil end
   local i = #h - 2
   while i >= 1 and h[i] > rdom do i = i - 3 end
   if i < 1 then return nil end
@@ -612,42 +639,40 @@ local function cal_own(m, rdom, scale)
   return {h[i + 1] / scale, m.gs[g - 1], m.gs[g]}
 end
 
--- the card's state for field of hash key: years and months ordered by their end, and the card's newest event
--- time (the last evidence of its last month)
+-- the card's state for field of hash key: years and months ordered by their end (false: none), and the card's
+-- newest event time (the last evidence of its last month)
 local function cal_load(key, field, mdec)
-  local S = {key = key, years = {}, months = {}, newest = false}
   local raw = redis.call('HGET', key, field)
-  if raw then
-    local v = cmsgpack.unpack(raw)
-    S.years = v[1]
-    local ms = S.months
-    for i, x in ipairs(v[2]) do ms[i] = mdec(x) end
-    local last = ms[#ms]
-    if last then S.newest = last.ev[#last.ev] end
-  end
-  return S
+  if not raw then return {key = key, years = false, months = false, newest = false} end
+  local v = cmsgpack.unpack(raw)
+  local ms = v[2]
+  for i = 1, #ms do ms[i] = mdec(ms[i]) end
+  local last = ms[#ms]
+  local newest = false
+  if last then newest = last.ev[#last.ev] end
+  return {key = key, years = v[1], months = ms, newest = newest}
 end
 
--- is the month ending at me no longer kept (or never to be created): the card's newest event is keep past its end?
-local function cal_gone(S, me, keep)
-  return S.newest and me + keep <= S.newest
-end
-
--- the month ending at me (created by new(me) if missing)
+-- the month ending at me (created by new(me) if missing); fresh is true when it was created
 local function cal_month(S, me, new)
   local ms = S.months
+  if not ms then
+    local m = new(me)
+    S.months = {m}
+    return m, true
+  end
   local i = #ms
   while i >= 1 and ms[i].me > me do i = i - 1 end
-  if i >= 1 and ms[i].me == me then return ms[i] end
+  if i >= 1 and ms[i].me == me then return ms[i], false end
   local m = new(me)
-  m.ids = {}
   table.insert(ms, i + 1, m)
-  return m
+  return m, true
 end
 
 -- the year ending at ye, nil if none
 local function cal_find_year(S, ye)
   local ys = S.years
+  if not ys then return nil end
   for i = #ys, 1, -1 do
     if ys[i][1] == ye then return ys[i] end
   end
@@ -657,20 +682,27 @@ end
 -- the year ending at ye: {ye, 0 x n} if missing
 local function cal_year(S, ye, n)
   local ys = S.years
+  local y
+  if n == 2 then y = {ye, 0, 0} else
+    y = {ye}
+    for k = 2, n + 1 do y[k] = 0 end
+  end
+  if not ys then
+    S.years = {y}
+    return y
+  end
   local i = #ys
   while i >= 1 and ys[i][1] > ye do i = i - 1 end
   if i >= 1 and ys[i][1] == ye then return ys[i] end
-  local y = {ye}
-  for k = 2, n + 1 do y[k] = 0 end
   table.insert(ys, i + 1, y)
   return y
 end
 
 -- write the state back, without the buckets the card's newest event is keep seconds past the end of
 -- (lateness + a redelivery margin: no event within lateness, nor a redelivered one, can reach them any more;
--- an event that does is ignored, see cal_gone). S stays as it was (the batch's verdicts may still read it).
+-- an event that does is ignored, see cal_event). S stays as it was (the batch's verdicts may still read it).
 local function cal_store(S, field, keep, menc)
-  local ys, ms, newest = S.years, {}, S.newest
+  local ys, newest = S.years or EMPTY, S.newest
   if ys[1] and ys[1][1] + keep <= newest then
     local kept = {}
     for _, y in ipairs(ys) do
@@ -678,8 +710,15 @@ local function cal_store(S, field, keep, menc)
     end
     ys = kept
   end
-  for _, m in ipairs(S.months) do
-    if m.me + keep > newest then ms[#ms + 1] = menc(m) end
+  local src = S.months or EMPTY
+  local ms
+  if #src == 1 then
+    if src[1].me + keep > newest then ms = {menc(src[1])} else ms = EMPTY end
+  else
+    ms = {}
+    for _, m in ipairs(src) do
+      if m.me + keep > newest then ms[#ms + 1] = menc(m) end
+    end
   end
   redis.call('HSET', S.key, field, cmsgpack.pack({ys, ms}))
 end
@@ -689,35 +728,64 @@ local function cal_batch(cp, field, keep, mdec, mnew)
   return {cp = cp, field = field, keep = keep, mdec = mdec, mnew = mnew, cards = {}, dirty = {}, order = {}}
 end
 
--- an event of card at t in the month ending at me (year ending at ye): its card state S and month m when it
--- counts; nil when its month is no longer kept (late) or it was counted before (redelivered)
-local function cal_event(B, card, ym, me, ye, idx, rdom, eid, t)
+-- an event of card at t in month mo (see cal_months): its card state S and month m when it counts; nil when
+-- its month is no longer kept (late: the card's newest event is keep past its end) or it was counted before
+-- (redelivered)
+local function cal_event(B, card, mo, idx, rdom, eid, t)
   local S = B.cards[card]
   if not S then
     S = cal_load(B.cp .. card, B.field, B.mdec)
     B.cards[card] = S
   end
-  if cal_gone(S, me, B.keep) then return nil end
-  local m = cal_month(S, me, B.mnew)
+  local me = mo.me
+  local newest = S.newest
+  if newest and me + B.keep <= newest then return nil end
+  local m, fresh = cal_month(S, me, B.mnew)
   if not m.li then
-    B.order[#B.order + 1] = m
-    m.S, m.ym, m.ye = S, ym, ye
+    local order = B.order
+    order[#order + 1] = m
+    m.S, m.mo = S, mo
   end
   m.li, m.lr = idx, rdom   -- judged as of its last event in the batch
-  if cal_seen(m, eid) then return nil end
+  if not fresh and cal_seen(m, eid) then return nil end
   cal_ev_add(m, eid, t)
   B.dirty[card] = S
-  if not S.newest or t > S.newest then S.newest = t end
+  if not newest or t > newest then S.newest = t end
   return S, m
 end
 
 -- the month's card moves in its peer histograms from v0 to v1 on day dom (regrouped by this event's buckets
--- eb/ed), and the day's running value becomes hv
-local function cal_peer_move(prefix, pc, m, ym, dom, ttl, eb, ed, v0, v1, hv)
-  local nb, nd = pk_regroup(m.gb, m.gd, eb, ed)
-  pk_update(prefix, ym, pk_dstr(dom), ttl, pc, m.gb, m.gd, v0, nb, nd, v1)
-  m.gb = nb
-  m.gd = nd
+-- eb/ed; its group key and the bucket of its value are kept in m.g, m.pb), applied by pk_flush; a histogram's
+-- member count is the sum of its buckets. The day's running value becomes hv.
+local function cal_peer_move(prefix, pc, m, dom, t, eb, ed, v0, v1, hv)
+  local ob, od = m.gb, m.gd
+  local g0 = m.g
+  local g1 = g0
+  if ob ~= eb or od ~= ed then
+    local nb, nd = pk_regroup(ob, od, eb, ed)
+    if nb ~= ob or nd ~= od then
+      if ob and not g0 then g0 = pk_group(ob, od) end
+      g1 = pk_group(nb, nd)
+      m.gb, m.gd = nb, nd
+    end
+  end
+  if not g1 then   -- decoded month, same group
+    g1 = pk_group(ob, od)
+    g0 = g1
+  end
+  m.g = g1
+  local edges = pc.edges
+  local b1 = pk_bucket(edges, v1)
+  if ob then
+    local b0 = m.pb or pk_bucket(edges, v0)
+    if g0 ~= g1 or b0 ~= b1 then
+      pk_add(prefix, m.mo, g0, dom, t, b0, -1)
+      pk_add(prefix, m.mo, g1, dom, t, b1, 1)
+    end
+  else
+    pk_add(prefix, m.mo, g1, dom, t, b1, 1)
+  end
+  m.pb = b1
   cal_h_set(m, dom, hv)
 end
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import orjson
+from msgspec.msgpack import encode as _pack
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
 from detectors._peers import (LUA_LIB, REDELIVERY_S, Calendar, PeerSpec, buckets_of, check_prefixes, dx_key,
@@ -60,9 +61,10 @@ from stream.events import Settlement, iso
 LUA = LUA_LIB + r"""
 -- ARGV[1] key prefix (cw:{run}:cost_anomaly), ARGV[2] card hash prefix (cw:{run}:h:), ARGV[3] JSON {field,
 -- lateness, keep (how long past its end, in the card's event time, a month or year is kept: lateness +
--- redelivery margin), subs: [[window m|y, min fen]], peers: (see pk_config)}, ARGV[4] JSON {months:
--- [[YYYY-MM, month end, year end], ...], rows: [[idx, t, event_id, card, day of month, month (index in
--- months), amount fen, fund fen, special, group base, diagnosis key, reference day of month], ...]}.
+-- redelivery margin), subs: [[window m|y, min fen]], peers: (see pk_config)}; the batch as MessagePack flat
+-- arrays: ARGV[4] months [YYYY-MM, month end, year end, ...], ARGV[5] peer groups [base, diagnosis key, ...],
+-- ARGV[6] rows [idx, t, event_id, card, day of month, month (index in months), amount fen, fund fen, special,
+-- group (index in groups), reference day of month, ...].
 -- The card's state is the field of its hash {card hash prefix}{card} (see the module docstring); peer
 -- histograms are {prefix}:peer:…. Each card's state is read once per batch, updated in memory and written
 -- back once; each card-month the batch touched is then judged once, as of its last event in the batch (so a
@@ -75,47 +77,52 @@ local F, late, keep = cfg.field, cfg.lateness, cfg.keep
 local subs = cfg.subs
 local K = #subs
 local pc = pk_config(cfg.peers)
-local batch = cjson.decode(ARGV[4])
-local months, rows = batch.months, batch.rows
--- month {me, a, f, sa, evidence, h, groups}
+local peers_on = pc.enabled
+local months = cal_months(cmsgpack.unpack(ARGV[4]))
+local groups = cmsgpack.unpack(ARGV[5])
+local rows = cmsgpack.unpack(ARGV[6])
+-- month {me, a, f, sa, evidence, h, groups}; every field it may get is in its constructor (see cal_event)
 local function mdec(x)
-  local m = {me = x[1], a = x[2], f = x[3], sa = x[4], ev = x[5], h = x[6]}
-  cal_groups(m, x[7])
-  return m
+  local gs = x[7]
+  local n = #gs
+  return {me = x[1], a = x[2], f = x[3], sa = x[4], ev = x[5], h = x[6], gs = gs, gb = gs[n - 1] or false,
+          gd = gs[n] or false, g = false, pb = false, set = false, li = false, lr = false, S = false, mo = false}
 end
-local function menc(m) return {m.me, m.a, m.f, m.sa, m.ev, m.h, m.gs} end
-local function mnew(me) return {me = me, a = 0, f = 0, sa = 0, ev = {}, h = {}, gs = {}} end
+local function menc(m) return {m.me, m.a, m.f, m.sa, m.ev, m.h or EMPTY, m.gs or EMPTY} end
+local function mnew(me)
+  return {me = me, a = 0, f = 0, sa = 0, ev = false, h = false, gs = false, gb = false, gd = false, g = false,
+          pb = false, set = false, li = false, lr = false, S = false, mo = false}
+end
 local B = cal_batch(cp, F, keep, mdec, mnew)
-for r = 1, #rows do
-  local e = rows[r]
-  local idx, t, eid, card, dom, mo = e[1], e[2], e[3], e[4], e[5], months[e[6]]
-  local amt, fund, special, eb, ed, rdom = e[7], e[8], e[9], e[10], e[11], e[12]
-  local ym, me, ye = mo[1], mo[2], mo[3]
-  local S, m = cal_event(B, card, ym, me, ye, idx, rdom, eid, t)
+for r = 1, #rows, 11 do
+  local S, m = cal_event(B, rows[r + 3], months[rows[r + 5]], rows[r], rows[r + 10], rows[r + 2], rows[r + 1])
   if m then   -- else: late (its month no longer kept) or counted before
+    local amt = rows[r + 6]
     local pa = m.a + m.sa
-    if not special then
+    if not rows[r + 8] then
+      local fund = rows[r + 7]
       m.a = m.a + amt
       m.f = m.f + fund
-      local y = cal_year(S, ye, 2)
+      local y = cal_year(S, m.mo.ye, 2)
       y[2] = y[2] + amt
       y[3] = y[3] + fund
     else
       m.sa = m.sa + amt
     end
-    if pc.enabled then
-      cal_peer_move(prefix, pc, m, ym, dom, math.max(1, math.floor(me - t) + late), eb, ed, pa / 100,
-                    (pa + amt) / 100, pa + amt)
+    if peers_on then
+      local gi = 2 * rows[r + 9]
+      cal_peer_move(prefix, pc, m, rows[r + 4], rows[r + 1], groups[gi - 1], groups[gi], pa / 100, (pa + amt) / 100,
+                    pa + amt)
     end
   end
 end
 local order = B.order
 for _, S in pairs(B.dirty) do cal_store(S, F, keep, menc) end
-pk_flush(pc)
+pk_flush(pc, late)
 local out = {}
 local none = {0, 0, 0}
 for _, m in ipairs(order) do
-  local y = cal_find_year(m.S, m.ye) or none
+  local y = cal_find_year(m.S, m.mo.ye) or none
   local pa = m.a + m.sa
   local fired = false
   for j = 1, K do
@@ -123,8 +130,8 @@ for _, m in ipairs(order) do
     if n >= subs[j][2] then fired = true end
   end
   local peer = 0
-  if pc.enabled and m.gb and pa / 100 >= pc.floor then
-    local p = pk_peers(prefix, m.ym, m.lr, pc, cal_own(m, m.lr, 100), m.gb, m.gd)
+  if peers_on and m.gb and pa / 100 >= pc.floor then
+    local p = pk_peers(prefix, m.mo.ym, m.lr, pc, cal_own(m, m.lr, 100), m.gb, m.gd)
     if p then
       peer = {p[1], p[2], p[3], m.gb, m.gd}
       if pk_fires(pc, pa / 100, p) then fired = true end
@@ -206,9 +213,12 @@ class CostAnomaly(Detector):
                 "special_dx_prefixes": list(self.special), "peers": self.peers}
 
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
-        rows: list[list[Any]] = []
+        rows: list[Any] = []
+        add = rows.extend
         months: dict[str, int] = {}
-        cal: list[list[Any]] = []
+        cal: list[Any] = []
+        groups: dict[tuple[str, str], int] = {}
+        gflat: list[str] = []
         late = self.lateness_s
         special, base, types = self.special, self.peers.base, self.visit_types
         for i, ev in enumerate(events):
@@ -218,16 +228,20 @@ class CostAnomaly(Detector):
             dom, month, month_end, _, year_end, year_no, ref_dom = buckets_of(ts, late)
             mi = months.get(month)
             if mi is None:
-                cal.append([month, month_end, year_end])
-                mi = months[month] = len(cal)
+                cal += (month, month_end, year_end)
+                mi = months[month] = len(months) + 1
             dx = dx_key(ev.diagnoses[0] if ev.diagnoses else None, special)
-            rows.append([i, event_time(ts), ev.event_id, ev.card_id, dom, mi,
-                         int(round(ev.total_amount * 100)), int(round(ev.fund_paid * 100)), dx[0] == "S",
-                         base(ev, year_no), dx, ref_dom])
+            g = (base(ev, year_no), dx)
+            gi = groups.get(g)
+            if gi is None:
+                gflat += g
+                gi = groups[g] = len(groups) + 1
+            add((i, event_time(ts), ev.event_id, ev.card_id, dom, mi, int(round(ev.total_amount * 100)),
+                 int(round(ev.fund_paid * 100)), dx[0] == "S", gi, ref_dom))
         if not rows:
             return 0
-        pipe.evalsha(self._sha, 0, self.key(ns), ns.card_prefix(self.card_hash), self._cfg,
-                     orjson.dumps({"months": cal, "rows": rows}))
+        pipe.evalsha(self._sha, 0, self.key(ns), ns.card_prefix(self.card_hash), self._cfg, _pack(cal), _pack(gflat),
+                     _pack(rows))
         return 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:

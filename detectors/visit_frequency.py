@@ -58,6 +58,7 @@ from hashlib import blake2b
 from typing import Any, Sequence
 
 import orjson
+from msgspec.msgpack import encode as _pack
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
 from detectors._peers import (LUA_LIB, REDELIVERY_S, Calendar, PeerSpec, buckets_of, check_prefixes, dx_key,
@@ -69,10 +70,11 @@ LUA = LUA_LIB + r"""
 -- ARGV[1] key prefix (cw:{run}:visit_frequency), ARGV[2] card hash prefix (cw:{run}:h:), ARGV[3] JSON {field,
 -- lateness, keep (how long past its end, in the card's event time, a month or year is kept: lateness +
 -- redelivery margin), subs: [[window m|y, mask (1 outpatient, 2 emergency), min]], days: [[kind v|i,
--- per_day_min, min_days]], peers: (see pk_config)}, ARGV[4] JSON {months: [[YYYY-MM, month end, year end],
--- ...], rows: [[idx, t, event_id, card, day of month, month (index in months), o|e, special, bill key digest
--- ('' without a registration line), diagnosis key digest, institution key digest ('' when not needed), group
--- base, diagnosis key, reference day of month], ...]}.
+-- per_day_min, min_days]], peers: (see pk_config)}; the batch as MessagePack flat arrays: ARGV[4] months
+-- [YYYY-MM, month end, year end, ...], ARGV[5] peer groups [base, diagnosis key, ...], ARGV[6] rows [idx, t,
+-- event_id, card, day of month, month (index in months), o|e, special, bill key digest ('' without a
+-- registration line), diagnosis key digest, institution key digest ('' when not needed), group (index in
+-- groups), reference day of month, ...].
 -- The card's state is the field of its hash {card hash prefix}{card} (see the module docstring); peer
 -- histograms are {prefix}:peer:…. Each card's state is read once per batch, updated in memory and written
 -- back once; each card-month the batch touched is then judged once, as of its last event in the batch (so a
@@ -85,38 +87,46 @@ local F, late, keep = cfg.field, cfg.lateness, cfg.keep
 local subs, days = cfg.subs, cfg.days
 local K, J = #subs, #days
 local pc = pk_config(cfg.peers)
-local batch = cjson.decode(ARGV[4])
-local months, rows = batch.months, batch.rows
--- month {me, o, em, pv, evidence, visit keys, days {dom, visits, institutions, ...}, h, groups}
+local peers_on = pc.enabled
+local months = cal_months(cmsgpack.unpack(ARGV[4]))
+local groups = cmsgpack.unpack(ARGV[5])
+local rows = cmsgpack.unpack(ARGV[6])
+-- month {me, o, em, pv, evidence, visit keys, days {dom, visits, institutions, ...}, h, groups}; every field
+-- it may get is in its constructor (see cal_event)
 local function mdec(x)
-  local m = {me = x[1], o = x[2], em = x[3], pv = x[4], ev = x[5], vk = x[6], d = x[7], h = x[8]}
-  cal_groups(m, x[9])
-  return m
+  local gs = x[9]
+  local n = #gs
+  return {me = x[1], o = x[2], em = x[3], pv = x[4], ev = x[5], vk = x[6], d = x[7], h = x[8], gs = gs,
+          gb = gs[n - 1] or false, gd = gs[n] or false, vnew = false, g = false, pb = false, set = false,
+          li = false, lr = false, S = false, mo = false}
 end
 local function menc(m)
   if m.vnew then table.sort(m.vk) end
-  return {m.me, m.o, m.em, m.pv, m.ev, m.vk, m.d, m.h, m.gs}
+  return {m.me, m.o, m.em, m.pv, m.ev, m.vk or EMPTY, m.d or EMPTY, m.h or EMPTY, m.gs or EMPTY}
 end
-local function mnew(me) return {me = me, o = 0, em = 0, pv = 0, ev = {}, vk = {}, d = {}, h = {}, gs = {}} end
+local function mnew(me)
+  return {me = me, o = 0, em = 0, pv = 0, ev = false, vk = false, d = false, h = false, gs = false, gb = false,
+          gd = false, vnew = false, g = false, pb = false, set = false, li = false, lr = false, S = false, mo = false}
+end
 -- add a visit key (kept sorted when written)
 local function vk_add(m, k)
-  if not cal_in(m.vk, k) then
-    cal_put(m.vk, k)
+  local vk = m.vk
+  if not vk then
+    m.vk = {k}
+    m.vnew = true
+  elseif not cal_in(vk, k) then
+    cal_put(vk, k)
     m.vnew = true
   end
 end
 local B = cal_batch(cp, F, keep, mdec, mnew)
-for r = 1, #rows do
-  local e = rows[r]
-  local idx, t, eid, card, dom, mo = e[1], e[2], e[3], e[4], e[5], months[e[6]]
-  local vt, special, kb, kp, ki = e[7], e[8], e[9], e[10], e[11]
-  local eb, ed, rdom = e[12], e[13], e[14]
-  local ym, me, ye = mo[1], mo[2], mo[3]
-  local S, m = cal_event(B, card, ym, me, ye, idx, rdom, eid, t)
+for r = 1, #rows, 13 do
+  local S, m = cal_event(B, rows[r + 3], months[rows[r + 5]], rows[r], rows[r + 12], rows[r + 2], rows[r + 1])
   if m then   -- else: late (its month no longer kept) or counted before
     -- a settlement with a registration (挂号) is a visit unless the same bill was settled there that day
     -- before; one without (tests or drugs paid separately) is part of that day's visit there for the
     -- same diagnosis, if there is one
+    local kb, kp = rows[r + 8], rows[r + 9]
     local newvisit
     if kb ~= '' then
       newvisit = not cal_in(m.vk, kb)
@@ -126,38 +136,50 @@ for r = 1, #rows do
       if newvisit then vk_add(m, kp) end
     end
     if newvisit then
-      m.pv = m.pv + 1
-      if not special then
-        local y = cal_year(S, ye, 2)
-        if vt == 'o' then m.o = m.o + 1; y[2] = y[2] + 1 else m.em = m.em + 1; y[3] = y[3] + 1 end
+      local pv = m.pv + 1
+      m.pv = pv
+      local dom = rows[r + 4]
+      if not rows[r + 7] then
+        local y = cal_year(S, m.mo.ye, 2)
+        if rows[r + 6] == 'o' then m.o = m.o + 1; y[2] = y[2] + 1 else m.em = m.em + 1; y[3] = y[3] + 1 end
         if J > 0 then
-          local i = cal_tri(m.d, dom)
-          m.d[i + 1] = m.d[i + 1] + 1
+          local d = m.d
+          local i
+          if not d then
+            d = {dom, 0, 0}
+            m.d = d
+            i = 1
+          else
+            i = cal_tri(d, dom)
+          end
+          d[i + 1] = d[i + 1] + 1
+          local ki = rows[r + 10]
           if not cal_in(m.vk, ki) then
             vk_add(m, ki)
-            m.d[i + 2] = m.d[i + 2] + 1
+            d[i + 2] = d[i + 2] + 1
           end
         end
       end
-      if pc.enabled then
-        cal_peer_move(prefix, pc, m, ym, dom, math.max(1, math.floor(me - t) + late), eb, ed, m.pv - 1, m.pv, m.pv)
+      if peers_on then
+        local gi = 2 * rows[r + 11]
+        cal_peer_move(prefix, pc, m, dom, rows[r + 1], groups[gi - 1], groups[gi], pv - 1, pv, pv)
       end
     end
   end
 end
 local order = B.order
 for _, S in pairs(B.dirty) do cal_store(S, F, keep, menc) end
-pk_flush(pc)
+pk_flush(pc, late)
 local out = {}
 local none = {0, 0, 0}
 local counts = {}
 for _, m in ipairs(order) do
-  local y = cal_find_year(m.S, m.ye) or none
+  local y = cal_find_year(m.S, m.mo.ye) or none
   counts[1], counts[2], counts[3], counts[4], counts[5] = m.o, m.em, y[2], y[3], m.pv
   -- qualifying days per day sub-rule: days with at least per_day visits (v) or institutions (i)
+  local d = m.d or EMPTY
   for j = 1, J do
     local n, off, per = 0, (days[j][1] == 'v') and 1 or 2, days[j][2]
-    local d = m.d
     for i = 1, #d, 3 do
       if d[i + off] >= per then n = n + 1 end
     end
@@ -176,8 +198,8 @@ for _, m in ipairs(order) do
     if counts[5 + j] >= days[j][3] then fired = true end
   end
   local peer = 0
-  if pc.enabled and m.gb and m.pv >= pc.floor then
-    local p = pk_peers(prefix, m.ym, m.lr, pc, cal_own(m, m.lr, 1), m.gb, m.gd)
+  if peers_on and m.gb and m.pv >= pc.floor then
+    local p = pk_peers(prefix, m.mo.ym, m.lr, pc, cal_own(m, m.lr, 1), m.gb, m.gd)
     if p then
       peer = {p[1], p[2], p[3], m.gb, m.gd}
       if pk_fires(pc, m.pv, p) then fired = true end
@@ -320,9 +342,12 @@ class VisitFrequency(Detector):
 
     # -- Redis ---------------------------------------------------------------------------
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
-        rows: list[list[Any]] = []
+        rows: list[Any] = []
+        add = rows.extend
         months: dict[str, int] = {}
-        cal: list[list[Any]] = []
+        cal: list[Any] = []
+        groups: dict[tuple[str, str], int] = {}
+        gflat: list[str] = []
         late = self.lateness_s
         special, base, per_day = self.special, self.peers.base, bool(self.days)
         for i, ev in enumerate(events):
@@ -335,20 +360,23 @@ class VisitFrequency(Detector):
             sp = dx[0] == "S"
             mi = months.get(month)
             if mi is None:
-                cal.append([month, month_end, year_end])
-                mi = months[month] = len(cal)
+                cal += (month, month_end, year_end)
+                mi = months[month] = len(months) + 1
+            g = (base(ev, year_no), dx)
+            gi = groups.get(g)
+            if gi is None:
+                gflat += g
+                gi = groups[g] = len(groups) + 1
             inst = ev.institution_id
             place = f"{dom}:{inst}|{ev.department or '-'}"
             bill = _bill_key(ev)
-            rows.append([i, event_time(ts), ev.event_id, ev.card_id, dom, mi,
-                         "o" if ev.visit_type == "outpatient" else "e", sp,
-                         visit_key(f"{place}|{bill}") if bill else "", visit_key(f"{place}#{pdx}"),
-                         visit_key(f"{dom}|{inst}") if per_day and not sp else "",
-                         base(ev, year_no), dx, ref_dom])
+            add((i, event_time(ts), ev.event_id, ev.card_id, dom, mi, "o" if ev.visit_type == "outpatient" else "e", sp,
+                 visit_key(f"{place}|{bill}") if bill else "", visit_key(f"{place}#{pdx}"),
+                 visit_key(f"{dom}|{inst}") if per_day and not sp else "", gi, ref_dom))
         if not rows:
             return 0
-        pipe.evalsha(self._sha, 0, self.key(ns), ns.card_prefix(self.card_hash), self._cfg,
-                     orjson.dumps({"months": cal, "rows": rows}))
+        pipe.evalsha(self._sha, 0, self.key(ns), ns.card_prefix(self.card_hash), self._cfg, _pack(cal), _pack(gflat),
+                     _pack(rows))
         return 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:
