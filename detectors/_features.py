@@ -40,7 +40,9 @@ once and writes it once):
   event times are seconds (cjson keeps 14 significant digits, so 0.1 ms). Only settlements
   within 7 d + lateness of the newest are kept (pruned at every write, so a hash kept alive
   by another rule holds no stale entries of this one); a redelivered event id is found in the
-  array, not added again, and reported as not new.
+  array, not added again, and reported as not new. A settlement after the card's last one (the
+  usual case) is written by appending its entry's JSON text (built by :func:`queue_windows`) to
+  the stored text; cjson re-encodes only when an entry goes in earlier or old ones are pruned.
 * ``cw:{run}:ml_outlier:p{partition}:phys:{physician}`` and ``…:inst:{institution}`` —
   string ``"d n b k"``: current local day, settlements that day, baseline per day,
   completed days seen; 14 d.
@@ -100,34 +102,35 @@ FEATURES: dict[str, tuple[str, str]] = {
 
 LUA = r"""
 -- Card windows (one field of the per-card hash) and per-partition physician / institution volumes,
--- one call per batch. ARGV[1] key prefix of the volume keys (cw:{run}:ml_outlier), ARGV[2] prefix of
--- the card hashes (cw:{run}:c:), ARGV[3] JSON [field, lateness, week_s, vol_ttl, base_days],
--- ARGV[4] JSON [[t, day, card, institution, district, days_supply, event_id, physician or "", partition], ...].
--- Keys are built here from the prefixes (standalone Redis). Every card and volume key is read once
--- and written once per batch. Returns one string: a line of 17 numbers per event (see Window.from_reply).
-local prefix, cp = ARGV[1], ARGV[2]
-local cfg = cjson.decode(ARGV[3])
+-- one call per batch. ARGV[1] JSON [lateness, week_s, vol_ttl, base_days], ARGV[2] the card hash field,
+-- ARGV[3] JSON [volume key, ...] (the batch's distinct institution / physician keys),
+-- ARGV[4] JSON, flat (one table to decode, not one per event): [t, day, card hash key, event_id, institution,
+-- district, days_supply, institution volume key index, physician volume key index (0: none), entry, ...]
+-- where entry is the event's card entry as JSON text (t, event_id, institution, district, days_supply).
+-- Every card and volume key is read once and written once per batch. Returns one string: a line of
+-- 17 numbers per event (see Window.from_reply).
+local cfg = cjson.decode(ARGV[1])
+local lateness, week, base_days = cfg[1], cfg[2], cfg[4]
+local vol_ttl = string.format('%d', cfg[3])
+local field = ARGV[2]
+local vkeys = cjson.decode(ARGV[3])
 local evs = cjson.decode(ARGV[4])
-local field, lateness, week, vol_ttl, base_days = cfg[1], cfg[2], cfg[3], cfg[4], cfg[5]
 local horizon = week + lateness
-local match, fmt, tinsert = string.match, string.format, table.insert
+local match, fmt, tinsert, concat, sub = string.match, string.format, table.insert, table.concat, string.sub
+
+-- integers as text, each formatted once (counts, days and day numbers recur)
+local IS = {}
+local function istr(n)
+  local s = IS[n]
+  if not s then s = fmt('%d', n); IS[n] = s end
+  return s
+end
 
 -- volume state of every institution / physician of the batch, read with one MGET per 500 keys:
--- {d = local day, n = settlements that day, b = baseline per day, k = completed days; f = fresh, c = changed}
-local vols, vkeys, vn = {}, {}, 0
-local iks, pks = {}, {}
-for i = 1, #evs do
-  local e = evs[i]
-  local pp = prefix .. ':p' .. e[9]
-  local k = pp .. ':inst:' .. e[4]
-  iks[i] = k
-  if not vols[k] then vols[k] = true; vn = vn + 1; vkeys[vn] = k end
-  if e[8] ~= '' then
-    k = pp .. ':phys:' .. e[8]
-    pks[i] = k
-    if not vols[k] then vols[k] = true; vn = vn + 1; vkeys[vn] = k end
-  end
-end
+-- {d = local day, n = settlements that day, b = baseline per day (bs: as stored, '%.6f'), k = completed days;
+-- f = fresh, c = changed}
+local vn = #vkeys
+local vols = {}
 for j = 1, vn, 500 do
   local last = j + 499
   if last > vn then last = vn end
@@ -137,9 +140,9 @@ for j = 1, vn, 500 do
     if v then
       local s1, s2, s3, s4 = match(v, '^(%S+) (%S+) (%S+) (%S+)$')
       s.d = tonumber(s1); s.n = tonumber(s2); s.b = tonumber(s3); s.k = tonumber(s4)
-      if s.b then s.bs = fmt('%.6f', s.b) end
+      if s.b then s.bs = s3 end   -- written as fmt('%.6f', b)
     end
-    vols[vkeys[m]] = s
+    vols[m] = s
   end
 end
 
@@ -176,35 +179,43 @@ local function roll(s, day, new)
 end
 
 -- the card field: flat array t, event_id, institution, district, days_supply per settlement, sorted by
--- (t, event_id), pruned at write to newest - week - lateness
-local cards, corder, cn, dirty = {}, {}, 0, {}
-local FIRST = '1 1 1 1 1 1 1 1 1 1 0.0000'   -- the window part of a card's first settlement
+-- (t, event_id), pruned at write to newest - week - lateness. While a card only gains settlements after its
+-- last one, its new value is the stored text with the new entries' text appended (no re-encoding).
+local cards, corder, cn = {}, {}, 0
+-- card -> stored text (loaded cards only); the entry texts appended since, comma-separated ('': unchanged;
+-- false: an entry went in before the last one, re-encode)
+local raws, apps = {}, {}
+local FIRST = '1 1 1 1 1 1 1 1 1 1 0.0000 '   -- the window part of a card's first settlement
 local out = {}
-for i = 1, #evs do
-  local e = evs[i]
-  local t, day, card, inst, dist, eid = e[1], e[2], e[3], e[4], e[5], e[7]
+local i, o, nevs = 1, 0, #evs
+while i <= nevs do
+  local t, day, card, eid, inst, dist, supply = evs[i], evs[i + 1], evs[i + 2], evs[i + 3], evs[i + 4],
+                                                  evs[i + 5], evs[i + 6]
+  local ivi, pvi = evs[i + 7], evs[i + 8]
+  local new = true
+  local head = FIRST
   local c = cards[card]
   if not c then
-    local raw = redis.call('HGET', cp .. card, field)
-    c = nil
+    local raw = redis.call('HGET', card, field)
     if raw then
       local ok, v = pcall(cjson.decode, raw)
-      if ok and type(v) == 'table' then c = v end
+      if ok and type(v) == 'table' and #v > 0 and sub(raw, -1) == ']' then c = v; raws[card] = raw end
     end
-    c = c or {}
-    cards[card] = c; cn = cn + 1; corder[cn] = card
+    cn = cn + 1; corder[cn] = card
+    if not c then   -- the card's first settlement in the window (the common case): counts itself only
+      cards[card] = {t, eid, inst, dist, supply}
+      apps[card] = evs[i + 9]
+    else
+      cards[card] = c
+      apps[card] = ''
+    end
   end
-  local new = true
-  local c1, c2, c3, i1, i2, i3, d1, d2, d3 = 1, 1, 1, 1, 1, 1, 1, 1, 1
-  local on_hand = 0
-  local first = #c == 0
-  if first then   -- the card's first settlement in the window (the common case): counts itself only
-    c[1] = t; c[2] = eid; c[3] = inst; c[4] = dist; c[5] = e[6]
-    dirty[card] = true
-  else
+  i = i + 10
+  if c then
+    local c1, c2, c3, i1, i2, i3, d1, d2, d3 = 0, 0, 0, 0, 0, 0, 0, 0, 0
+    local on_hand = 0
     local pos = nil
     local li, ld = {}, {}      -- institution / district -> youngest age
-    c1, c2, c3 = 0, 0, 0
     for m = 1, #c, 5 do
       local te, id = c[m], c[m + 1]
       if id == eid then new = false end
@@ -228,14 +239,15 @@ for i = 1, #evs do
       c1 = c1 + 1; c2 = c2 + 1; c3 = c3 + 1
       li[inst] = 0; ld[dist] = 0
       if pos then
-        tinsert(c, pos, e[6]); tinsert(c, pos, dist); tinsert(c, pos, inst); tinsert(c, pos, eid); tinsert(c, pos, t)
+        tinsert(c, pos, supply); tinsert(c, pos, dist); tinsert(c, pos, inst); tinsert(c, pos, eid); tinsert(c, pos, t)
+        apps[card] = false
       else
         local n = #c
-        c[n + 1] = t; c[n + 2] = eid; c[n + 3] = inst; c[n + 4] = dist; c[n + 5] = e[6]
+        c[n + 1] = t; c[n + 2] = eid; c[n + 3] = inst; c[n + 4] = dist; c[n + 5] = supply
+        local a = apps[card]
+        if a == '' then apps[card] = evs[i - 1] elseif a then apps[card] = a .. ',' .. evs[i - 1] end
       end
-      dirty[card] = true
     end
-    i1, i2, i3, d1, d2, d3 = 0, 0, 0, 0, 0, 0
     for _, age in pairs(li) do
       i3 = i3 + 1
       if age <= 86400 then i2 = i2 + 1; if age <= 3600 then i1 = i1 + 1 end end
@@ -244,25 +256,48 @@ for i = 1, #evs do
       d3 = d3 + 1
       if age <= 86400 then d2 = d2 + 1; if age <= 3600 then d1 = d1 + 1 end end
     end
+    local oh = '0.0000 '
+    if on_hand ~= 0 then oh = fmt('%.4f ', on_hand) end
+    head = (new and '1 ' or '0 ') .. (IS[c1] or istr(c1)) .. ' ' .. (IS[c2] or istr(c2)) .. ' ' ..
+           (IS[c3] or istr(c3)) .. ' ' .. (IS[i1] or istr(i1)) .. ' ' .. (IS[i2] or istr(i2)) .. ' ' ..
+           (IS[i3] or istr(i3)) .. ' ' .. (IS[d1] or istr(d1)) .. ' ' .. (IS[d2] or istr(d2)) .. ' ' ..
+           (IS[d3] or istr(d3)) .. ' ' .. oh
   end
-  local it, ib, ikd = roll(vols[iks[i]], day, new)
-  local pt, pb, pkd = -1, '0.000000', 0
-  local pk = pks[i]
-  if pk then pt, pb, pkd = roll(vols[pk], day, new) end
-  local head = FIRST
-  if not first then
-    local nw = 0
-    if new then nw = 1 end
-    head = fmt('%d %d %d %d %d %d %d %d %d %d %.4f', nw, c1, c2, c3, i1, i2, i3, d1, d2, d3, on_hand)
+  -- the volumes (today's count: the same day's state is just counted, any other is rolled)
+  local s = vols[ivi]
+  local it
+  if s.d == day then
+    it = s.n
+    if new then it = it + 1; s.n = it; s.c = true end
+  else
+    it = roll(s, day, new)
   end
-  out[i] = head .. ' ' .. pt .. ' ' .. pb .. ' ' .. pkd .. ' ' .. it .. ' ' .. ib .. ' ' .. ikd
+  local ib, ikd = s.bs, s.k
+  if pvi > 0 then
+    s = vols[pvi]
+    local pt
+    if s.d == day then
+      pt = s.n
+      if new then pt = pt + 1; s.n = pt; s.c = true end
+    else
+      pt = roll(s, day, new)
+    end
+    o = o + 1
+    out[o] = head .. (IS[pt] or istr(pt)) .. ' ' .. s.bs .. ' ' .. (IS[s.k] or istr(s.k)) .. ' ' ..
+             (IS[it] or istr(it)) .. ' ' .. ib .. ' ' .. (IS[ikd] or istr(ikd))
+  else
+    o = o + 1
+    out[o] = head .. '-1 0.000000 0 ' .. (IS[it] or istr(it)) .. ' ' .. ib .. ' ' .. (IS[ikd] or istr(ikd))
+  end
 end
 
 for j = 1, cn do
   local card = corder[j]
-  if dirty[card] then
+  local a = apps[card]
+  if a ~= '' then
     local c = cards[card]
     local cut = c[#c - 4] - horizon
+    local val
     if c[1] < cut then
       local keep, kn = {}, 0
       for m = 1, #c, 5 do
@@ -271,24 +306,28 @@ for j = 1, cn do
           kn = kn + 5
         end
       end
-      c = keep
+      val = cjson.encode(keep)
+    elseif not a then
+      val = cjson.encode(c)
+    else
+      local raw = raws[card]
+      if raw then val = sub(raw, 1, -2) .. ',' .. a .. ']' else val = '[' .. a .. ']' end
     end
-    redis.call('HSET', cp .. card, field, cjson.encode(c))
+    redis.call('HSET', card, field, val)
   end
 end
 for j = 1, vn do
-  local k = vkeys[j]
-  local s = vols[k]
+  local s = vols[j]
   if s.c then
-    local val = fmt('%d %d %s %d', s.d, s.n, s.bs, s.k)
+    local val = istr(s.d) .. ' ' .. istr(s.n) .. ' ' .. s.bs .. ' ' .. istr(s.k)
     if s.f then
-      redis.call('SET', k, val, 'EX', vol_ttl)
+      redis.call('SET', vkeys[j], val, 'EX', vol_ttl)
     else
-      redis.call('SET', k, val, 'KEEPTTL')
+      redis.call('SET', vkeys[j], val, 'KEEPTTL')
     end
   end
 end
-return table.concat(out, '\n')
+return concat(out, '\n')
 """
 
 
@@ -407,21 +446,37 @@ def queue_windows(pipe: Any, sha: str, events: Sequence[Settlement], prefix: str
     list, each event's ``(days_supply, resale_amount)`` is appended to it (for :func:`features` without
     a second pass over the lines). Returns 1.
     """
-    week = WINDOWS_S[2]
-    cfg = [CARD_FIELD, lateness_s, week, VOLUME_TTL_S, BASELINE_DAYS]
-    rows = []
-    add = rows.append
+    cfg = [lateness_s, WINDOWS_S[2], VOLUME_TTL_S, BASELINE_DAYS]
+    cp = f"{prefix}:c:" if card_prefix is None else card_prefix
+    rows: list[Any] = []
+    add = rows.extend
+    vkeys: list[str] = []
+    vidx: dict[str, int] = {}
+    parts: dict[int, str] = {}
     placeholders = _placeholders
+    dumps = orjson.dumps
     for ev in events:
+        pp = parts.get(ev.partition)
+        if pp is None:
+            pp = parts[ev.partition] = f"{prefix}:p{ev.partition}:"
+        inst = ev.institution_id
+        k = pp + "inst:" + inst
+        ivi = vidx.get(k)
+        if ivi is None:
+            vkeys.append(k)
+            ivi = vidx[k] = len(vkeys)
+        pvi = 0
         phys = ev.physician_id
-        if phys is None:
-            phys = ""
-        else:
+        if phys is not None:
             ph = placeholders.get(phys)
             if ph is None:
                 ph = _placeholder(phys)
-            if ph:
-                phys = ""
+            if not ph:
+                k = pp + "phys:" + phys
+                pvi = vidx.get(k)  # type: ignore[assignment]
+                if pvi is None:
+                    vkeys.append(k)
+                    pvi = vidx[k] = len(vkeys)
         supply = 0
         for it in ev.items:
             if it.category == "drug":
@@ -432,10 +487,10 @@ def queue_windows(pipe: Any, sha: str, events: Sequence[Settlement], prefix: str
         t = int(ts)
         if t != ts:  # the card field keeps 14 significant digits (cjson): send what it will hold
             t = float(f"{ts:.14g}")
-        add((t, int((ts + TZ_OFFSET_S) // DAY_S), ev.card_id, ev.institution_id, ev.district, supply, ev.event_id,
-             phys, ev.partition))
-    pipe.evalsha(sha, 0, prefix, f"{prefix}:c:" if card_prefix is None else card_prefix, orjson.dumps(cfg),
-                 orjson.dumps(rows))
+        eid, dist = ev.event_id, ev.district
+        add((t, int((ts + TZ_OFFSET_S) // DAY_S), cp + ev.card_id, eid, inst, dist, supply, ivi, pvi,
+             dumps((t, eid, inst, dist, supply))[1:-1].decode()))
+    pipe.evalsha(sha, 0, dumps(cfg), CARD_FIELD, dumps(vkeys), dumps(rows))
     return 1
 
 
