@@ -109,12 +109,15 @@ def card_key(ns: Namespace, card_hash: str, card: str) -> str:
     return ns.card_prefix(card_hash) + card
 
 
-#: Lua run once per batch, card hash and run by the processor: ``EXPIRE`` every card hash touched
+#: Lua run once per batch, card hash and run by the processor: expire every card hash touched
 #: (ARGV[1] the hash prefix, ARGV[2] the TTL in seconds, ARGV[3] the distinct card ids as a JSON array).
+#: One absolute time for the batch (``PEXPIREAT``): Redis turns every ``EXPIRE`` into one anyway.
 TOUCH_LUA = r"""
-local p, ttl = ARGV[1], ARGV[2]
+local p = ARGV[1]
+local now = redis.call('TIME')
+local at = string.format('%d', (tonumber(now[1]) + tonumber(ARGV[2])) * 1000 + math.floor(tonumber(now[2]) / 1000))
 local cards = cjson.decode(ARGV[3])
-for i = 1, #cards do redis.call('EXPIRE', p .. cards[i], ttl) end
+for i = 1, #cards do redis.call('PEXPIREAT', p .. cards[i], at) end
 return #cards
 """
 #: the card hashes a detector may use
