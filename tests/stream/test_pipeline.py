@@ -127,3 +127,11 @@ def test_send_pipeline_writes_before_returning_and_replies_like_execute(stack, r
             await r.delete(key)
             await r.aclose()
     asyncio.run(go())
+
+
+def test_card_hash_expires_at_the_largest_card_ttl_of_its_rules(stack, redis_sync):
+    run_id = "ttl" + uuid.uuid4().hex[:8]
+    _run(stack, [hop("TTLC", 3)], run_id)
+    ttl = redis_sync.ttl(f"cw:{run_id}:c:TTLC")
+    want = RULES.detectors[0].card_ttl_s  # card_hopping: largest window + lateness
+    assert want == 86400 + 3600 and want - 5 <= ttl <= want
