@@ -347,7 +347,8 @@ local EMPTY = {}
 local function pk_bucket(edges, v)
   local lo, hi = 0, #edges
   while lo < hi do
-    local mid = floor((lo + hi + 1) / 2)
+    local s = lo + hi + 1
+    local mid = (s - s % 2) / 2   -- floor(s / 2) without a call
     if edges[mid] <= v then lo = mid else hi = mid - 1 end
   end
   return lo
