@@ -30,7 +30,9 @@ State per card (Redis):
   the card's fills of take-home drugs over the last ``window_s`` + lateness of event time, all
   ingredients together, in one flat JSON array: per event ``t, event_id, institution, n,`` then
   ``n`` pairs ``ingredient, days``, in (event time, ``event_id``) order, pruned relative to the
-  newest fill whenever a fill is added (a redelivered ``event_id`` is never added again). The
+  newest fill whenever a fill is added (a redelivered ``event_id`` is never added again; a fill after
+  the card's last one, the usual case, is written by appending its JSON text, built in Python, to the
+  stored text, with no re-encoding). The
   processor expires the hash; this rule needs it ``window_s`` + lateness after the card's last
   event (``card_ttl_s``);
 * ``cw:{run}:overdispensing:{window_s}:{card}:ep`` — the open episode (``start``, ``last``);
@@ -60,10 +62,12 @@ LUA = EPISODE_LUA + r"""
 -- ARGV[1] episode key prefix (cw:{run}:overdispensing:{window_s}), ARGV[2] card hash prefix (cw:{run}:c:),
 -- ARGV[3] this rule's field of the card hash, ARGV[4] JSON [W, lateness, ttl, max_ratio, min_excess_days,
 -- early_share, min_early, min_left_days, min_fills], ARGV[5] JSON, flat (one table to decode, not one per
--- event): [index, t, event_id, card, institution, number of lines, ingredient, days, ingredient, days, ...].
+-- event): [index, t, event_id, card hash key, institution, number of lines, ingredient, days, ingredient, days, ...,
+-- entry] where entry is the event's fill as stored, in JSON text (without the brackets).
 -- The field holds the card's fills of the last W + lateness, flat too: [t, event_id, institution, number of
 -- lines, ingredient, days, ..., t, ...], in (t, event_id) order, one entry per event (a redelivered event_id
--- is not added again); it is read once per card and batch and written back once, if changed.
+-- is not added again); it is read once per card and batch and written back once, if changed: while fills
+-- only come after the card's last one, as the stored text with the new entries' text appended.
 -- Episode keys: {prefix}:{card}:ep / :ev. Returns only the events that fired:
 -- {index, episode start, evidence (id, time)*, fired lines}
 local prefix, cp, field = ARGV[1], ARGV[2], ARGV[3]
@@ -73,16 +77,21 @@ local share, min_early, min_left, min_fills = cfg[6], cfg[7], cfg[8], cfg[9]
 local evs = cjson.decode(ARGV[5])
 local floor = math.floor
 local out = {}
-local cache, cards = {}, {}   -- card -> {fills, changed}; cards in first-seen order
+local sub = string.sub
+-- card -> {fills, changed, stored text, entry texts appended since ('' none; false: re-encode)}; cards in
+-- first-seen order
+local cache, cards = {}, {}
 local i = 1
 local nevs = #evs
 while i <= nevs do
   local idx, t, eid, card, inst, nl = evs[i], evs[i + 1], evs[i + 2], evs[i + 3], evs[i + 4], evs[i + 5]
+  -- (card: the card's hash key, cp .. card id)
   local l0 = i + 4   -- line j: ingredient evs[l0 + 2j], days evs[l0 + 2j + 1]
-  i = i + 6 + 2 * nl
+  local entry = evs[i + 6 + 2 * nl]
+  i = i + 7 + 2 * nl
   local c = cache[card]
   if not c then
-    local raw = redis.call('HGET', cp .. card, field)
+    local raw = redis.call('HGET', card, field)
     local F = {}
     if raw then
       F = cjson.decode(raw)
@@ -91,8 +100,9 @@ while i <= nevs do
         if type(F[p]) ~= 'number' then F[p] = tonumber(F[p]) end   -- a fractional time, stored exactly as text
         p = p + 4 + 2 * F[p + 3]
       end
+      if #F == 0 or sub(raw, -1) ~= ']' then raw = false end
     end
-    c = {F, false}
+    c = {F, false, raw, ''}
     cache[card] = c
     cards[#cards + 1] = card
   end
@@ -114,6 +124,8 @@ while i <= nevs do
     if not pos and (nF == 0 or F[1] >= cut) then   -- the usual case: append
       F[nF + 1] = t; F[nF + 2] = eid; F[nF + 3] = inst; F[nF + 4] = nl
       for q = 1, 2 * nl do F[nF + 4 + q] = evs[l0 + 1 + q] end
+      local a = c[4]
+      if a == '' then c[4] = entry elseif a then c[4] = a .. ',' .. entry end
     else
       local G = {}
       local function entry()
@@ -133,6 +145,7 @@ while i <= nevs do
       if keep and not pos then entry() end
       F = G
       c[1] = G
+      c[4] = false
     end
     c[2] = true
   end
@@ -187,7 +200,8 @@ while i <= nevs do
       end
     end
     if #fired > 0 then
-      local ek, vk = prefix .. ':' .. card .. ':ep', prefix .. ':' .. card .. ':ev'
+      local id = sub(card, #cp + 1)
+      local ek, vk = prefix .. ':' .. id .. ':ep', prefix .. ':' .. id .. ':ev'
       local start = episode(ek, vk, t, W)
       redis.call('ZADD', vk, unpack(evid))
       redis.call('EXPIRE', ek, ttl)
@@ -198,7 +212,11 @@ while i <= nevs do
 end
 for _, card in ipairs(cards) do
   local c = cache[card]
-  if c[2] then
+  local a, raw = c[4], c[3]
+  if c[2] and a then   -- only fills after the last one: the stored text, extended
+    if raw then redis.call('HSET', card, field, sub(raw, 1, -2) .. ',' .. a .. ']')
+    else redis.call('HSET', card, field, '[' .. a .. ']') end
+  elseif c[2] then
     local F = c[1]
     local p = 1
     while p <= #F do
@@ -206,8 +224,8 @@ for _, card in ipairs(cards) do
       if x ~= floor(x) or x >= 1e14 or x <= -1e14 then F[p] = string.format('%.17g', x) end
       p = p + 4 + 2 * F[p + 3]
     end
-    if #F > 0 then redis.call('HSET', cp .. card, field, cjson.encode(F))
-    else redis.call('HDEL', cp .. card, field) end
+    if #F > 0 then redis.call('HSET', card, field, cjson.encode(F))
+    else redis.call('HDEL', card, field) end
   end
 end
 return out
@@ -304,13 +322,19 @@ class Overdispensing(Detector):
         return [(ing, d, code, name, rs) for ing, (d, rs, code, name) in agg.items()]
 
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
-        rows: list[Any] = []   # flat: index, t, event id, card, institution, n, (ingredient, days) * n
+        rows: list[Any] = []   # flat: index, t, event id, card key, institution, n, (ingredient, days) * n, entry
+        cp = ns.card_prefix(self.card_hash)
         for i, ev in enumerate(events):
             lines = self._lines(ev)
             if lines:
-                rows += (i, ev.ts, ev.event_id, ev.card_id, ev.institution_id, len(lines))
-                for x in lines:
-                    rows += (x[0], x[1])
+                ts = ev.ts
+                t: Any = int(ts)
+                if t != ts or not -1e14 < ts < 1e14:  # stored exactly, as text (cjson keeps 14 digits)
+                    t = f"{ts:.17g}"
+                head = (ev.event_id, cp + ev.card_id, ev.institution_id, len(lines))
+                pairs = [y for x in lines for y in (x[0], x[1])]
+                rows += (i, ts, *head, *pairs,
+                         orjson.dumps((t, head[0], head[2], head[3], *pairs))[1:-1].decode())
         if not rows:
             return 0
         cfg = [self.window_s, self.lateness_s, self.window_s + self.lateness_s, self.max_supply_ratio,
