@@ -64,6 +64,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Sequence
 
 import orjson
+from msgspec.msgpack import encode as _pack
 
 from detectors.drugs import EMPTY, DrugList, is_placeholder
 from stream.events import Settlement
@@ -103,9 +104,9 @@ FEATURES: dict[str, tuple[str, str]] = {
 LUA = r"""
 -- Card windows (one field of the per-card hash) and per-partition physician / institution volumes,
 -- one call per batch. ARGV[1] JSON [lateness, week_s, vol_ttl, base_days], ARGV[2] the card hash field,
--- ARGV[3] JSON [volume key, ...] (the batch's distinct institution / physician keys),
--- ARGV[4] JSON, flat (one table to decode, not one per event): [t, day, card hash key, event_id, institution,
--- district, days_supply, institution volume key index, physician volume key index (0: none), entry, ...]
+-- ARGV[3] MessagePack [volume key, ...] (the batch's distinct institution / physician keys),
+-- ARGV[4] MessagePack (numbers in binary: no strtod), flat (one table, not one per event): [t, day,
+-- card hash key, event_id, institution, district, days_supply, institution volume key index, physician volume key index (0: none), entry, ...]
 -- where entry is the event's card entry as JSON text (t, event_id, institution, district, days_supply).
 -- Every card and volume key is read once and written once per batch. Returns one string: a line of
 -- 17 numbers per event (see Window.from_reply).
@@ -113,8 +114,8 @@ local cfg = cjson.decode(ARGV[1])
 local lateness, week, base_days = cfg[1], cfg[2], cfg[4]
 local vol_ttl = string.format('%d', cfg[3])
 local field = ARGV[2]
-local vkeys = cjson.decode(ARGV[3])
-local evs = cjson.decode(ARGV[4])
+local vkeys = cmsgpack.unpack(ARGV[3])
+local evs = cmsgpack.unpack(ARGV[4])
 local horizon = week + lateness
 local match, fmt, tinsert, concat, sub = string.match, string.format, table.insert, table.concat, string.sub
 
@@ -490,7 +491,7 @@ def queue_windows(pipe: Any, sha: str, events: Sequence[Settlement], prefix: str
         eid, dist = ev.event_id, ev.district
         add((t, int((ts + TZ_OFFSET_S) // DAY_S), cp + ev.card_id, eid, inst, dist, supply, ivi, pvi,
              dumps((t, eid, inst, dist, supply))[1:-1].decode()))
-    pipe.evalsha(sha, 0, dumps(cfg), CARD_FIELD, dumps(vkeys), dumps(rows))
+    pipe.evalsha(sha, 0, dumps(cfg), CARD_FIELD, _pack(vkeys), _pack(rows))
     return 1
 
 
