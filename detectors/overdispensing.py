@@ -51,6 +51,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import orjson
+from msgspec.msgpack import encode as _pack
 
 from alerts.model import SEVERITIES, Alert, alert_id, now_iso, severity_for
 from detectors.base import EPISODE_LUA, Detector, Namespace, check_positive
@@ -61,8 +62,8 @@ from stream.events import Settlement, iso
 LUA = EPISODE_LUA + r"""
 -- ARGV[1] episode key prefix (cw:{run}:overdispensing:{window_s}), ARGV[2] card hash prefix (cw:{run}:c:),
 -- ARGV[3] this rule's field of the card hash, ARGV[4] JSON [W, lateness, ttl, max_ratio, min_excess_days,
--- early_share, min_early, min_left_days, min_fills], ARGV[5] JSON, flat (one table to decode, not one per
--- event): [index, t, event_id, card hash key, institution, number of lines, ingredient, days, ingredient, days, ...,
+-- early_share, min_early, min_left_days, min_fills], ARGV[5] MessagePack (numbers in binary), flat (one table
+-- to decode, not one per event): [index, t, event_id, card hash key, institution, number of lines, ingredient, days, ingredient, days, ...,
 -- entry] where entry is the event's fill as stored, in JSON text (without the brackets).
 -- The field holds the card's fills of the last W + lateness, flat too: [t, event_id, institution, number of
 -- lines, ingredient, days, ..., t, ...], in (t, event_id) order, one entry per event (a redelivered event_id
@@ -74,7 +75,7 @@ local prefix, cp, field = ARGV[1], ARGV[2], ARGV[3]
 local cfg = cjson.decode(ARGV[4])
 local W, lateness, ttl, maxr, min_excess = cfg[1], cfg[2], cfg[3], cfg[4], cfg[5]
 local share, min_early, min_left, min_fills = cfg[6], cfg[7], cfg[8], cfg[9]
-local evs = cjson.decode(ARGV[5])
+local evs = cmsgpack.unpack(ARGV[5])
 local floor = math.floor
 local out = {}
 local sub = string.sub
@@ -341,7 +342,7 @@ class Overdispensing(Detector):
                self.min_excess_days, self.early_refill_share, self.min_early_refills,
                self.early_refill_min_left_days, self.min_fills]
         pipe.evalsha(self._sha, 0, self.key(ns, self.window_s), ns.card_prefix(self.card_hash), self._field,
-                     orjson.dumps(cfg), orjson.dumps(rows))
+                     orjson.dumps(cfg), _pack(rows))
         return 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:
