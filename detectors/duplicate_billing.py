@@ -21,7 +21,8 @@ State (Redis, all keys expire):
   canonical order, newest first (event time, then event id and fingerprint byte by byte),
   deduplicated on (fingerprint, ``event_id``) so a redelivered settlement is stored once and
   never counts as its own duplicate, pruned by event time to ``newest - window_s - lateness_s``
-  each time it is touched (a fractional event time is kept exact, as ``%.17g`` text). The card
+  each time it is touched (a fractional event time is kept exact, as ``%.17g`` text); a new newest bill (the
+  usual case) is written by putting its JSON text, built in Python, before the stored text. The card
   hash's TTL is set by the processor (``card_ttl_s`` = ``window_s`` + lateness); when it lives
   longer for other rules, a field whose newest bill is out of reach is dropped without decoding;
 * only when a bill is duplicated: ``cw:{run}:duplicate_billing:{window_s}:inst:{institution}:{day}:ev``
@@ -46,6 +47,7 @@ from functools import lru_cache
 from typing import Any, Sequence
 
 import orjson
+from msgspec.msgpack import encode as _pack
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
 from detectors.base import TIMES_LUA, Detector, Namespace, check_positive
@@ -58,14 +60,18 @@ _placeholder_institution = lru_cache(maxsize=65536)(is_placeholder)  # instituti
 LUA = TIMES_LUA + r"""
 -- ARGV[1] key prefix (cw:{run}:duplicate_billing:{window_s}) of the institution day keys, ARGV[2] card hash prefix
 -- (cw:{run}:c:), ARGV[3] JSON [field, W, lateness, day_ttl, tz_s],
--- ARGV[4] JSON [[index, t, event_id, card, institution, fingerprint, total], ...]. The card's field is a flat array
--- fingerprint, t, event_id, ... newest first (by t, event_id, fingerprint), read once per card and batch and
--- written once if it changed; {prefix}:inst:{institution}:{day}:ev and …:bills hold the day's evidence and bills.
+-- ARGV[4] MessagePack (numbers in binary), flat: [index, t, event_id, card hash key, institution, fingerprint, total,
+-- entry, ...] where entry is the event's (fingerprint, t, event_id) as stored, in JSON text. The card's field is a
+-- flat array fingerprint, t, event_id, ... newest first (by t, event_id, fingerprint), read once per card and batch
+-- and written once if it changed: while bills only come before the newest stored one in that order (the usual
+-- case) and none is dropped, as the new entries' text followed by the stored text.
+-- {prefix}:inst:{institution}:{day}:ev and …:bills hold the day's evidence and bills.
 -- Returns only the events that found a duplicate: {index, day, evidence (id, time)*, bills (field, value)*, n, gap}
 local prefix, cp = ARGV[1], ARGV[2]
 local cfg = cjson.decode(ARGV[3])
 local field, W, lateness, day_ttl, tz = cfg[1], cfg[2], cfg[3], cfg[4], cfg[5]
-local evs = cjson.decode(ARGV[4])
+local evs = cmsgpack.unpack(ARGV[4])
+local sub, tinsert = string.sub, table.insert
 local function before(ta, ea, fa, tb, eb, fb)
   if ta ~= tb then return ta < tb end
   if ea ~= eb then return bytes_lt(ea, eb) end
@@ -81,16 +87,20 @@ local function load(raw, t)
   return times_load(cjson.decode(raw), 2, 3)
 end
 local function save(st) return times_save(st, 2, 3) end
-local state, cards, dirty = {}, {}, {}
+-- card -> bills; stored text (when still valid) and the entry texts to put before it ('': unchanged; false: re-encode)
+local state, cards, raws, pre = {}, {}, {}, {}
 local out = {}
-for i = 1, #evs do
-  local e = evs[i]
-  local idx, t, eid, card, inst, fp, total = e[1], e[2], e[3], e[4], e[5], e[6], e[7]
+for i = 1, #evs, 8 do
+  local idx, t, eid, card, inst, fp, total = evs[i], evs[i + 1], evs[i + 2], evs[i + 3], evs[i + 4], evs[i + 5],
+                                             evs[i + 6]
   local st = state[card]
   if not st then
-    st = load(redis.call('HGET', cp .. card, field), t)
+    local raw = redis.call('HGET', card, field)
+    st = load(raw, t)
     state[card] = st
     cards[#cards + 1] = card
+    if #st > 0 and sub(raw, 1, 1) == '[' then raws[card] = raw end
+    pre[card] = ''
   end
   local len = #st
   local known = false
@@ -100,9 +110,16 @@ for i = 1, #evs do
   if not known then
     local p = 1
     while p <= len and before(t, eid, fp, st[p + 1], st[p + 2], st[p]) do p = p + 3 end
-    table.insert(st, p, eid); table.insert(st, p, t); table.insert(st, p, fp)
+    if len == 0 then
+      st[1] = fp; st[2] = t; st[3] = eid
+    else
+      tinsert(st, p, eid); tinsert(st, p, t); tinsert(st, p, fp)
+    end
     len = len + 3
-    dirty[card] = true
+    local a = pre[card]
+    if p ~= 1 then pre[card] = false
+    elseif a == '' then pre[card] = evs[i + 7]
+    elseif a then pre[card] = evs[i + 7] .. ',' .. a end
   end
   local m
   if len > 3 then
@@ -118,18 +135,19 @@ for i = 1, #evs do
     while st[len - 1] < cut do  -- drop what no window can reach any more (the oldest entries come last)
       st[len] = nil; st[len - 1] = nil; st[len - 2] = nil
       len = len - 3
-      dirty[card] = true
+      pre[card] = false
     end
   end
   if m and #m >= 4 then
     local first_t = m[2]
     local day = math.floor((first_t + tz) / 86400)
+    local id = sub(card, #cp + 1)
     local ek = prefix .. ':inst:' .. inst .. ':' .. day .. ':ev'
     local bk = prefix .. ':inst:' .. inst .. ':' .. day .. ':bills'
     local zargs = {}
     for j = 1, #m, 2 do zargs[#zargs + 1] = m[j + 1]; zargs[#zargs + 1] = m[j] end
     redis.call('ZADD', ek, unpack(zargs))
-    redis.call('HSET', bk, card .. '\t' .. fp .. '\t' .. m[1], tostring(#m / 2) .. '\t' .. total)
+    redis.call('HSET', bk, id .. '\t' .. fp .. '\t' .. m[1], tostring(#m / 2) .. '\t' .. total)
     redis.call('EXPIRE', ek, day_ttl)
     redis.call('EXPIRE', bk, day_ttl)
     local gap = m[#m] - first_t
@@ -139,7 +157,13 @@ for i = 1, #evs do
 end
 for c = 1, #cards do
   local card = cards[c]
-  if dirty[card] then redis.call('HSET', cp .. card, field, save(state[card])) end
+  local a = pre[card]
+  if a == false then redis.call('HSET', card, field, save(state[card]))
+  elseif a ~= '' then
+    local raw = raws[card]
+    if raw then redis.call('HSET', card, field, '[' .. a .. ',' .. sub(raw, 2))
+    else redis.call('HSET', card, field, '[' .. a .. ']') end
+  end
 end
 return out
 """
@@ -190,12 +214,20 @@ class DuplicateBilling(Detector):
         return bool(ev.items) and not _placeholder_institution(ev.institution_id) and not is_placeholder(ev.card_id)
 
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
-        rows = [[i, ev.ts, ev.event_id, ev.card_id, ev.institution_id, fingerprint(ev), f"{ev.total_amount:.2f}"]
-                for i, ev in enumerate(events) if self._eligible(ev)]
+        cp = ns.card_prefix(self.card_hash)
+        rows: list[Any] = []   # flat: index, t, event id, card key, institution, fingerprint, total, entry
+        dumps = orjson.dumps
+        for i, ev in enumerate(events):
+            if self._eligible(ev):
+                ts, eid, fp = ev.ts, ev.event_id, fingerprint(ev)
+                t: Any = int(ts)
+                if t != ts or not -1e14 < ts < 1e14:  # stored exactly, as text (TIMES_LUA)
+                    t = f"{ts:.17g}"
+                rows += (i, ts, eid, cp + ev.card_id, ev.institution_id, fp, f"{ev.total_amount:.2f}",
+                         dumps((fp, t, eid))[1:-1].decode())
         if not rows:
             return 0
-        pipe.evalsha(self._sha, 0, self.key(ns, self.window_s), ns.card_prefix(self.card_hash), self._cfg,
-                     orjson.dumps(rows))
+        pipe.evalsha(self._sha, 0, self.key(ns, self.window_s), cp, self._cfg, _pack(rows))
         return 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:
