@@ -105,9 +105,10 @@ LUA = r"""
 -- Card windows (one field of the per-card hash) and per-partition physician / institution volumes,
 -- one call per batch. ARGV[1] JSON [lateness, week_s, vol_ttl, base_days], ARGV[2] the card hash field,
 -- ARGV[3] MessagePack [volume key, ...] (the batch's distinct institution / physician keys),
--- ARGV[4] MessagePack (numbers in binary: no strtod), flat (one table, not one per event): [t, day,
--- card hash key, event_id, institution, district, days_supply, institution volume key index, physician volume key index (0: none), entry, ...]
--- where entry is the event's card entry as JSON text (t, event_id, institution, district, days_supply).
+-- ARGV[4] MessagePack (numbers in binary: no strtod), flat (one table, not one per event): [day, card hash key,
+-- institution volume key index, physician volume key index (0: none), entry, ...] where entry is the event's card
+-- entry as JSON text, [t, event_id, institution, district, days_supply]: a card's first settlement (the common
+-- case) is stored as is, never decoded; the others are decoded (cjson) for their values.
 -- Every card and volume key is read once and written once per batch. Returns one string: a line of
 -- 17 numbers per event (see Window.from_reply).
 local cfg = cjson.decode(ARGV[1])
@@ -182,17 +183,16 @@ end
 -- the card field: flat array t, event_id, institution, district, days_supply per settlement, sorted by
 -- (t, event_id), pruned at write to newest - week - lateness. While a card only gains settlements after its
 -- last one, its new value is the stored text with the new entries' text appended (no re-encoding).
+-- cards: card -> its settlements, or the entry text of its only one (a first settlement, not decoded)
 local cards, corder, cn = {}, {}, 0
--- card -> stored text (loaded cards only); the entry texts appended since, comma-separated ('': unchanged;
--- false: an entry went in before the last one, re-encode)
+-- card -> stored text (loaded cards only); the entry texts appended since, comma-separated, without brackets
+-- ('': unchanged; false: an entry went in before the last one, re-encode)
 local raws, apps = {}, {}
 local FIRST = '1 1 1 1 1 1 1 1 1 1 0.0000 '   -- the window part of a card's first settlement
 local out = {}
-local i, o, nevs = 1, 0, #evs
-while i <= nevs do
-  local t, day, card, eid, inst, dist, supply = evs[i], evs[i + 1], evs[i + 2], evs[i + 3], evs[i + 4],
-                                                  evs[i + 5], evs[i + 6]
-  local ivi, pvi = evs[i + 7], evs[i + 8]
+local o = 0
+for i = 1, #evs, 5 do
+  local day, card, ivi, pvi, entry = evs[i], evs[i + 1], evs[i + 2], evs[i + 3], evs[i + 4]
   local new = true
   local head = FIRST
   local c = cards[card]
@@ -203,16 +203,20 @@ while i <= nevs do
       if ok and type(v) == 'table' and #v > 0 and sub(raw, -1) == ']' then c = v; raws[card] = raw end
     end
     cn = cn + 1; corder[cn] = card
+    apps[card] = ''
     if not c then   -- the card's first settlement in the window (the common case): counts itself only
-      cards[card] = {t, eid, inst, dist, supply}
-      apps[card] = evs[i + 9]
+      cards[card] = entry
     else
       cards[card] = c
-      apps[card] = ''
     end
+  elseif type(c) == 'string' then   -- the card's first settlement came earlier in this batch
+    apps[card] = sub(c, 2, -2)
+    c = cjson.decode(c)
+    cards[card] = c
   end
-  i = i + 10
   if c then
+    local e = cjson.decode(entry)
+    local t, eid, inst, dist, supply = e[1], e[2], e[3], e[4], e[5]
     local c1, c2, c3, i1, i2, i3, d1, d2, d3 = 0, 0, 0, 0, 0, 0, 0, 0, 0
     local on_hand = 0
     local pos = nil
@@ -246,7 +250,7 @@ while i <= nevs do
         local n = #c
         c[n + 1] = t; c[n + 2] = eid; c[n + 3] = inst; c[n + 4] = dist; c[n + 5] = supply
         local a = apps[card]
-        if a == '' then apps[card] = evs[i - 1] elseif a then apps[card] = a .. ',' .. evs[i - 1] end
+        if a == '' then apps[card] = sub(entry, 2, -2) elseif a then apps[card] = a .. ',' .. sub(entry, 2, -2) end
       end
     end
     for _, age in pairs(li) do
@@ -294,9 +298,10 @@ end
 
 for j = 1, cn do
   local card = corder[j]
-  local a = apps[card]
-  if a ~= '' then
-    local c = cards[card]
+  local a, c = apps[card], cards[card]
+  if type(c) == 'string' then   -- the card's only settlement
+    redis.call('HSET', card, field, c)
+  elseif a ~= '' then
     local cut = c[#c - 4] - horizon
     local val
     if c[1] < cut then
@@ -488,9 +493,8 @@ def queue_windows(pipe: Any, sha: str, events: Sequence[Settlement], prefix: str
         t = int(ts)
         if t != ts:  # the card field keeps 14 significant digits (cjson): send what it will hold
             t = float(f"{ts:.14g}")
-        eid, dist = ev.event_id, ev.district
-        add((t, int((ts + TZ_OFFSET_S) // DAY_S), cp + ev.card_id, eid, inst, dist, supply, ivi, pvi,
-             dumps((t, eid, inst, dist, supply))[1:-1].decode()))
+        add((int((ts + TZ_OFFSET_S) // DAY_S), cp + ev.card_id, ivi, pvi,
+             dumps((t, ev.event_id, inst, ev.district, supply)).decode()))
     pipe.evalsha(sha, 0, dumps(cfg), CARD_FIELD, _pack(vkeys), _pack(rows))
     return 1
 
