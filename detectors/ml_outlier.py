@@ -325,6 +325,7 @@ class PartitionModel:
         q = self.filter.quantile
         counts, lo_of = det._counts, det._lo
         cl: list[list[float] | None] = [counts.get(k) for k in names]
+        lens = [0 if c is None else len(c) for c in cl]   # len(cl[j]), kept up to date
         lo = [lo_of.get(k, 0) for k in names]
         width = range(len(names))
         n, total, forget = det._n, det._learned, det.forget_every
@@ -335,11 +336,11 @@ class PartitionModel:
         for i in order:
             b = bins[i]
             s = 0.0
-            for c, low, k in zip(cl, lo, b):
+            for c, low, k, nc in zip(cl, lo, b, lens):
                 if c is None:
                     s += ln
                 elif k > low:  # (at or below the lowest bin seen, every value is this high: term 0)
-                    s += ln - log(sum(c[k:]) + 1) if k < len(c) else ln
+                    s += ln - log(sum(c[k:]) + 1) if k < nc else ln
             score = s / norm
             scores[i] = score
             thr = q.get()
@@ -357,8 +358,9 @@ class PartitionModel:
                             lo[j] = k
                         elif k < lo[j]:
                             lo[j] = k
-                        if k >= len(c):
-                            c.extend([0.0] * (k + 1 - len(c)))
+                        if k >= lens[j]:
+                            c.extend([0.0] * (k + 1 - lens[j]))
+                            lens[j] = k + 1
                         c[k] += 1.0
                     n += 1.0
                     total += 1
