@@ -325,6 +325,7 @@ class Overdispensing(Detector):
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
         rows: list[Any] = []   # flat: index, t, event id, card key, institution, n, (ingredient, days) * n, entry
         cp = ns.card_prefix(self.card_hash)
+        dumps = orjson.dumps
         for i, ev in enumerate(events):
             lines = self._lines(ev)
             if lines:
@@ -332,10 +333,13 @@ class Overdispensing(Detector):
                 t: Any = int(ts)
                 if t != ts or not -1e14 < ts < 1e14:  # stored exactly, as text (cjson keeps 14 digits)
                     t = f"{ts:.17g}"
-                head = (ev.event_id, cp + ev.card_id, ev.institution_id, len(lines))
-                pairs = [y for x in lines for y in (x[0], x[1])]
-                rows += (i, ts, *head, *pairs,
-                         orjson.dumps((t, head[0], head[2], head[3], *pairs))[1:-1].decode())
+                eid, inst, nl = ev.event_id, ev.institution_id, len(lines)
+                entry = [t, eid, inst, nl]
+                for x in lines:
+                    entry += (x[0], x[1])
+                rows += (i, ts, eid, cp + ev.card_id, inst, nl)
+                rows += entry[4:]
+                rows.append(dumps(entry)[1:-1].decode())
         if not rows:
             return 0
         cfg = [self.window_s, self.lateness_s, self.window_s + self.lateness_s, self.max_supply_ratio,
