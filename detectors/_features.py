@@ -179,6 +179,14 @@ local function roll(s, day, new)
   if changed then s.c = true end
   return today, s.bs, s.k
 end
+-- today's count of volume state s: the same day's state is just counted, any other is rolled first
+local function count_today(s, day, new)
+  if s.d == day then
+    if new then s.n = s.n + 1; s.c = true end
+    return s.n
+  end
+  return (roll(s, day, new))
+end
 
 -- the card field: flat array t, event_id, institution, district, days_supply per settlement, sorted by
 -- (t, event_id), pruned at write to newest - week - lateness. While a card only gains settlements after its
@@ -270,23 +278,11 @@ for i = 1, #evs, 5 do
   end
   -- the volumes (today's count: the same day's state is just counted, any other is rolled)
   local s = vols[ivi]
-  local it
-  if s.d == day then
-    it = s.n
-    if new then it = it + 1; s.n = it; s.c = true end
-  else
-    it = roll(s, day, new)
-  end
+  local it = count_today(s, day, new)
   local ib, ikd = s.bs, s.k
   if pvi > 0 then
     s = vols[pvi]
-    local pt
-    if s.d == day then
-      pt = s.n
-      if new then pt = pt + 1; s.n = pt; s.c = true end
-    else
-      pt = roll(s, day, new)
-    end
+    local pt = count_today(s, day, new)
     o = o + 1
     out[o] = head .. (IS[pt] or istr(pt)) .. ' ' .. s.bs .. ' ' .. (IS[s.k] or istr(s.k)) .. ' ' ..
              (IS[it] or istr(it)) .. ' ' .. ib .. ' ' .. (IS[ikd] or istr(ikd))
