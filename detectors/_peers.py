@@ -51,7 +51,9 @@ from __future__ import annotations
 
 from datetime import date, datetime, timedelta, timezone
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
+
+from msgspec.msgpack import encode as _pack
 
 from detectors.base import check_positive
 
@@ -415,6 +417,15 @@ local function cal_months(flat)
     out[#out + 1] = {ym = flat[i], me = flat[i + 1], ye = flat[i + 2], keys = {}}
   end
   return out
+end
+
+-- a calendar script's arguments (see CalBatch): ARGV[1] key prefix P, ARGV[2] card hash prefix, ARGV[3] JSON
+-- config, ARGV[4..6] the batch's months, peer groups and rows as MessagePack flat arrays.
+-- Returns P, card hash prefix, peer key prefix, config, peer config (pk_config), months, groups, rows.
+local function cal_args()
+  local cfg = cjson.decode(ARGV[3])
+  return ARGV[1], ARGV[2], ARGV[1] .. ':peer', cfg, pk_config(cfg.peers), cal_months(cmsgpack.unpack(ARGV[4])),
+         cmsgpack.unpack(ARGV[5]), cmsgpack.unpack(ARGV[6])
 end
 
 -- the batch's pending histogram deltas: key -> {bucket -> delta}, the month end of each key and the earliest
@@ -800,3 +811,66 @@ local function pk_evidence(ev)
   return out
 end
 """
+
+
+class CalBatch:
+    """A batch for a calendar rule's script: its rows, with months and peer groups sent once and referred to by
+    index (ARGV[4..6], read by ``cal_args`` in :data:`LUA_LIB`).
+
+    >>> b = CalBatch()
+    >>> b.month("2026-11", 1, 2), b.month("2026-12", 3, 4), b.month("2026-11", 1, 2)
+    (1, 2, 1)
+    >>> b.group(("employee:40", "I10")), b.group(("employee:40", "I10"))
+    (1, 1)
+    """
+
+    __slots__ = ("rows", "_months", "_cal", "_groups", "_gflat")
+
+    def __init__(self) -> None:
+        self.rows: list[Any] = []  # flat: the rule's fields of each row, one after the other
+        self._months: dict[str, int] = {}
+        self._cal: list[Any] = []
+        self._groups: dict[tuple[str, str], int] = {}
+        self._gflat: list[str] = []
+
+    def month(self, month: str, month_end: int, year_end: int) -> int:
+        """The month's index (from 1) in the batch."""
+        mi = self._months.get(month)
+        if mi is None:
+            self._cal += (month, month_end, year_end)
+            mi = self._months[month] = len(self._months) + 1
+        return mi
+
+    def group(self, g: tuple[str, str]) -> int:
+        """The peer group's index (from 1) in the batch: (base, diagnosis key)."""
+        gi = self._groups.get(g)
+        if gi is None:
+            self._gflat += g
+            gi = self._groups[g] = len(self._groups) + 1
+        return gi
+
+    def queue(self, pipe: Any, sha: str, key: str, card_prefix: str, cfg: bytes) -> int:
+        """Queue the script for the batch (nothing without rows); the number of replies."""
+        if not self.rows:
+            return 0
+        pipe.evalsha(sha, 0, key, card_prefix, cfg, _pack(self._cal), _pack(self._gflat), _pack(self.rows))
+        return 1
+
+
+def _dec(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def cal_replies(replies: Sequence[Any], max_evidence: int) -> Iterator[tuple[int, list[int], tuple | None,
+                                                                              list[str], list[float]]]:
+    """A calendar script's verdicts: (event index, values, peer info or None, evidence ids, their times), the
+    evidence the latest ``max_evidence`` in (time, id) order; peer info (peers, quantile, bound, base, dx)."""
+    if not replies:
+        return
+    for idx, values, peer, flat in replies[0]:
+        ids = [_dec(x) for x in flat[0::2]]
+        times = [float(_dec(x)) for x in flat[1::2]]
+        order = sorted(range(len(ids)), key=lambda j: (times[j], ids[j]))[-max_evidence:]
+        pinfo = None if not peer else (int(peer[0]), float(_dec(peer[1])), float(_dec(peer[2])), _dec(peer[3]),
+                                       _dec(peer[4]))
+        yield int(idx), [int(x) for x in values], pinfo, [ids[j] for j in order], [times[j] for j in order]

@@ -58,11 +58,10 @@ from hashlib import blake2b
 from typing import Any, Sequence
 
 import orjson
-from msgspec.msgpack import encode as _pack
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
-from detectors._peers import (LUA_LIB, REDELIVERY_S, Calendar, PeerSpec, buckets_of, check_prefixes, dx_key,
-                              event_time, group_label, is_special, peer_bound)
+from detectors._peers import (LUA_LIB, REDELIVERY_S, CalBatch, Calendar, PeerSpec, buckets_of, cal_replies,
+                              check_prefixes, dx_key, event_time, group_label, is_special, peer_bound)
 from detectors.base import Detector, Namespace, check_positive
 from stream.events import Settlement, iso
 
@@ -80,17 +79,11 @@ LUA = LUA_LIB + r"""
 -- back once; each card-month the batch touched is then judged once, as of its last event in the batch (so a
 -- redelivered batch writes nothing and returns the same verdicts). Returns {idx, counts, peer|0, evidence}
 -- per card-month over a threshold.
-local P, cp = ARGV[1], ARGV[2]
-local prefix = P .. ':peer'
-local cfg = cjson.decode(ARGV[3])
+local P, cp, prefix, cfg, pc, months, groups, rows = cal_args()
 local F, late, keep = cfg.field, cfg.lateness, cfg.keep
 local subs, days = cfg.subs, cfg.days
 local K, J = #subs, #days
-local pc = pk_config(cfg.peers)
 local peers_on = pc.enabled
-local months = cal_months(cmsgpack.unpack(ARGV[4]))
-local groups = cmsgpack.unpack(ARGV[5])
-local rows = cmsgpack.unpack(ARGV[6])
 -- month {me, o, em, pv, evidence, visit keys, days {dom, visits, institutions, ...}, h, groups}; every field
 -- it may get is in its constructor (see cal_event)
 local function mdec(x)
@@ -248,10 +241,6 @@ def visit_key(key: str) -> str:
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
-def _dec(x: Any) -> str:
-    return x.decode() if isinstance(x, bytes) else str(x)
-
-
 def _num(x: float) -> str:
     return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
 
@@ -347,12 +336,8 @@ class VisitFrequency(Detector):
 
     # -- Redis ---------------------------------------------------------------------------
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
-        rows: list[Any] = []
-        add = rows.extend
-        months: dict[str, int] = {}
-        cal: list[Any] = []
-        groups: dict[tuple[str, str], int] = {}
-        gflat: list[str] = []
+        batch = CalBatch()
+        add, month_of, group_of = batch.rows.extend, batch.month, batch.group
         late = self.lateness_s
         special, base, per_day = self.special, self.peers.base, bool(self.days)
         for i, ev in enumerate(events):
@@ -363,41 +348,21 @@ class VisitFrequency(Detector):
             pdx = ev.diagnoses[0].strip().upper() if ev.diagnoses else "-"
             dx = dx_key(pdx, special)
             sp = dx[0] == "S"
-            mi = months.get(month)
-            if mi is None:
-                cal += (month, month_end, year_end)
-                mi = months[month] = len(months) + 1
+            mi = month_of(month, month_end, year_end)
             g = (base(ev, year_no), dx)
-            gi = groups.get(g)
-            if gi is None:
-                gflat += g
-                gi = groups[g] = len(groups) + 1
+            gi = group_of(g)
             inst = ev.institution_id
             place = f"{dom}:{inst}|{ev.department or '-'}"
             bill = _bill_key(ev)
             add((i, event_time(ts), ev.event_id, ev.card_id, dom, mi, "o" if ev.visit_type == "outpatient" else "e", sp,
                  visit_key(f"{place}|{bill}") if bill else "", visit_key(f"{place}#{pdx}"),
                  visit_key(f"{dom}|{inst}") if per_day and not sp else "", gi, ref_dom))
-        if not rows:
-            return 0
-        pipe.evalsha(self._sha, 0, self.key(ns), ns.card_prefix(self.card_hash), self._cfg, _pack(cal), _pack(gflat),
-                     _pack(rows))
-        return 1
+        return batch.queue(pipe, self._sha, self.key(ns), ns.card_prefix(self.card_hash), self._cfg)
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:
-        if not replies:
-            return []
         out: dict[str, Alert] = {}
-        for idx, counts, peer, flat in replies[0]:
-            ev = events[int(idx)]
-            counts = [int(x) for x in counts]
-            ids = [_dec(x) for x in flat[0::2]]
-            times = [float(_dec(x)) for x in flat[1::2]]
-            order = sorted(range(len(ids)), key=lambda j: (times[j], ids[j]))[-self.max_evidence:]
-            ids, times = [ids[j] for j in order], [times[j] for j in order]
-            pinfo = None if not peer else (int(peer[0]), float(_dec(peer[1])), float(_dec(peer[2])), _dec(peer[3]),
-                                           _dec(peer[4]))
-            for a in self._alerts(ns, ev, counts, pinfo, ids, times):
+        for idx, counts, pinfo, ids, times in cal_replies(replies, self.max_evidence):
+            for a in self._alerts(ns, events[idx], counts, pinfo, ids, times):
                 out[a.alert_id] = a
         return list(out.values())
 
