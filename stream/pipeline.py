@@ -162,17 +162,6 @@ def run_id_of(headers: dict[str, bytes]) -> str:
 _RUN_IDS: dict[bytes, str] = {}
 
 
-class _Steps:
-    """Iterate a generator to its end, keeping its return value (``pending``)."""
-
-    def __init__(self, gen: Any) -> None:
-        self.gen = gen
-        self.pending: Pending | None = None
-
-    def __iter__(self):
-        self.pending = yield from self.gen
-
-
 class Processor:
     """Parse, validate and run every detector over a batch (see module docstring)."""
 
@@ -272,7 +261,7 @@ class Processor:
                           | {_TOUCH_SHA})
         if by_run and not self._want[1] <= self._loaded:
             await self.load_scripts()
-        return await self._queue_yielding(by_run, res, gate)
+        return await self._queue(by_run, res, gate)
 
     @staticmethod
     async def execute(pending: "Pending") -> "Pending":
@@ -293,7 +282,7 @@ class Processor:
         except NoScriptError:  # Redis restarted and lost its script cache: load and redo (idempotent)
             self._loaded.clear()
             await self.load_scripts()
-            pending = await self.execute(self._queue(pending.by_run, pending.res))
+            pending = await self.execute(await self._queue(pending.by_run, pending.res))
             replies = await pending.task if pending.task is not None else []
         res = pending.res
         res.redis_s = time.perf_counter() - pending.t0
@@ -308,28 +297,11 @@ class Processor:
             await self.redis.hset(OUTBOX_KEY, mapping={a.alert_id: to_json(a) for a in res.alerts})
         return res
 
-    def _queue(self, by_run: dict[str, list[Settlement]], res: BatchResult) -> "Pending":
-        steps = self._queue_steps(by_run, res)
-        for _ in steps:
-            pass
-        return steps.pending  # type: ignore[attr-defined]
-
-    async def _queue_yielding(self, by_run: dict[str, list[Settlement]], res: BatchResult,
-                              gate: Any = None) -> "Pending":
-        """:meth:`_queue`, giving the event loop a turn after each detector: a batch whose round trip just
-        ended is then followed by the next one within one detector's queueing time, not a whole batch's.
-        ``gate``: awaited before going on (the worker holds it while writing a batch to Redis)."""
-        steps = self._queue_steps(by_run, res)
-        for _ in steps:
-            await asyncio.sleep(0)
-            if gate is not None:
-                await gate()
-        return steps.pending  # type: ignore[attr-defined]
-
-    def _queue_steps(self, by_run: dict[str, list[Settlement]], res: BatchResult) -> "_Steps":
-        return _Steps(self._queue_gen(by_run, res))
-
-    def _queue_gen(self, by_run: dict[str, list[Settlement]], res: BatchResult):
+    async def _queue(self, by_run: dict[str, list[Settlement]], res: BatchResult, gate: Any = None) -> "Pending":
+        """Queue every detector's work for a batch on one pipeline (not sent), giving the event loop a turn
+        after each detector: a batch whose round trip just ended is then followed by the next one within one
+        detector's queueing time, not a whole batch's. ``gate``: awaited before going on (the worker holds
+        it while writing a batch to Redis)."""
         plan: list[tuple[Any, Namespace, list[Settlement], int, int]] = []
         card_ttls = self.card_ttls()
         t0 = time.perf_counter()
@@ -341,7 +313,9 @@ class Processor:
                 k = det.queue(pipe, events, ns)
                 plan.append((det, ns, events, n, k))
                 n += k
-                yield
+                await asyncio.sleep(0)
+                if gate is not None:
+                    await gate()
             if card_ttls and n:
                 cards_json = orjson.dumps(list(dict.fromkeys(ev.card_id for ev in events)))
                 for h, ttl in card_ttls.items():  # after the rules' scripts: new card hashes get their TTL too
