@@ -109,13 +109,22 @@ def card_key(ns: Namespace, card_hash: str, card: str) -> str:
     return ns.card_prefix(card_hash) + card
 
 
+#: Lua shared by scripts that expire keys once per batch (prepend it): ``expire_at(ttl)`` is now + ``ttl``
+#: seconds as a ``PEXPIREAT`` time (text, ms). One absolute time for a batch's keys is cheaper than an
+#: ``EXPIRE`` each: Redis rewrites every ``EXPIRE`` into a ``PEXPIREAT`` anyway.
+EXPIRE_AT_LUA = r"""
+local function expire_at(ttl)
+  local now = redis.call('TIME')
+  return string.format('%d', (tonumber(now[1]) + ttl) * 1000 + math.floor(tonumber(now[2]) / 1000))
+end
+"""
+
+
 #: Lua run once per batch, card hash and run by the processor: expire every card hash touched
 #: (ARGV[1] the hash prefix, ARGV[2] the TTL in seconds, ARGV[3] the distinct card ids as a JSON array).
-#: One absolute time for the batch (``PEXPIREAT``): Redis turns every ``EXPIRE`` into one anyway.
-TOUCH_LUA = r"""
+TOUCH_LUA = EXPIRE_AT_LUA + r"""
 local p = ARGV[1]
-local now = redis.call('TIME')
-local at = string.format('%d', (tonumber(now[1]) + tonumber(ARGV[2])) * 1000 + math.floor(tonumber(now[2]) / 1000))
+local at = expire_at(tonumber(ARGV[2]))
 local cards = cjson.decode(ARGV[3])
 for i = 1, #cards do redis.call('PEXPIREAT', p .. cards[i], at) end
 return #cards

@@ -59,11 +59,11 @@ from typing import Any, Sequence
 import orjson
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
-from detectors.base import Detector, Namespace, check_positive
+from detectors.base import EXPIRE_AT_LUA, Detector, Namespace, check_positive
 from detectors.drugs import is_placeholder
 from stream.events import Settlement, iso
 
-LUA = r"""
+LUA = EXPIRE_AT_LUA + r"""
 -- ARGV[1] key prefix (cw:{run}:trace_code_reuse:{retention_s}), ARGV[2] JSON [retention, period, lateness, ttl],
 -- ARGV[3] one flat JSON array, per event: index, t, event_id, value to remember (see the module docstring),
 -- n, then its n codes' buckets (strings); ARGV[4] the codes' 8-byte field hashes, concatenated in the same
@@ -198,8 +198,7 @@ while c <= #x do
 end
 if #wkeys > 0 then
   -- one absolute expiry for the batch: PEXPIREAT is propagated as is (EXPIRE is rewritten into it per key)
-  local tm = redis.call('TIME')
-  local at = string.format('%d', tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000) + ttl * 1000)
+  local at = expire_at(ttl)
   for k = 1, #wkeys do redis.call('PEXPIREAT', wkeys[k], at) end
   local seen = {}
   for k = 1, #dirty do
