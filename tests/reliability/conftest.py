@@ -58,9 +58,12 @@ class RestartableRedis:
         argv[argv.index("--appendonly") + 1] = "yes"
         self.argv = argv
 
-    def restart_redis(self, down_s: float) -> None:
+    def redis_down(self) -> None:
+        """Stop redis-server (its AOF stays on disk)."""
         self.proc.stop()
-        time.sleep(down_s)
+
+    def redis_up(self) -> None:
+        """Start redis-server again on the same port, from its AOF."""
         log = open(self.proc.log, "ab")
         self.proc.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.stack.workdir,
                                           start_new_session=True)
