@@ -31,16 +31,18 @@ States are read once per batch and written back once, and the physician-days a b
 are remembered under its newest event, so a redelivered batch returns the same alerts and
 leaves Redis as it was. One alert per physician and day; later evidence extends it.
 
-State (Redis, all keys expire; one GET and one SET of the day per physician-day and batch, no JSON):
+State (Redis, all keys expire; per physician-day and batch one read of its counts and of each hour of
+evidence the batch's events fall in, one write of them, no JSON):
 
-* ``cw:{run}:prescriber_volume:day:{physician}:{YYYY-MM-DD}`` — the day, one string
-  ``{S}{t},{n},{a},{r}<TAB>{evidence}<TAB>{institution}``: ``S`` is ``-``, ``s`` once swept;
-  ``t``/``n``/``a``/``r`` count all settlements, non-inpatient settlements, their amount in fen and
-  the resale-prone ones; the institution is the day's first; the evidence is ``|{id} {seconds since
-  the day's start}`` per settlement (no ``.0``), the id as it is when plain (``[0-9A-Za-z_.:-]``),
-  else ``~`` + its UTF-8 in hex, so a search for ``|{id} `` finds that id only: a redelivered
-  event is a no-op. A batch puts its new evidence in front; it is sent back only for a day
-  that fires;
+* ``cw:{run}:prescriber_volume:day:{physician}:{YYYY-MM-DD}`` — the day, a hash: ``s`` =
+  ``{S}{t},{n},{a},{r}<TAB>{institution}`` (``S`` is ``-``, ``s`` once swept; ``t``/``n``/``a``/``r``
+  count all settlements, non-inpatient settlements, their amount in fen and the resale-prone ones;
+  the institution is the day's first) and ``e{hour}`` (0 … 23, of the event time since the day's
+  start) = that hour's evidence, ``|{id} {seconds since the day's start}`` per settlement (no
+  ``.0``), the id as it is when plain (``[0-9A-Za-z_.:-]``), else ``~`` + its UTF-8 in hex, so a
+  search for ``|{id} `` finds that id only: a redelivered event (same time, same hour) is a no-op.
+  A busy physician's day (hundreds of settlements) costs each settlement no more than its hour's
+  evidence; a batch puts its new evidence in front; it is sent back only for a day that fires;
 * ``…:{baseline_days x 86400}:{physician}`` — history hash: local day number -> ``t,n,a,r``
   and the physician's group (``g``, ``c``) and oldest kept day (``lo``);
 * ``…:peer:{group}:{day number}:{bucket}`` — physician -> ``n,a,r`` of that day, for the peer
@@ -79,11 +81,12 @@ LUA = r"""
 -- days [D, 'D', label, day start]*, contexts [physician, day index, group, coarse group, institution, peer
 -- bucket]* and events [time - day start, '|' .. event token .. ' ', context index, amount fen x 8 + flags]*
 -- (indexes from 0; flags 1 inpatient, 2 resale-prone, 4 after the previous day's end + lateness).
--- Keys are built here: P:day:{physician}:{label} (the day: 'S' .. 't,n,a,r' .. TAB .. evidence .. TAB ..
--- institution, S '-' or 's' once swept; evidence = ('|' .. token .. ' ' .. time - day start)*, a redelivered
--- event's '|token ' is found in it), P:{W x 86400}:{physician} (history), P:peer:{group}:{D}:{bucket},
--- P:pending, P:wmp, P:swept:…. Each day is read once per batch (GET), updated in memory and written back
--- once (SET: new evidence in front of the old). Verdicts: every physician-day the batch touched after its
+-- Keys are built here: P:day:{physician}:{label} (the day, a hash: 's' = S .. 't,n,a,r' .. TAB .. institution, S
+-- '-' or 's' once swept; 'e' .. hour = that hour's evidence, ('|' .. token .. ' ' .. time - day start)*, where a
+-- redelivered event's '|token ' is found), P:{W x 86400}:{physician} (history), P:peer:{group}:{D}:{bucket},
+-- P:pending, P:wmp, P:swept:…. Each day's counts and each hour of evidence the batch needs are read once per
+-- batch (HGET), updated in memory and written back once (HSET: new evidence in front of the old). Verdicts:
+-- every physician-day the batch touched after its
 -- previous day was complete (day start + lateness), judged once as of the end of the batch, then the sweep of
 -- complete days (end + lateness <= newest event time). The physician-days a batch swept are remembered under
 -- its trigger, so a redelivered batch returns the same verdicts.
@@ -102,7 +105,7 @@ local HIST = P .. ':' .. (W * 86400) .. ':'
 local DAYP, PEERP = P .. ':day:', P .. ':peer:'
 -- (numbers go to Redis as strings formatted with '%d': Redis would format each with '%.17g', slower)
 local find, sub, byte, fmt, floor = string.find, string.sub, string.byte, string.format, math.floor
-local BYTE_S = byte('s')
+local BYTE_S, BYTE_E = byte('s'), byte('e')
 
 local function bit(mask, b) return floor(mask / b) % 2 == 1 end
 
@@ -133,16 +136,26 @@ local function count_ok(ok)
   return true
 end
 
--- a stored day -> {t, n, a, r, sw, inst, doc, p1, p2} (p1, p2: the tabs around the evidence)
-local function day_of(doc)
-  local p1 = find(doc, '\t', 1, true)
-  local p2 = find(doc, '\t', p1 + 1, true)
-  local c1 = find(doc, ',', 2, true)
-  local c2 = find(doc, ',', c1 + 1, true)
-  local c3 = find(doc, ',', c2 + 1, true)
-  return {t = tonumber(sub(doc, 2, c1 - 1)), n = tonumber(sub(doc, c1 + 1, c2 - 1)),
-          a = tonumber(sub(doc, c2 + 1, c3 - 1)), r = tonumber(sub(doc, c3 + 1, p1 - 1)),
-          sw = byte(doc, 1) == BYTE_S, inst = sub(doc, p2 + 1), doc = doc, p1 = p1, p2 = p2, seen = {}, new = {}}
+-- a day's state (field 's' of its hash) -> {t, n, a, r, sw, inst, s} plus the batch's working sets: seen tokens,
+-- evidence chunks read (hour -> text | false), new evidence per hour and the hours it went to
+local function day_of(s)
+  local p1 = find(s, '\t', 1, true)
+  local c1 = find(s, ',', 2, true)
+  local c2 = find(s, ',', c1 + 1, true)
+  local c3 = find(s, ',', c2 + 1, true)
+  return {t = tonumber(sub(s, 2, c1 - 1)), n = tonumber(sub(s, c1 + 1, c2 - 1)),
+          a = tonumber(sub(s, c2 + 1, c3 - 1)), r = tonumber(sub(s, c3 + 1, p1 - 1)),
+          sw = byte(s, 1) == BYTE_S, inst = sub(s, p1 + 1), s = s, seen = {}, ch = {}, nw = {}, hours = {}}
+end
+
+-- a day's whole evidence: its hour chunks (fields 'e0' .. 'e23')
+local function evidence(dk)
+  local f = redis.call('HGETALL', dk)
+  local parts = {}
+  for i = 1, #f, 2 do
+    if byte(f[i], 1) == BYTE_E then parts[#parts + 1] = f[i + 1] end
+  end
+  return table.concat(parts)
 end
 
 -- own baseline from the history ('t,n,a,r' per day) of days D-W .. D-1: {lam_n, lam_a, share, active days}
@@ -231,7 +244,7 @@ local function judge(phys, D, label, m, hk, g, c)
   if ok[2] then fired = fired + 2 end
   if ok[3] then fired = fired + 4 end
   return {phys, label, m.inst or '', g, p[1], {n, am, r}, {tostring(ln), tostring(la), tostring(sb), b[4]},
-          {p[2], tostring(p[3]), tostring(p[4]), tostring(p[5])}, fired, sub(m.doc, m.p1 + 1, m.p2 - 1), D}
+          {p[2], tostring(p[3]), tostring(p[4]), tostring(p[5])}, fired, evidence(DAYP .. phys .. ':' .. label), D}
 end
 
 local days, hists, dirty, dorder, first, touched, torder = {}, {}, {}, {}, {}, {}, {}
@@ -255,20 +268,31 @@ for r = 1, #EV, 4 do
   end
   local m = days[dk]
   if not m then
-    local doc = redis.call('GET', dk)
-    if doc then m = day_of(doc) else m = {t = 0, n = 0, a = 0, r = 0, seen = {}, new = {}} end
+    local st = redis.call('HGET', dk, 's')
+    if st then m = day_of(st) else m = {t = 0, n = 0, a = 0, r = 0, seen = {}, ch = {}, nw = {}, hours = {}} end
     days[dk] = m
   end
   local flags = pk % 8
   local kind_o = flags % 2 == 0
   local fresh = not m.seen[tok]
-  if fresh and m.doc then
-    local at = find(m.doc, tok, m.p1, true)
-    fresh = not (at and at < m.p2)
+  -- a redelivered event is in its own hour's chunk (same event time): the search never grows with the day
+  local hour = floor(tonumber(t) / 3600)
+  if fresh and m.s then
+    local c = m.ch[hour]
+    if c == nil then
+      c = redis.call('HGET', dk, 'e' .. hour) or false
+      m.ch[hour] = c
+    end
+    fresh = not (c and find(c, tok, 1, true))
   end
   if fresh then
     m.seen[tok] = true
-    local nw = m.new
+    local nw = m.nw[hour]
+    if not nw then
+      nw = {}
+      m.nw[hour] = nw
+      m.hours[#m.hours + 1] = hour
+    end
     nw[#nw + 1] = tok
     nw[#nw + 1] = t
     local eg, ec = CX[c0 + 3], CX[c0 + 4]
@@ -342,12 +366,17 @@ for _, dk in ipairs(dorder) do
     h.wrote = true
     redis.call('EXPIRE', hk, TTL_H)
   end
-  local tail
-  if m.doc then tail = sub(m.doc, m.p1 + 1) else tail = '\t' .. m.inst end
-  local ev = table.concat(m.new)
-  local doc = '-' .. tnar .. '\t' .. ev .. tail
-  redis.call('SET', dk, doc, 'EX', fmt('%d', rest + LATE + 2 * 86400))
-  m.doc, m.p1, m.p2 = doc, #tnar + 2, #tnar + 2 + #ev + #tail - #m.inst
+  local st = '-' .. tnar .. '\t' .. m.inst
+  local dset = {'s', st}
+  for _, hour in ipairs(m.hours) do
+    local c = table.concat(m.nw[hour]) .. (m.ch[hour] or '')
+    dset[#dset + 1] = 'e' .. hour
+    dset[#dset + 1] = c
+    m.ch[hour] = c
+  end
+  redis.call('HSET', dk, unpack(dset))
+  redis.call('EXPIRE', dk, fmt('%d', rest + LATE + 2 * 86400))
+  m.s, m.nw, m.hours = st, {}, {}
 end
 
 -- verdicts on the days in progress the batch touched (judge_in_progress: faster, but which events of
@@ -368,13 +397,13 @@ local function complete(mem, mark)
   local i2 = find(mem, '\t', i1 + 1, true)
   local D, label, phys = tonumber(sub(mem, 1, i1 - 1)), sub(mem, i1 + 1, i2 - 1), sub(mem, i2 + 1)
   local dk, hk = DAYP .. phys .. ':' .. label, HIST .. phys
-  local doc = redis.call('GET', dk)
+  local st = redis.call('HGET', dk, 's')
   local v = redis.call('HMGET', hk, 'g', 'c')
-  if doc and v[1] and v[2] then
-    local m = day_of(doc)
+  if st and v[1] and v[2] then
+    local m = day_of(st)
     local res = judge(phys, D, label, m, hk, v[1], v[2])
     if res then out[#out + 1] = res end
-    if mark and not m.sw then redis.call('SETRANGE', dk, 0, 's') end
+    if mark and not m.sw then redis.call('HSET', dk, 's', 's' .. sub(st, 2)) end
   end
 end
 
