@@ -148,6 +148,34 @@ local function day_of(s)
           sw = byte(s, 1) == BYTE_S, inst = sub(s, p1 + 1), s = s, seen = {}, ch = {}, nw = {}, hours = {}}
 end
 
+-- a day's counts (field 's'), nil when there is no day yet. A day an earlier version stored as one string
+-- ('S' .. 't,n,a,r' .. TAB .. evidence .. TAB .. institution) is converted to the hash first, its TTL kept.
+local function day_state(dk)
+  local st = redis.pcall('HGET', dk, 's')
+  if type(st) ~= 'table' or not st.err then return st end
+  local doc = redis.call('GET', dk)
+  local p1 = find(doc, '\t', 1, true)
+  local p2 = find(doc, '\t', p1 + 1, true)
+  st = sub(doc, 1, p1 - 1) .. '\t' .. sub(doc, p2 + 1)
+  local ch, hours = {}, {}
+  for e in string.gmatch(sub(doc, p1 + 1, p2 - 1), '|[^|]*') do
+    local sp = find(e, ' ', 2, true)
+    local hour = floor(tonumber(sub(e, sp + 1)) / 3600)
+    if not ch[hour] then ch[hour] = {}; hours[#hours + 1] = hour end
+    ch[hour][#ch[hour] + 1] = e
+  end
+  local ttl = redis.call('PTTL', dk)
+  local dset = {'s', st}
+  for _, hour in ipairs(hours) do
+    dset[#dset + 1] = 'e' .. hour
+    dset[#dset + 1] = table.concat(ch[hour])
+  end
+  redis.call('DEL', dk)
+  redis.call('HSET', dk, unpack(dset))
+  if ttl > 0 then redis.call('PEXPIRE', dk, ttl) end
+  return st
+end
+
 -- a day's whole evidence: its hour chunks (fields 'e0' .. 'e23')
 local function evidence(dk)
   local f = redis.call('HGETALL', dk)
@@ -268,7 +296,7 @@ for r = 1, #EV, 4 do
   end
   local m = days[dk]
   if not m then
-    local st = redis.call('HGET', dk, 's')
+    local st = day_state(dk)
     if st then m = day_of(st) else m = {t = 0, n = 0, a = 0, r = 0, seen = {}, ch = {}, nw = {}, hours = {}} end
     days[dk] = m
   end
@@ -397,7 +425,7 @@ local function complete(mem, mark)
   local i2 = find(mem, '\t', i1 + 1, true)
   local D, label, phys = tonumber(sub(mem, 1, i1 - 1)), sub(mem, i1 + 1, i2 - 1), sub(mem, i2 + 1)
   local dk, hk = DAYP .. phys .. ':' .. label, HIST .. phys
-  local st = redis.call('HGET', dk, 's')
+  local st = day_state(dk)
   local v = redis.call('HMGET', hk, 'g', 'c')
   if st and v[1] and v[2] then
     local m = day_of(st)

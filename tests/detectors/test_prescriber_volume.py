@@ -219,6 +219,28 @@ def test_evidence_keeps_any_event_id_and_time_exactly(process, rules, redis_sync
     assert sum(v.count(b"|") for f, v in day.items() if f.startswith(b"e")) == 14
 
 
+def test_a_day_stored_by_the_earlier_one_string_format_is_converted_and_carries_on(process, rules, redis_sync):
+    """A worker upgraded mid-day finds days stored as one string (counts, evidence, institution): it converts
+    them (TTL kept) and counts on, a redelivered settlement of the old evidence still counted once."""
+    hist, spk = history(PEERS + [SUBJ], range(1, 7)), spike(6, 12)
+    evs = hist + spk + [trigger(7)]
+    ref = final(process(rules, batches(evs), run_id()))
+    rid = run_id()
+    head = hist + spk[:6]
+    process(rules, batches(head), rid)
+    dkey = f"cw:{rid}:prescriber_volume:day:{SUBJ}:2026-11-06"
+    day = {f.decode(): v.decode() for f, v in redis_sync.hgetall(dkey).items()}
+    counts, inst = day["s"].split("\t")
+    ev = "".join(v for f, v in sorted(day.items()) if f.startswith("e"))
+    assert counts.startswith("-8,8,") and ev.count("|") == 8
+    redis_sync.delete(dkey)
+    redis_sync.set(dkey, f"{counts}\t{ev}\t{inst}", ex=3 * 86400)   # as the earlier version stored it
+    got = final(process(rules, batches(head) + batches(evs), rid))
+    assert redis_sync.type(dkey) == b"hash" and 0 < redis_sync.ttl(dkey) <= 3 * 86400
+    assert [(v[0], v[2]) for v in got.values()] == [(v[0], v[2]) for v in ref.values()]
+    assert len(got) == 1 and "'settlements': 14" in next(iter(got.values()))[2]
+
+
 def test_every_key_expires(process, rules, redis_sync):
     rid = run_id()
     process(rules, batches(history(PEERS + [SUBJ], range(1, 7)) + spike(6, 12) + [trigger(7)]), rid)
