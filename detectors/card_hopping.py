@@ -14,8 +14,13 @@ State (Redis, all keys expire):
   time, then event id byte by byte, as a sorted set orders), deduplicated on ``event_id``
   (a redelivered event is a no-op, so counts are idempotent), pruned by event time to
   ``newest - largest window - lateness_s`` each time it is written; the distinct
-  institutions of each window are counted in Lua. The card hash's TTL is set by the
-  processor (``card_ttl_s`` = largest window + lateness);
+  institutions of each window are counted in Lua. A fractional event time is kept exact, as
+  ``%.17g`` text. A card's first settlement (no field yet, the usual case) is written as its
+  entry's JSON text, built in Python (``HSETNX``: one call, no decoding); a settlement after
+  the card's last one is written by appending its entry's text to the stored text; cjson
+  re-encodes only when one goes in earlier or old ones are pruned. (The format is the one
+  earlier versions wrote, so a worker upgraded mid-stream reads their state as is.) The card
+  hash's TTL is set by the processor (``card_ttl_s`` = largest window + lateness);
 * only when a window fires: ``cw:{run}:card_hopping:{window_s}:{card}:ep`` — the open
   episode (``start``, ``last`` event time) and ``…:ev`` — the episode's evidence (event
   ids by event time), both ``window_s`` + lateness.
@@ -36,6 +41,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import orjson
+from msgspec.msgpack import encode as _pack
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
 from detectors.base import EPISODE_LUA, TIMES_LUA, Detector, Namespace, check_positive
@@ -44,14 +50,20 @@ from stream.events import Settlement, iso
 LUA = EPISODE_LUA + TIMES_LUA + r"""
 -- ARGV[1] episode key prefix (cw:{run}:card_hopping), ARGV[2] card hash prefix (cw:{run}:c:),
 -- ARGV[3] JSON [field, lateness, largest window, smallest min_n, [[window_s, min_n, ttl], ...]],
--- ARGV[4] JSON [[t, card, institution, event_id], ...]. The card's field is a flat array t, institution,
--- event_id, ... in (t, event_id) order; read once per card and batch, written once if it changed. Keys are
--- built here (standalone Redis; for Redis Cluster the caller groups a batch by hash slot of {card}).
+-- ARGV[4] MessagePack (numbers in binary), flat: [t, card hash key, institution, event_id, entry, ...] where entry is
+-- the event's [t, institution, event_id] as stored, in JSON text (built in Python). The card's field is a flat
+-- array t, institution, event_id, ... in (t, event_id) order, read once per card and batch, written once if it
+-- changed: a card without it (its first settlement in reach, the usual case) gets the entry text as is (HSETNX:
+-- one call, no decoding, no encoding); while settlements only come after the stored ones and none is pruned, the
+-- new value is the stored text with the entries' text appended (no re-encoding). Episode keys are built here
+-- (standalone Redis; for Redis Cluster the caller groups a batch by hash slot of {card}).
 -- Returns a flat list of firing (event, window) pairs: i, j, episode start, n, span, evidence (id, t, ...).
 local prefix, cp = ARGV[1], ARGV[2]
 local cfg = cjson.decode(ARGV[3])
-local evs = cjson.decode(ARGV[4])
+local evs = cmsgpack.unpack(ARGV[4])
 local field, lateness, maxw, minmin, windows = cfg[1], cfg[2], cfg[3], cfg[4], cfg[5]
+local sub, tinsert, abs = string.sub, table.insert, math.abs
+local need = 3 * minmin
 -- x as Lua's tostring (%.14g) leaves it: x itself for whole seconds (the pruning bound of a sorted set was so rounded)
 local function q(x)
   if x % 1 == 0 then return x end
@@ -65,82 +77,107 @@ local function before(ta, ea, tb, eb)
   if ta ~= tb then return ta < tb end
   return bytes_lt(ea, eb)
 end
-local state, cards, dirty = {}, {}, {}
+-- card key -> its settlements; -> the field's current text while it is valid (false: re-encode at write);
+-- the cards to write, in order
+local state, raws, dirty, nd = {}, {}, {}, 0
 local out = {}
-for i = 1, #evs do
-  local e = evs[i]
-  local t, card, inst, eid = e[1], e[2], e[3], e[4]
-  local st = state[card]
+local i = 0
+for r = 1, #evs, 5 do
+  i = i + 1
+  local t, key, inst, eid = evs[r], evs[r + 1], evs[r + 2], evs[r + 3]
+  local st = state[key]
   if not st then
-    local raw = redis.call('HGET', cp .. card, field)
-    st = raw and load(raw) or {}
-    cards[#cards + 1] = card
-  end
-  local len = #st
-  local known = false
-  for m = len, 3, -3 do
-    if st[m] == eid then known = true; break end
-  end
-  if not known then
-    local p = len + 1
-    while p > 1 and before(t, eid, st[p - 3], st[p - 1]) do p = p - 3 end
-    table.insert(st, p, eid); table.insert(st, p, inst); table.insert(st, p, t)
-    len = len + 3
-    local cut = q(st[len - 2] - maxw - lateness)
-    if st[1] < cut then  -- drop what no window can reach any more (the oldest entries come first)
-      local k = 1
-      while st[k] < cut do k = k + 3 end
-      local kept = {}
-      for m = k, len do kept[#kept + 1] = st[m] end
-      st, len = kept, #kept
+    local entry = evs[r + 4]
+    if redis.call('HSETNX', key, field, entry) == 1 then
+      -- the card's first settlement: stored as sent; one settlement is one institution, below every threshold
+      state[key] = {t, inst, eid}
+      raws[key] = entry
+    else
+      local raw = redis.call('HGET', key, field)
+      st = load(raw)
+      state[key] = st
+      raws[key] = raw
     end
-    dirty[card] = true
   end
-  state[card] = st
-  if len >= 3 * minmin then
-    local newest = st[len - 2]
-    for j = 1, #windows do
-      local W, minn, ttl = windows[j][1], windows[j][2], windows[j][3]
-      -- the events in [t - W, t], never older than newest - W - lateness (what a per-window set would keep)
-      local lo = math.max(t - W, q(newest - W - lateness))
-      local a, b, cnt = 0, 0, 0
-      for m = len - 2, 1, -3 do
-        local x = st[m]
-        if x < lo then break end
-        if x <= t then
-          if cnt == 0 then b = m end
-          a = m; cnt = cnt + 1
+  if st then
+    local len = #st
+    local known = false
+    for m = len, 3, -3 do
+      if st[m] == eid then known = true; break end
+    end
+    if not known then
+      local p = len + 1
+      while p > 1 and before(t, eid, st[p - 3], st[p - 1]) do p = p - 3 end
+      if p > len then  -- after the last one (the usual case): append its text
+        st[p] = t; st[p + 1] = inst; st[p + 2] = eid
+        local raw = raws[key]
+        if raw then raws[key] = sub(raw, 1, -2) .. ',' .. sub(evs[r + 4], 2) end
+      else
+        tinsert(st, p, eid); tinsert(st, p, inst); tinsert(st, p, t)
+        raws[key] = false
+      end
+      len = len + 3
+      local cut = st[len - 2] - maxw - lateness
+      -- q(cut) is within 1e-13 |cut| of cut: only a first entry that close needs the rounded bound
+      if st[1] < cut + 1 + 1e-13 * abs(cut) then
+        cut = q(cut)
+        if st[1] < cut then  -- drop what no window can reach any more (the oldest entries come first)
+          local k = 1
+          while st[k] < cut do k = k + 3 end
+          local kept = {}
+          for m = k, len do kept[#kept + 1] = st[m] end
+          st, len = kept, #kept
+          state[key] = st
+          raws[key] = false
         end
       end
-      local n = 0
-      if cnt >= minn then
-        local seen = {}
-        for m = a + 1, b + 1, 3 do
-          local ins = st[m]
-          if not seen[ins] then seen[ins] = true; n = n + 1 end
+      if not dirty[key] then dirty[key] = true; nd = nd + 1; dirty[nd] = key end
+    end
+    if len >= need then
+      local newest = st[len - 2]
+      for j = 1, #windows do
+        local W, minn, ttl = windows[j][1], windows[j][2], windows[j][3]
+        -- the events in [t - W, t], never older than newest - W - lateness (what a per-window set would keep)
+        local lo = math.max(t - W, q(newest - W - lateness))
+        local a, b, cnt = 0, 0, 0
+        for m = len - 2, 1, -3 do
+          local x = st[m]
+          if x < lo then break end
+          if x <= t then
+            if cnt == 0 then b = m end
+            a = m; cnt = cnt + 1
+          end
         end
-      end
-      if n >= minn then
-        local zk = prefix .. ':' .. W .. ':' .. card
-        local ek, vk = zk .. ':ep', zk .. ':ev'
-        local start = episode(ek, vk, t, W)
-        local args = {}
-        for m = a, b, 3 do
-          args[#args + 1] = st[m]; args[#args + 1] = st[m + 2]
-          if #args >= 1000 then redis.call('ZADD', vk, unpack(args)); args = {} end
+        local n = 0
+        if cnt >= minn then
+          local seen = {}
+          for m = a + 1, b + 1, 3 do
+            local ins = st[m]
+            if not seen[ins] then seen[ins] = true; n = n + 1 end
+          end
         end
-        if #args > 0 then redis.call('ZADD', vk, unpack(args)) end
-        redis.call('EXPIRE', ek, ttl)
-        redis.call('EXPIRE', vk, ttl)
-        out[#out + 1] = {i, j, tostring(start), n, tostring(st[b] - st[a]),
-                         redis.call('ZRANGE', vk, 0, -1, 'WITHSCORES')}
+        if n >= minn then
+          local zk = prefix .. ':' .. W .. ':' .. sub(key, #cp + 1)
+          local ek, vk = zk .. ':ep', zk .. ':ev'
+          local start = episode(ek, vk, t, W)
+          local args = {}
+          for m = a, b, 3 do
+            args[#args + 1] = st[m]; args[#args + 1] = st[m + 2]
+            if #args >= 1000 then redis.call('ZADD', vk, unpack(args)); args = {} end
+          end
+          if #args > 0 then redis.call('ZADD', vk, unpack(args)) end
+          redis.call('EXPIRE', ek, ttl)
+          redis.call('EXPIRE', vk, ttl)
+          out[#out + 1] = {i, j, tostring(start), n, tostring(st[b] - st[a]),
+                           redis.call('ZRANGE', vk, 0, -1, 'WITHSCORES')}
+        end
       end
     end
   end
 end
-for c = 1, #cards do
-  local card = cards[c]
-  if dirty[card] then redis.call('HSET', cp .. card, field, save(state[card])) end
+for c = 1, nd do
+  local key = dirty[c]
+  redis.call('HSET', key, field, raws[key] or save(state[key]))
 end
 return out
 """
@@ -216,8 +253,16 @@ class CardHopping(Detector):
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
         if not events:
             return 0
-        rows = [[ev.ts, ev.card_id, ev.institution_id, ev.event_id] for ev in events]
-        pipe.evalsha(self._sha, 0, self.key(ns), ns.card_prefix(self.card_hash), self._cfg, orjson.dumps(rows))
+        cp = ns.card_prefix(self.card_hash)
+        rows: list[Any] = []   # flat: t, card hash key, institution, event id, entry (its stored JSON text)
+        dumps = orjson.dumps
+        for ev in events:
+            ts, inst, eid = ev.ts, ev.institution_id, ev.event_id
+            t: Any = int(ts)
+            if t != ts or not -1e14 < ts < 1e14:  # stored exactly, as text (TIMES_LUA)
+                t = f"{ts:.17g}"
+            rows += (ts, cp + ev.card_id, inst, eid, dumps((t, inst, eid)).decode())
+        pipe.evalsha(self._sha, 0, self.key(ns), cp, self._cfg, _pack(rows))
         return 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:

@@ -171,3 +171,41 @@ def test_card_state_is_one_field_pruned_by_event_time_and_independent_of_arrival
     assert min(flat[0::3]) >= newest - 604800 - 3600
     assert len(flat) == 3 * 9 and flat[0::3] == sorted(flat[0::3])  # the first day's event is gone
     assert [k.decode() for k in redis_sync.scan_iter(match=f"cw:{a}:*")] == [f"cw:{a}:c:ORDR"]
+
+
+def test_fractional_times_exact_whatever_the_batches_and_order(process, rules, redis_sync):
+    # a card's first settlement is stored as the entry text built in Python, later ones appended to the stored
+    # text, an earlier one re-encoded: every way, the same field, fractional times exact (%.17g text)
+    from stream.events import parse_event
+    field = "card_hopping:86400,604800"
+    evs = [dumps(make_event("FRAC", f"P{k:03d}", T0 + k * 1800 + 0.123457 * (k % 3))) for k in range(5)]
+    want = [parse_event(e).ts for e in evs]
+    assert any(t % 1 for t in want)
+    runs = {"one batch": [evs], "a batch each": [[e] for e in evs], "reversed": [[e] for e in evs[::-1]],
+            "append, then insert": [evs[2:], evs[:2]]}
+    got = {}
+    for name, batches in runs.items():
+        rid = run_id()
+        process(rules, batches + [evs], rid)  # then every event redelivered: no change
+        flat = orjson.loads(redis_sync.hget(f"cw:{rid}:c:FRAC", field))
+        assert [float(x) for x in flat[0::3]] == want, name
+        assert [x for x in flat[0::3] if isinstance(x, str)] == [f"{t:.17g}" for t in want if t % 1], name
+        got[name] = flat
+    assert all(v == got["one batch"] for v in got.values())
+
+
+def test_state_written_before_is_read_and_extended(process, rules, redis_sync):
+    # the field as an earlier worker wrote it (cjson, a fractional time as %.17g text): redelivering its event is a
+    # no-op, a new one is appended, an earlier one inserted
+    rid = run_id()
+    field = "card_hopping:86400,604800"
+    key = f"cw:{rid}:c:OLD"
+    t1 = T0 + 0.5
+    redis_sync.hset(key, field, f'["{t1:.17g}","P\\/1","E-OLD-1",{int(T0) + 3600},"P002","E-OLD-2"]')
+    process(rules, [[dumps(make_event("OLD", "P/1", t1, event_id="E-OLD-1"))]], rid)
+    assert orjson.loads(redis_sync.hget(key, field)) == [f"{t1:.17g}", "P/1", "E-OLD-1", T0 + 3600, "P002", "E-OLD-2"]
+    process(rules, [[dumps(make_event("OLD", "P003", T0 + 7200, event_id="E-NEW-3")),
+                     dumps(make_event("OLD", "P004", T0 - 60, event_id="E-NEW-0"))]], rid)
+    flat = orjson.loads(redis_sync.hget(key, field))
+    assert flat[2::3] == ["E-NEW-0", "E-OLD-1", "E-OLD-2", "E-NEW-3"]
+    assert flat[0::3] == [T0 - 60, f"{t1:.17g}", T0 + 3600, T0 + 7200]
