@@ -50,13 +50,15 @@ from stream.events import Settlement, iso
 LUA = EPISODE_LUA + TIMES_LUA + r"""
 -- ARGV[1] episode key prefix (cw:{run}:card_hopping), ARGV[2] card hash prefix (cw:{run}:c:),
 -- ARGV[3] JSON [field, lateness, largest window, smallest min_n, [[window_s, min_n, ttl], ...]],
--- ARGV[4] MessagePack (numbers in binary), flat: [t, card hash key, institution, event_id, entry, ...] where entry is
--- the event's [t, institution, event_id] as stored, in JSON text (built in Python). The card's field is a flat
--- array t, institution, event_id, ... in (t, event_id) order, read once per card and batch, written once if it
--- changed: a card without it (its first settlement in reach, the usual case) gets the entry text as is (HSETNX:
--- one call, no decoding, no encoding); while settlements only come after the stored ones and none is pruned, the
--- new value is the stored text with the entries' text appended (no re-encoding). Episode keys are built here
--- (standalone Redis; for Redis Cluster the caller groups a batch by hash slot of {card}).
+-- ARGV[4] MessagePack, flat: [more, card hash key, entry, ...] per event, where entry is the event's
+-- [t, institution, event_id] as stored, in JSON text (built in Python), and more is 1 when the card has other
+-- events in this batch (0: its only one, the usual case). The card's field is a flat array t, institution,
+-- event_id, ... in (t, event_id) order. A card without it (its first settlement in reach, the usual case) gets
+-- the entry text as is (HSETNX: one call, no decoding, no encoding); otherwise the stored text with the entry's
+-- text appended is decoded (one decoding for both), and, when the event is new, sorts after the stored ones and
+-- nothing is pruned, that text is the new value (no re-encoding). A card with several events in the batch is
+-- read once and written once. Episode keys are built here (standalone Redis; for Redis Cluster the caller groups
+-- a batch by hash slot of {card}).
 -- Returns a flat list of firing (event, window) pairs: i, j, episode start, n, span, evidence (id, t, ...).
 local prefix, cp = ARGV[1], ARGV[2]
 local cfg = cjson.decode(ARGV[3])
@@ -72,106 +74,127 @@ end
 -- the field: t, institution, event_id per settlement (exact fractional times: TIMES_LUA)
 local function load(raw) return times_load(cjson.decode(raw), 1, 3) end
 local function save(st) return times_save(st, 1, 3) end
+-- stored text with an entry's text appended
+local function append(raw, entry) return sub(raw, 1, -2) .. ',' .. sub(entry, 2) end
 -- (ta, ea) sorts before (tb, eb): by time, then event id byte by byte (as a sorted set)
 local function before(ta, ea, tb, eb)
   if ta ~= tb then return ta < tb end
   return bytes_lt(ea, eb)
 end
--- card key -> its settlements; -> the field's current text while it is valid (false: re-encode at write);
--- the cards to write, in order
-local state, raws, dirty, nd = {}, {}, {}, 0
-local out = {}
-local i = 0
-for r = 1, #evs, 5 do
-  i = i + 1
-  local t, key, inst, eid = evs[r], evs[r + 1], evs[r + 2], evs[r + 3]
-  local st = state[key]
-  if not st then
-    local entry = evs[r + 4]
-    if redis.call('HSETNX', key, field, entry) == 1 then
-      -- the card's first settlement: stored as sent; one settlement is one institution, below every threshold
-      state[key] = {t, inst, eid}
-      raws[key] = entry
-    else
-      local raw = redis.call('HGET', key, field)
-      st = load(raw)
-      state[key] = st
-      raws[key] = raw
+-- st (len values): a card's settlements with an event appended last. Drops the event when its id is known,
+-- else moves it to its place and prunes what no window can reach any more. Returns st, len and 0 (known),
+-- 1 (kept last: the stored text with the entry appended is the new value) or 2 (re-encode).
+local function add(st, len)
+  local t, inst, eid = st[len - 2], st[len - 1], st[len]
+  for m = len - 3, 3, -3 do
+    if st[m] == eid then
+      st[len] = nil; st[len - 1] = nil; st[len - 2] = nil
+      return st, len - 3, 0
     end
   end
-  if st then
-    local len = #st
-    local known = false
-    for m = len, 3, -3 do
-      if st[m] == eid then known = true; break end
+  local how = 1
+  local p = len - 2
+  while p > 1 and before(t, eid, st[p - 3], st[p - 1]) do p = p - 3 end
+  if p < len - 2 then
+    st[len] = nil; st[len - 1] = nil; st[len - 2] = nil
+    tinsert(st, p, eid); tinsert(st, p, inst); tinsert(st, p, t)
+    how = 2
+  end
+  local cut = st[len - 2] - maxw - lateness
+  -- q(cut) is within 1e-13 |cut| of cut: only a first entry that close needs the rounded bound
+  if st[1] < cut + 1 + 1e-13 * abs(cut) then
+    cut = q(cut)
+    if st[1] < cut then  -- the oldest entries come first
+      local k = 1
+      while st[k] < cut do k = k + 3 end
+      local kept = {}
+      for m = k, len do kept[#kept + 1] = st[m] end
+      return kept, #kept, 2
     end
-    if not known then
-      local p = len + 1
-      while p > 1 and before(t, eid, st[p - 3], st[p - 1]) do p = p - 3 end
-      if p > len then  -- after the last one (the usual case): append its text
-        st[p] = t; st[p + 1] = inst; st[p + 2] = eid
-        local raw = raws[key]
-        if raw then raws[key] = sub(raw, 1, -2) .. ',' .. sub(evs[r + 4], 2) end
-      else
-        tinsert(st, p, eid); tinsert(st, p, inst); tinsert(st, p, t)
-        raws[key] = false
+  end
+  return st, len, how
+end
+local out = {}
+-- the windows of event i (at t) of the card of key over its settlements st (len values): fire and record
+local function check(i, key, st, len, t)
+  local newest = st[len - 2]
+  for j = 1, #windows do
+    local W, minn, ttl = windows[j][1], windows[j][2], windows[j][3]
+    -- the events in [t - W, t], never older than newest - W - lateness (what a per-window set would keep)
+    local lo = math.max(t - W, q(newest - W - lateness))
+    local a, b, cnt = 0, 0, 0
+    for m = len - 2, 1, -3 do
+      local x = st[m]
+      if x < lo then break end
+      if x <= t then
+        if cnt == 0 then b = m end
+        a = m; cnt = cnt + 1
       end
-      len = len + 3
-      local cut = st[len - 2] - maxw - lateness
-      -- q(cut) is within 1e-13 |cut| of cut: only a first entry that close needs the rounded bound
-      if st[1] < cut + 1 + 1e-13 * abs(cut) then
-        cut = q(cut)
-        if st[1] < cut then  -- drop what no window can reach any more (the oldest entries come first)
-          local k = 1
-          while st[k] < cut do k = k + 3 end
-          local kept = {}
-          for m = k, len do kept[#kept + 1] = st[m] end
-          st, len = kept, #kept
-          state[key] = st
-          raws[key] = false
-        end
+    end
+    local n = 0
+    if cnt >= minn then
+      local seen = {}
+      for m = a + 1, b + 1, 3 do
+        local ins = st[m]
+        if not seen[ins] then seen[ins] = true; n = n + 1 end
       end
+    end
+    if n >= minn then
+      local zk = prefix .. ':' .. W .. ':' .. sub(key, #cp + 1)
+      local ek, vk = zk .. ':ep', zk .. ':ev'
+      local start = episode(ek, vk, t, W)
+      local args = {}
+      for m = a, b, 3 do
+        args[#args + 1] = st[m]; args[#args + 1] = st[m + 2]
+        if #args >= 1000 then redis.call('ZADD', vk, unpack(args)); args = {} end
+      end
+      if #args > 0 then redis.call('ZADD', vk, unpack(args)) end
+      redis.call('EXPIRE', ek, ttl)
+      redis.call('EXPIRE', vk, ttl)
+      out[#out + 1] = {i, j, tostring(start), n, tostring(st[b] - st[a]),
+                       redis.call('ZRANGE', vk, 0, -1, 'WITHSCORES')}
+    end
+  end
+end
+-- cards with several events in the batch: key -> settlements; -> the field's current text (false: re-encode);
+-- the ones to write, in order
+local state, raws, dirty, nd = {}, {}, {}, 0
+local i = 0
+for r = 1, #evs, 3 do
+  i = i + 1
+  local more, key, entry = evs[r], evs[r + 1], evs[r + 2]
+  local st = more == 1 and state[key]
+  if st then  -- a later event of a card read in this batch
+    local e = load(entry)
+    local len = #st
+    st[len + 1] = e[1]; st[len + 2] = e[2]; st[len + 3] = e[3]
+    local how
+    st, len, how = add(st, len + 3)
+    state[key] = st
+    if how > 0 then
+      local raw = raws[key]
+      raws[key] = how == 1 and raw and append(raw, entry)
       if not dirty[key] then dirty[key] = true; nd = nd + 1; dirty[nd] = key end
     end
-    if len >= need then
-      local newest = st[len - 2]
-      for j = 1, #windows do
-        local W, minn, ttl = windows[j][1], windows[j][2], windows[j][3]
-        -- the events in [t - W, t], never older than newest - W - lateness (what a per-window set would keep)
-        local lo = math.max(t - W, q(newest - W - lateness))
-        local a, b, cnt = 0, 0, 0
-        for m = len - 2, 1, -3 do
-          local x = st[m]
-          if x < lo then break end
-          if x <= t then
-            if cnt == 0 then b = m end
-            a = m; cnt = cnt + 1
-          end
-        end
-        local n = 0
-        if cnt >= minn then
-          local seen = {}
-          for m = a + 1, b + 1, 3 do
-            local ins = st[m]
-            if not seen[ins] then seen[ins] = true; n = n + 1 end
-          end
-        end
-        if n >= minn then
-          local zk = prefix .. ':' .. W .. ':' .. sub(key, #cp + 1)
-          local ek, vk = zk .. ':ep', zk .. ':ev'
-          local start = episode(ek, vk, t, W)
-          local args = {}
-          for m = a, b, 3 do
-            args[#args + 1] = st[m]; args[#args + 1] = st[m + 2]
-            if #args >= 1000 then redis.call('ZADD', vk, unpack(args)); args = {} end
-          end
-          if #args > 0 then redis.call('ZADD', vk, unpack(args)) end
-          redis.call('EXPIRE', ek, ttl)
-          redis.call('EXPIRE', vk, ttl)
-          out[#out + 1] = {i, j, tostring(start), n, tostring(st[b] - st[a]),
-                           redis.call('ZRANGE', vk, 0, -1, 'WITHSCORES')}
-        end
-      end
+    if len >= need then check(i, key, st, len, e[1]) end
+  elseif redis.call('HSETNX', key, field, entry) == 1 then
+    -- the card's first settlement: stored as sent; one settlement is one institution, below every threshold
+    if more == 1 then state[key] = load(entry); raws[key] = entry end
+  else
+    local raw = redis.call('HGET', key, field)
+    local text = append(raw, entry)
+    local st = load(text)
+    local len = #st
+    local t = st[len - 2]
+    local how
+    st, len, how = add(st, len)
+    if len >= need then check(i, key, st, len, t) end
+    if more == 1 then
+      state[key] = st
+      if how == 0 then raws[key] = raw elseif how == 1 then raws[key] = text else raws[key] = false end
+      if how > 0 then dirty[key] = true; nd = nd + 1; dirty[nd] = key end
+    elseif how > 0 then
+      redis.call('HSET', key, field, how == 1 and text or save(st))
     end
   end
 end
@@ -254,14 +277,19 @@ class CardHopping(Detector):
         if not events:
             return 0
         cp = ns.card_prefix(self.card_hash)
-        rows: list[Any] = []   # flat: t, card hash key, institution, event id, entry (its stored JSON text)
+        seen: dict[str, int] = {}   # card -> its number of events in the batch
+        for ev in events:
+            c = ev.card_id
+            seen[c] = seen.get(c, 0) + 1
+        rows: list[Any] = []   # flat: more (the card has other events in the batch), card hash key, entry (its JSON text)
         dumps = orjson.dumps
         for ev in events:
             ts, inst, eid = ev.ts, ev.institution_id, ev.event_id
             t: Any = int(ts)
             if t != ts or not -1e14 < ts < 1e14:  # stored exactly, as text (TIMES_LUA)
                 t = f"{ts:.17g}"
-            rows += (ts, cp + ev.card_id, inst, eid, dumps((t, inst, eid)).decode())
+            c = ev.card_id
+            rows += (0 if seen[c] == 1 else 1, cp + c, dumps((t, inst, eid)).decode())
         pipe.evalsha(self._sha, 0, self.key(ns), cp, self._cfg, _pack(rows))
         return 1
 

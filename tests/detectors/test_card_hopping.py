@@ -182,7 +182,8 @@ def test_fractional_times_exact_whatever_the_batches_and_order(process, rules, r
     want = [parse_event(e).ts for e in evs]
     assert any(t % 1 for t in want)
     runs = {"one batch": [evs], "a batch each": [[e] for e in evs], "reversed": [[e] for e in evs[::-1]],
-            "append, then insert": [evs[2:], evs[:2]]}
+            "append, then insert": [evs[2:], evs[:2]],
+            "known, then new in one batch": [evs[1:3], evs[::-1]]}
     got = {}
     for name, batches in runs.items():
         rid = run_id()
@@ -209,3 +210,15 @@ def test_state_written_before_is_read_and_extended(process, rules, redis_sync):
     flat = orjson.loads(redis_sync.hget(key, field))
     assert flat[2::3] == ["E-NEW-0", "E-OLD-1", "E-OLD-2", "E-NEW-3"]
     assert flat[0::3] == [T0 - 60, f"{t1:.17g}", T0 + 3600, T0 + 7200]
+
+
+def test_a_card_one_settlement_per_batch_fires_as_in_one_batch(process, rules):
+    # a card with one event per batch (its field read, extended and written by that event alone) and with all in one
+    # batch (read once, written once): the same alert
+    evs = hop("ONEBYONE", 14)
+    one = alerts_of(process(rules, [evs], run_id()))
+    each = alerts_of(process(rules, [[e] for e in evs], run_id()))
+    assert len(one) == len(each) == 1
+    a, b = one[0], each[0]
+    assert a.evidence_event_ids == b.evidence_event_ids and len(a.evidence_event_ids) == 14
+    assert (a.metrics, a.window_start, a.window_end, a.severity) == (b.metrics, b.window_start, b.window_end, b.severity)
