@@ -28,7 +28,11 @@ card hash that long:
 * ``shared_card:recent:{history_s}`` — the card's outpatient, emergency and pharmacy
   settlements of the last ``history_s``, a JSON array of ``t, event_id, district, visit,
   institution`` (five values per settlement), ordered by time, then event id (a settlement
-  delivered again is stored once);
+  delivered again is stored once). A card's first settlement (no field, no stays: the usual
+  case) is written as its entry's text, built in Python exactly as cjson writes it (``HSETNX``,
+  no decoding or encoding in Lua); a later settlement after the card's last one is appended to
+  the stored text. The format is the one earlier versions wrote, so a worker upgraded
+  mid-stream reads their state as is;
 * ``cw:{run}:shared_card:stays:{history_s},{max_stay_s}:{card}`` — its inpatient stays (only on
   cards with one; expires ``max_stay_s`` + lateness after its last change), a
   JSON array of ``score, "admission\\tinstitution\\tadmitted\\tdischarged\\tlast bill\\tfirst bill
@@ -57,6 +61,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 import orjson
+from msgspec.msgpack import encode as _pack
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
 from detectors.base import Detector, Namespace, check_positive
@@ -70,11 +75,15 @@ from stream.events import Settlement, iso
 LUA = r"""
 -- ARGV: nd, district codes * nd, required-seconds matrix (nd*nd, comma separated),
 --       horizon, keep, grace, max_stay, episode, ttl_ep, card hash prefix, recent field, stays key prefix,
---       episode key prefix, then the events as one flat JSON array, ten values per event: t, event_id,
---       district, visit (o/e/p/i), institution, admission_id, admitted_at, discharged_at ('' = none), card,
---       child detail ('' = none)
+--       episode key prefix, then the events as one flat MessagePack array, eleven values per event: t,
+--       event_id, district, visit (o/e/p/i), institution, admission_id, admitted_at, discharged_at ('' = none),
+--       card, child detail ('' = none), entry (the settlement's five recent values as cjson would encode them,
+--       built in Python; '' = none)
 -- A card's recent settlements (a field of its hash) and stays (a key of their own; one MGET for all the
--- batch's cards) are read once per card and batch and written back once, if changed:
+-- batch's cards) are read once per card and batch and written back once, if changed. A card's first
+-- settlement (no recent field, no stays: the usual case) is stored as its entry text at once (HSETNX: one
+-- call, no decoding, no encoding); a settlement after the card's last one is appended to the stored text;
+-- cjson re-encodes only when one goes in earlier, moves or old ones are pruned:
 --   recent: [t, event_id, district, visit, institution, ...] (5 per settlement), ordered by
 --           (t, event_id\tdistrict\tvisit\tinstitution), as a sorted set with that member would be;
 --   stays:  [score, member, ...], member = admission\tinstitution\tadmitted\tdischarged\tlast bill\t
@@ -111,12 +120,13 @@ local cp, FR, FS, epp = ARGV[a + 6], ARGV[a + 7], ARGV[a + 8], ARGV[a + 9]
 local ttl_stay = tonumber(ARGV[a + 10])
 a = a + 11
 
-local x = cjson.decode(ARGV[a])
+local x = cmsgpack.unpack(ARGV[a])
+local sub, abs, tinsert, tremove = string.sub, math.abs, table.insert, table.remove
 local cache, cards = {}, {}   -- card -> {recent, stays, recent changed, stays changed}
 local stays = {}              -- card -> its stays key's value (false: none), all read at once
 do
   local ks, kc = {}, {}
-  for b = 9, #x, 10 do
+  for b = 9, #x, 11 do
     local card = x[b]
     if stays[card] == nil then stays[card] = false; ks[#ks + 1] = FS .. card; kc[#kc + 1] = card end
   end
@@ -131,7 +141,9 @@ local function load(card)
   local hk = cp .. card
   local g1, g2 = redis.call('HGET', hk, FR), stays[card]
   local rec, st = {}, {}
+  local raw = false   -- the recent field's text while it is valid (false: re-encode at write)
   if g1 then
+    raw = g1
     rec = cjson.decode(g1)
     for m = 1, #rec, 5 do if type(rec[m]) ~= 'number' then rec[m] = tonumber(rec[m]) end end
   end
@@ -139,17 +151,18 @@ local function load(card)
     st = cjson.decode(g2)
     for m = 1, #st, 2 do if type(st[m]) ~= 'number' then st[m] = tonumber(st[m]) end end
   end
-  c = {rec, st, false, false, hk}
+  c = {rec, st, false, false, hk, raw}
   cache[card] = c
   cards[#cards + 1] = card
   return c
 end
-local function add_recent(c, t, eid, dc, v, inst)   -- ZADD: a known member only moves to its new time
+local function add_recent(c, t, eid, dc, v, inst, entry)   -- ZADD: a known member only moves to its new time
   local rec = c[1]
   for m = 1, #rec, 5 do
     if rec[m + 1] == eid and rec[m + 2] == dc and rec[m + 3] == v and rec[m + 4] == inst then
       if rec[m] == t then return end
-      for _ = 1, 5 do table.remove(rec, m) end
+      for _ = 1, 5 do tremove(rec, m) end
+      c[6] = false
       break
     end
   end
@@ -164,11 +177,16 @@ local function add_recent(c, t, eid, dc, v, inst)   -- ZADD: a known member only
     end
     pos = pos - 5
   end
-  if pos > #rec then   -- the usual case: the card's latest settlement
+  if pos > #rec then   -- the usual case: the card's latest settlement, its text appended
+    local raw = c[6]
+    if entry == '' then c[6] = false
+    elseif pos == 1 then c[6] = entry
+    elseif raw then c[6] = sub(raw, 1, -2) .. ',' .. sub(entry, 2) end
     rec[pos] = t; rec[pos + 1] = eid; rec[pos + 2] = dc; rec[pos + 3] = v; rec[pos + 4] = inst
   else
-    table.insert(rec, pos, inst); table.insert(rec, pos, v); table.insert(rec, pos, dc)
-    table.insert(rec, pos, eid); table.insert(rec, pos, t)
+    tinsert(rec, pos, inst); tinsert(rec, pos, v); tinsert(rec, pos, dc)
+    tinsert(rec, pos, eid); tinsert(rec, pos, t)
+    c[6] = false
   end
   c[3] = true
 end
@@ -201,92 +219,107 @@ local function prune(c, cut)   -- both are in time / score order: drop the prefi
       for m = k, #lst do kept[#kept + 1] = lst[m] end
       c[w] = kept
       c[w + 2] = true
+      if w == 1 then c[6] = false end
     end
   end
 end
 
 local out = {}
-for b = 1, #x, 10 do
+for b = 1, #x, 11 do
   local t = x[b]; local eid = x[b + 1]; local dc = x[b + 2]; local v = x[b + 3]
   local inst = x[b + 4]; local aid = x[b + 5]; local adm = x[b + 6]; local dis = x[b + 7]; local card = x[b + 8]
-  local child = x[b + 9]
-  local c = load(card)
-  local found = {}   -- {conflict time, detail field, detail value, eid, t[, eid2, t2]}
-  if v ~= 'i' then add_recent(c, t, eid, dc, v, inst) end
-  -- the card's recent settlements (this one included) and stays as they are before this event's pruning
-  local rec, st = c[1], c[2]
-  if v ~= 'i' then
-    local di = didx[dc]
-    if di then   -- (a) impossible travel against the card's settlements around t
-      for m = 1, #rec, 5 do
-        local t2, e2, d2, i2 = rec[m], rec[m + 1], rec[m + 2], rec[m + 4]
-        local dj = didx[d2]
-        if dj and dj ~= di and e2 ~= eid and (inst == '' or i2 ~= inst) and math.abs(t - t2) < horizon then
-          local r = R[(di - 1) * nd + dj]
-          if r > 0 and math.abs(t - t2) < r then
-            local e1, t1, d1, i1, eb, tb, db, ib = eid, t, dc, inst, e2, t2, d2, i2
-            if t2 < t or (t2 == t and e2 < eid) then
-              e1, t1, d1, i1, eb, tb, db, ib = e2, t2, d2, i2, eid, t, dc, inst
-            end
-            found[#found + 1] = {math.max(t, t2), 'T' .. SEP .. e1 .. SEP .. eb,
-              d1 .. SEP .. db .. SEP .. tostring(t1) .. SEP .. tostring(tb) .. SEP .. i1 .. SEP .. ib, e1, t1, eb, tb}
-          end
-        end
-      end
-    end
-    if (v == 'o' or v == 'p') and inst ~= '' then   -- (b) forward: a settlement elsewhere during an open stay
-      local lo = t - keep
-      for m = 1, #st, 2 do
-        if st[m] >= lo then
-          local f = split(st[m + 1])
-          local sadm = tonumber(f[3]); local sdis = tonumber(f[4]); local ft = tonumber(f[7])
-          if f[2] ~= inst and t >= sadm + grace and (not sdis or t < sdis) and t <= tonumber(f[5]) + max_stay then
-            found[#found + 1] = {math.max(t, ft), 'S' .. SEP .. eid,
-              f[1] .. SEP .. f[2] .. SEP .. f[3] .. SEP .. f[4] .. SEP .. inst .. SEP .. tostring(t), eid, t, f[6], ft}
-          end
-        end
-      end
-    end
-  else
-    -- an inpatient bill: open, extend or close its stay, then look back over the recent settlements
-    local cur, curm = nil, nil
-    for m = 1, #st, 2 do
-      local f = split(st[m + 1])
-      if f[1] == aid then cur = f; curm = st[m + 1] end
-    end
-    local sadm = tonumber(adm); local sdis = tonumber(dis); local slast = t; local fe = eid; local ft = t
-    if cur and not sdis then   -- an open bill after the stay's discharge: a new stay under the same key
-      local od = tonumber(cur[4])
-      if od and t > od then cur = nil end
-    end
-    if cur then
-      if not sadm then sadm = math.min(tonumber(cur[3]), t) end
-      if not sdis then sdis = tonumber(cur[4]) end
-      slast = math.max(tonumber(cur[5]), t)
-      local ct = tonumber(cur[7])
-      if ct < t or (ct == t and cur[6] < eid) then fe = cur[6]; ft = ct end
-    end
-    if not sadm then sadm = t end
-    local mem = table.concat({aid, inst, tostring(sadm), sdis and tostring(sdis) or '', tostring(slast), fe,
-      tostring(ft)}, SEP)
-    if curm ~= mem then
-      if curm then rem_stay(c, curm) end
-      -- scored by when it stops mattering: an open stay after max_stay, a closed one soon after discharge
-      add_stay(c, sdis and math.max(sdis, slast) + keep or slast + max_stay, mem)
-    end
-    if inst ~= '' then
-      for m = 1, #rec, 5 do
-        local t2, e2, v2, i2 = rec[m], rec[m + 1], rec[m + 3], rec[m + 4]
-        if (v2 == 'o' or v2 == 'p') and i2 ~= '' and i2 ~= inst and t2 >= sadm + grace
-            and (not sdis or t2 < sdis) and t2 <= slast + max_stay then
-          found[#found + 1] = {math.max(t2, ft), 'S' .. SEP .. e2,
-            aid .. SEP .. inst .. SEP .. tostring(sadm) .. SEP .. (sdis and tostring(sdis) or '') .. SEP .. i2 ..
-            SEP .. tostring(t2), e2, t2, fe, ft}
-        end
-      end
+  local child = x[b + 9]; local entry = x[b + 10]
+  local c = cache[card]
+  local fresh = false
+  if not c and v ~= 'i' and entry ~= '' and not stays[card] then
+    local hk = cp .. card
+    if redis.call('HSETNX', hk, FR, entry) == 1 then
+      -- the card's first settlement in reach and no stays: stored as sent; it conflicts with nothing but itself
+      c = {{t, eid, dc, v, inst}, {}, false, false, hk, entry}
+      cache[card] = c
+      cards[#cards + 1] = card
+      fresh = true
     end
   end
-  prune(c, t - keep)
+  if not c then c = load(card) end
+  local found = {}   -- {conflict time, detail field, detail value, eid, t[, eid2, t2]}
+  if not fresh then
+    if v ~= 'i' then add_recent(c, t, eid, dc, v, inst, entry) end
+    -- the card's recent settlements (this one included) and stays as they are before this event's pruning
+    local rec, st = c[1], c[2]
+    if v ~= 'i' then
+      local di = didx[dc]
+      if di then   -- (a) impossible travel against the card's settlements around t
+        for m = 1, #rec, 5 do
+          local t2, e2, d2, i2 = rec[m], rec[m + 1], rec[m + 2], rec[m + 4]
+          local dj = didx[d2]
+          if dj and dj ~= di and e2 ~= eid and (inst == '' or i2 ~= inst) and math.abs(t - t2) < horizon then
+            local r = R[(di - 1) * nd + dj]
+            if r > 0 and math.abs(t - t2) < r then
+              local e1, t1, d1, i1, eb, tb, db, ib = eid, t, dc, inst, e2, t2, d2, i2
+              if t2 < t or (t2 == t and e2 < eid) then
+                e1, t1, d1, i1, eb, tb, db, ib = e2, t2, d2, i2, eid, t, dc, inst
+              end
+              found[#found + 1] = {math.max(t, t2), 'T' .. SEP .. e1 .. SEP .. eb,
+                d1 .. SEP .. db .. SEP .. tostring(t1) .. SEP .. tostring(tb) .. SEP .. i1 .. SEP .. ib, e1, t1, eb, tb}
+            end
+          end
+        end
+      end
+      if (v == 'o' or v == 'p') and inst ~= '' then   -- (b) forward: a settlement elsewhere during an open stay
+        local lo = t - keep
+        for m = 1, #st, 2 do
+          if st[m] >= lo then
+            local f = split(st[m + 1])
+            local sadm = tonumber(f[3]); local sdis = tonumber(f[4]); local ft = tonumber(f[7])
+            if f[2] ~= inst and t >= sadm + grace and (not sdis or t < sdis) and t <= tonumber(f[5]) + max_stay then
+              found[#found + 1] = {math.max(t, ft), 'S' .. SEP .. eid,
+                f[1] .. SEP .. f[2] .. SEP .. f[3] .. SEP .. f[4] .. SEP .. inst .. SEP .. tostring(t), eid, t, f[6], ft}
+            end
+          end
+        end
+      end
+    else
+      -- an inpatient bill: open, extend or close its stay, then look back over the recent settlements
+      local cur, curm = nil, nil
+      for m = 1, #st, 2 do
+        local f = split(st[m + 1])
+        if f[1] == aid then cur = f; curm = st[m + 1] end
+      end
+      local sadm = tonumber(adm); local sdis = tonumber(dis); local slast = t; local fe = eid; local ft = t
+      if cur and not sdis then   -- an open bill after the stay's discharge: a new stay under the same key
+        local od = tonumber(cur[4])
+        if od and t > od then cur = nil end
+      end
+      if cur then
+        if not sadm then sadm = math.min(tonumber(cur[3]), t) end
+        if not sdis then sdis = tonumber(cur[4]) end
+        slast = math.max(tonumber(cur[5]), t)
+        local ct = tonumber(cur[7])
+        if ct < t or (ct == t and cur[6] < eid) then fe = cur[6]; ft = ct end
+      end
+      if not sadm then sadm = t end
+      local mem = table.concat({aid, inst, tostring(sadm), sdis and tostring(sdis) or '', tostring(slast), fe,
+        tostring(ft)}, SEP)
+      if curm ~= mem then
+        if curm then rem_stay(c, curm) end
+        -- scored by when it stops mattering: an open stay after max_stay, a closed one soon after discharge
+        add_stay(c, sdis and math.max(sdis, slast) + keep or slast + max_stay, mem)
+      end
+      if inst ~= '' then
+        for m = 1, #rec, 5 do
+          local t2, e2, v2, i2 = rec[m], rec[m + 1], rec[m + 3], rec[m + 4]
+          if (v2 == 'o' or v2 == 'p') and i2 ~= '' and i2 ~= inst and t2 >= sadm + grace
+              and (not sdis or t2 < sdis) and t2 <= slast + max_stay then
+            found[#found + 1] = {math.max(t2, ft), 'S' .. SEP .. e2,
+              aid .. SEP .. inst .. SEP .. tostring(sadm) .. SEP .. (sdis and tostring(sdis) or '') .. SEP .. i2 ..
+              SEP .. tostring(t2), e2, t2, fe, ft}
+          end
+        end
+      end
+    end
+    prune(c, t - keep)
+  end
   if child ~= '' then   -- (c) a child's card buying adult chronic-disease drugs
     found[#found + 1] = {t, 'C' .. SEP .. eid, child, eid, t}
   end
@@ -324,8 +357,12 @@ for _, card in ipairs(cards) do   -- write back what changed (an emptied field i
   if c[3] then  -- recent settlements: a field of the card hash
     local lst = c[1]
     if #lst > 0 then
-      for m = 1, #lst, 5 do lst[m] = store(lst[m]) end
-      redis.call('HSET', c[5], FR, cjson.encode(lst))
+      local raw = c[6]
+      if not raw then
+        for m = 1, #lst, 5 do lst[m] = store(lst[m]) end
+        raw = cjson.encode(lst)
+      end
+      redis.call('HSET', c[5], FR, raw)
     else
       redis.call('HDEL', c[5], FR)
     end
@@ -357,6 +394,27 @@ def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     dp, dl = p2 - p1, math.radians(lon2 - lon1)
     h = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
     return 2 * 6371.0 * math.asin(math.sqrt(h))
+
+
+def _entry(dumps: Any, ts: float, eid: str, dc: str, v: str, inst: str) -> str:
+    r"""A settlement's five recent values as the Lua's cjson.encode writes them (times as ``store`` keeps them).
+
+    >>> _entry(orjson.dumps, 1700000000.0, "E/1", "310101", "o", "H\x7f")
+    '[1700000000,"E\\/1","310101","o","H\\u007f"]'
+    >>> _entry(orjson.dumps, 1700000000.25, "E1", "310101", "p", "")
+    '["1700000000.25","E1","310101","p",""]'
+    >>> _entry(orjson.dumps, 0.0, "E1", "310101", "p", "")   # cjson writes -0 for -0.0: left to Lua
+    ''
+    """
+    if ts == 0:
+        return ""
+    t: Any = int(ts)
+    if t != ts or not -1e14 < ts < 1e14:
+        t = f"{ts:.17g}"
+    out = dumps((t, eid, dc, v, inst)).decode()
+    if "/" in out or "\x7f" in out:   # cjson also escapes these (orjson does not)
+        out = out.replace("/", "\\/").replace("\x7f", "\\u007f")
+    return out
 
 
 def _s(x: Any) -> str:
@@ -527,8 +585,9 @@ class SharedCard(Detector):
         return f"{age}{_SEP}{'|'.join(dict.fromkeys(names))}{_SEP}{days}{_SEP}{dx}"
 
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
-        rows: list[Any] = []   # ten values per event (see the Lua)
+        rows: list[Any] = []   # eleven values per event (see the Lua)
         visit = _VISIT
+        dumps = orjson.dumps
         for ev in events:
             card = ev.card_id
             if _unusable(card, ev.event_id):
@@ -536,20 +595,24 @@ class SharedCard(Detector):
             v = visit[ev.visit_type]
             inst = ev.institution_id
             inst = "" if _placeholder_inst(inst) else _clean(inst)
+            dc = _clean(ev.district)
             aid: str = ""
             adm: float | str = ""
             dis: float | str = ""
+            entry = ""
             if v == "i":
                 aid = _clean(ev.admission_id or "") or f"@{inst}"
                 adm = ev.admitted_at.timestamp() if ev.admitted_at is not None else ""
                 dis = ev.discharged_at.timestamp() if ev.discharged_at is not None else ""
+            else:
+                entry = _entry(dumps, ev.ts, ev.event_id, dc, v, inst)
             child = self._child_detail(ev) if ev.birth_year is not None or ev.insured_category == "child" else ""
-            rows += (ev.ts, ev.event_id, _clean(ev.district), v, inst, aid, adm, dis, card, child)
+            rows += (ev.ts, ev.event_id, dc, v, inst, aid, adm, dis, card, child, entry)
         if not rows:
             return 0
         pipe.evalsha(self._sha, 0, *self._head, ns.card_prefix(self.card_hash), self._fields[0],
                      self.key(ns, "stays", f"{self.history_s},{self.max_stay_s}", ""),
-                     self.key(ns, self.history_s, ""), self.stay_ttl_s, orjson.dumps(rows))
+                     self.key(ns, self.history_s, ""), self.stay_ttl_s, _pack(rows))
         return 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:
