@@ -388,3 +388,23 @@ def test_parameters_validated_at_construction(over, message):
     with pytest.raises(ValueError) as exc:
         SharedCard(**kw)
     assert str(exc.value).startswith(message)
+
+
+def test_stored_text_is_the_same_whichever_way_it_was_written(process, rules, redis_sync):
+    """A first settlement's text is built in Python, a later one appended to it; cjson re-encodes when one goes
+    in earlier. All three must write what cjson writes, byte for byte, hostile ids included."""
+    a = visit("TXT", 'H/1"\\\x7f\x01é', T0, "310101", event_id='E/1"\\\x7f\x02中')
+    b = visit("TXT", "H\x03/2", T0 + 60.5, "310115", event_id="E/2\x7f")
+    texts = []
+    for order in ([[dumps(a)], [dumps(b)]], [[dumps(a), dumps(b)]], [[dumps(b)], [dumps(a)]]):
+        rid = run_id()
+        process(rules, order, rid)
+        texts.append(redis_sync.hget(f"cw:{rid}:c:TXT", RECENT))
+        assert len(card_state(redis_sync, rid, "TXT")[0]) == 2
+    assert texts[0] == texts[1] == texts[2]
+    assert redis_sync.eval("return cjson.encode(cjson.decode(ARGV[1]))", 0, texts[0]) == texts[0]
+    one = run_id()
+    process(rules, [[dumps(a)]], one)
+    text = redis_sync.hget(f"cw:{one}:c:TXT", RECENT)
+    assert b"\\/" in text and b"\\u007f" in text
+    assert redis_sync.eval("return cjson.encode(cjson.decode(ARGV[1]))", 0, text) == text
