@@ -231,18 +231,21 @@ for b = 1, #x, 11 do
   local child = x[b + 9]; local entry = x[b + 10]
   local c = cache[card]
   local fresh = false
-  if not c and v ~= 'i' and entry ~= '' and not stays[card] then
-    local hk = cp .. card
-    if redis.call('HSETNX', hk, FR, entry) == 1 then
-      -- the card's first settlement in reach and no stays: stored as sent; it conflicts with nothing but itself
-      c = {{t, eid, dc, v, inst}, {}, false, false, hk, entry}
-      cache[card] = c
-      cards[#cards + 1] = card
+  if c == nil then
+    if v ~= 'i' and entry ~= '' and not stays[card] and redis.call('HSETNX', cp .. card, FR, entry) == 1 then
+      -- the card's first settlement in reach and no stays: stored as sent; it conflicts with nothing but itself.
+      -- Cached as its place in x, made a full entry only if the card comes again in this batch.
+      cache[card] = b
       fresh = true
+    else
+      c = load(card)
     end
+  elseif type(c) == 'number' then
+    c = {{x[c], x[c + 1], x[c + 2], x[c + 3], x[c + 4]}, {}, false, false, cp .. card, x[c + 10]}
+    cache[card] = c
+    cards[#cards + 1] = card
   end
-  if not c then c = load(card) end
-  local found = {}   -- {conflict time, detail field, detail value, eid, t[, eid2, t2]}
+  local found = nil   -- {conflict time, detail field, detail value, eid, t[, eid2, t2]}, ...
   if not fresh then
     if v ~= 'i' then add_recent(c, t, eid, dc, v, inst, entry) end
     -- the card's recent settlements (this one included) and stays as they are before this event's pruning
@@ -260,7 +263,7 @@ for b = 1, #x, 11 do
               if t2 < t or (t2 == t and e2 < eid) then
                 e1, t1, d1, i1, eb, tb, db, ib = e2, t2, d2, i2, eid, t, dc, inst
               end
-              found[#found + 1] = {math.max(t, t2), 'T' .. SEP .. e1 .. SEP .. eb,
+              found = found or {}; found[#found + 1] = {math.max(t, t2), 'T' .. SEP .. e1 .. SEP .. eb,
                 d1 .. SEP .. db .. SEP .. tostring(t1) .. SEP .. tostring(tb) .. SEP .. i1 .. SEP .. ib, e1, t1, eb, tb}
             end
           end
@@ -273,7 +276,7 @@ for b = 1, #x, 11 do
             local f = split(st[m + 1])
             local sadm = tonumber(f[3]); local sdis = tonumber(f[4]); local ft = tonumber(f[7])
             if f[2] ~= inst and t >= sadm + grace and (not sdis or t < sdis) and t <= tonumber(f[5]) + max_stay then
-              found[#found + 1] = {math.max(t, ft), 'S' .. SEP .. eid,
+              found = found or {}; found[#found + 1] = {math.max(t, ft), 'S' .. SEP .. eid,
                 f[1] .. SEP .. f[2] .. SEP .. f[3] .. SEP .. f[4] .. SEP .. inst .. SEP .. tostring(t), eid, t, f[6], ft}
             end
           end
@@ -311,7 +314,7 @@ for b = 1, #x, 11 do
           local t2, e2, v2, i2 = rec[m], rec[m + 1], rec[m + 3], rec[m + 4]
           if (v2 == 'o' or v2 == 'p') and i2 ~= '' and i2 ~= inst and t2 >= sadm + grace
               and (not sdis or t2 < sdis) and t2 <= slast + max_stay then
-            found[#found + 1] = {math.max(t2, ft), 'S' .. SEP .. e2,
+            found = found or {}; found[#found + 1] = {math.max(t2, ft), 'S' .. SEP .. e2,
               aid .. SEP .. inst .. SEP .. tostring(sadm) .. SEP .. (sdis and tostring(sdis) or '') .. SEP .. i2 ..
               SEP .. tostring(t2), e2, t2, fe, ft}
           end
@@ -321,9 +324,9 @@ for b = 1, #x, 11 do
     prune(c, t - keep)
   end
   if child ~= '' then   -- (c) a child's card buying adult chronic-disease drugs
-    found[#found + 1] = {t, 'C' .. SEP .. eid, child, eid, t}
+    found = found or {}; found[#found + 1] = {t, 'C' .. SEP .. eid, child, eid, t}
   end
-  if #found > 0 then
+  if found then
     local ek = epp .. card .. ':ep'
     local ep = redis.call('HMGET', ek, 'start', 'last')
     local start = tonumber(ep[1]); local last = tonumber(ep[2])
