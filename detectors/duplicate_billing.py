@@ -21,8 +21,11 @@ State (Redis, all keys expire):
   canonical order, newest first (event time, then event id and fingerprint byte by byte),
   deduplicated on (fingerprint, ``event_id``) so a redelivered settlement is stored once and
   never counts as its own duplicate, pruned by event time to ``newest - window_s - lateness_s``
-  each time it is touched (a fractional event time is kept exact, as ``%.17g`` text); a new newest bill (the
-  usual case) is written by putting its JSON text, built in Python, before the stored text. The card
+  each time it is touched (a fractional event time is kept exact, as ``%.17g`` text); a card's first bill
+  (no field: the usual case) is written as its entry's JSON text, built in Python as cjson writes it
+  (``HSETNX``: no decoding or encoding in Lua), and a new newest bill by putting its text before the
+  stored text. (The format is the one earlier versions wrote: a worker upgraded mid-stream reads their
+  state as is.) The card
   hash's TTL is set by the processor (``card_ttl_s`` = ``window_s`` + lateness); when it lives
   longer for other rules, a field whose newest bill is out of reach is dropped without decoding;
 * only when a bill is duplicated: ``cw:{run}:duplicate_billing:{window_s}:inst:{institution}:{day}:ev``
@@ -61,10 +64,12 @@ LUA = TIMES_LUA + r"""
 -- ARGV[1] key prefix (cw:{run}:duplicate_billing:{window_s}) of the institution day keys, ARGV[2] card hash prefix
 -- (cw:{run}:c:), ARGV[3] JSON [field, W, lateness, day_ttl, tz_s],
 -- ARGV[4] MessagePack (numbers in binary), flat: [index, t, event_id, card hash key, institution, fingerprint, total,
--- entry, ...] where entry is the event's (fingerprint, t, event_id) as stored, in JSON text. The card's field is a
+-- entry, ...] where entry is the event's [fingerprint, t, event_id] as stored, in JSON text. The card's field is a
 -- flat array fingerprint, t, event_id, ... newest first (by t, event_id, fingerprint), read once per card and batch
--- and written once if it changed: while bills only come before the newest stored one in that order (the usual
--- case) and none is dropped, as the new entries' text followed by the stored text.
+-- and written once if it changed: a card without it (its first bill in reach, the usual case) gets the entry text as
+-- is (HSETNX: one call, no decoding, no encoding, no state unless the card comes again in the batch); while bills
+-- only come before the newest stored one in that order and none is dropped, as the new entries' text followed by
+-- the stored text.
 -- {prefix}:inst:{institution}:{day}:ev and …:bills hold the day's evidence and bills.
 -- Returns only the events that found a duplicate: {index, day, evidence (id, time)*, bills (field, value)*, n, gap}
 local prefix, cp = ARGV[1], ARGV[2]
@@ -88,71 +93,87 @@ local function load(raw, t)
 end
 local function save(st) return times_save(st, 2, 3) end
 -- card -> bills; stored text (when still valid) and the entry texts to put before it ('': unchanged; false: re-encode)
+-- (a card whose first bill was stored as sent: the place of that bill in evs until the card comes again)
 local state, cards, raws, pre = {}, {}, {}, {}
 local out = {}
 for i = 1, #evs, 8 do
   local idx, t, eid, card, inst, fp, total = evs[i], evs[i + 1], evs[i + 2], evs[i + 3], evs[i + 4], evs[i + 5],
                                              evs[i + 6]
   local st = state[card]
-  if not st then
-    local raw = redis.call('HGET', card, field)
-    st = load(raw, t)
+  local fresh = false
+  if st == nil then
+    if redis.call('HSETNX', card, field, evs[i + 7]) == 1 then
+      state[card] = i   -- the card's first bill: one bill duplicates nothing
+      fresh = true
+    else
+      local raw = redis.call('HGET', card, field)
+      st = load(raw, t)
+      state[card] = st
+      cards[#cards + 1] = card
+      if #st > 0 and sub(raw, 1, 1) == '[' then raws[card] = raw end
+      pre[card] = ''
+    end
+  elseif type(st) == 'number' then
+    local f = st
+    st = {evs[f + 5], evs[f + 1], evs[f + 2]}
     state[card] = st
     cards[#cards + 1] = card
-    if #st > 0 and sub(raw, 1, 1) == '[' then raws[card] = raw end
+    raws[card] = evs[f + 7]
     pre[card] = ''
   end
-  local len = #st
-  local known = false
-  for k = 1, len, 3 do
-    if st[k + 2] == eid and st[k] == fp then known = true; break end
-  end
-  if not known then
-    local p = 1
-    while p <= len and before(t, eid, fp, st[p + 1], st[p + 2], st[p]) do p = p + 3 end
-    if len == 0 then
-      st[1] = fp; st[2] = t; st[3] = eid
-    else
-      tinsert(st, p, eid); tinsert(st, p, t); tinsert(st, p, fp)
+  if not fresh then
+    local len = #st
+    local known = false
+    for k = 1, len, 3 do
+      if st[k + 2] == eid and st[k] == fp then known = true; break end
     end
-    len = len + 3
-    local a = pre[card]
-    if p ~= 1 then pre[card] = false
-    elseif a == '' then pre[card] = evs[i + 7]
-    elseif a then pre[card] = evs[i + 7] .. ',' .. a end
-  end
-  local m
-  if len > 3 then
-    -- the fingerprint's settlements within W either side: {event_id, t, ...} oldest first (by t, event_id)
-    m = {}
-    for k = len - 2, 1, -3 do
-      if st[k] == fp then
-        local x = st[k + 1]
-        if x >= t - W and x <= t + W then m[#m + 1] = st[k + 2]; m[#m + 1] = x end
+    if not known then
+      local p = 1
+      while p <= len and before(t, eid, fp, st[p + 1], st[p + 2], st[p]) do p = p + 3 end
+      if len == 0 then
+        st[1] = fp; st[2] = t; st[3] = eid
+      else
+        tinsert(st, p, eid); tinsert(st, p, t); tinsert(st, p, fp)
+      end
+      len = len + 3
+      local a = pre[card]
+      if p ~= 1 then pre[card] = false
+      elseif a == '' then pre[card] = sub(evs[i + 7], 2, -2)
+      elseif a then pre[card] = sub(evs[i + 7], 2, -2) .. ',' .. a end
+    end
+    local m
+    if len > 3 then
+      -- the fingerprint's settlements within W either side: {event_id, t, ...} oldest first (by t, event_id)
+      m = {}
+      for k = len - 2, 1, -3 do
+        if st[k] == fp then
+          local x = st[k + 1]
+          if x >= t - W and x <= t + W then m[#m + 1] = st[k + 2]; m[#m + 1] = x end
+        end
+      end
+      local cut = st[2] - W - lateness
+      while st[len - 1] < cut do  -- drop what no window can reach any more (the oldest entries come last)
+        st[len] = nil; st[len - 1] = nil; st[len - 2] = nil
+        len = len - 3
+        pre[card] = false
       end
     end
-    local cut = st[2] - W - lateness
-    while st[len - 1] < cut do  -- drop what no window can reach any more (the oldest entries come last)
-      st[len] = nil; st[len - 1] = nil; st[len - 2] = nil
-      len = len - 3
-      pre[card] = false
+    if m and #m >= 4 then
+      local first_t = m[2]
+      local day = math.floor((first_t + tz) / 86400)
+      local id = sub(card, #cp + 1)
+      local ek = prefix .. ':inst:' .. inst .. ':' .. day .. ':ev'
+      local bk = prefix .. ':inst:' .. inst .. ':' .. day .. ':bills'
+      local zargs = {}
+      for j = 1, #m, 2 do zargs[#zargs + 1] = m[j + 1]; zargs[#zargs + 1] = m[j] end
+      redis.call('ZADD', ek, unpack(zargs))
+      redis.call('HSET', bk, id .. '\t' .. fp .. '\t' .. m[1], tostring(#m / 2) .. '\t' .. total)
+      redis.call('EXPIRE', ek, day_ttl)
+      redis.call('EXPIRE', bk, day_ttl)
+      local gap = m[#m] - first_t
+      out[#out + 1] = {idx, day, redis.call('ZRANGE', ek, 0, -1, 'WITHSCORES'), redis.call('HGETALL', bk),
+                       #m / 2, tostring(gap)}
     end
-  end
-  if m and #m >= 4 then
-    local first_t = m[2]
-    local day = math.floor((first_t + tz) / 86400)
-    local id = sub(card, #cp + 1)
-    local ek = prefix .. ':inst:' .. inst .. ':' .. day .. ':ev'
-    local bk = prefix .. ':inst:' .. inst .. ':' .. day .. ':bills'
-    local zargs = {}
-    for j = 1, #m, 2 do zargs[#zargs + 1] = m[j + 1]; zargs[#zargs + 1] = m[j] end
-    redis.call('ZADD', ek, unpack(zargs))
-    redis.call('HSET', bk, id .. '\t' .. fp .. '\t' .. m[1], tostring(#m / 2) .. '\t' .. total)
-    redis.call('EXPIRE', ek, day_ttl)
-    redis.call('EXPIRE', bk, day_ttl)
-    local gap = m[#m] - first_t
-    out[#out + 1] = {idx, day, redis.call('ZRANGE', ek, 0, -1, 'WITHSCORES'), redis.call('HGETALL', bk),
-                     #m / 2, tostring(gap)}
   end
 end
 for c = 1, #cards do
@@ -223,8 +244,10 @@ class DuplicateBilling(Detector):
                 t: Any = int(ts)
                 if t != ts or not -1e14 < ts < 1e14:  # stored exactly, as text (TIMES_LUA)
                     t = f"{ts:.17g}"
-                rows += (i, ts, eid, cp + ev.card_id, ev.institution_id, fp, f"{ev.total_amount:.2f}",
-                         dumps((fp, t, eid))[1:-1].decode())
+                entry = dumps((fp, t, eid)).decode()
+                if "/" in entry or "\x7f" in entry:   # as cjson writes them (orjson does not escape these)
+                    entry = entry.replace("/", "\\/").replace("\x7f", "\\u007f")
+                rows += (i, ts, eid, cp + ev.card_id, ev.institution_id, fp, f"{ev.total_amount:.2f}", entry)
         if not rows:
             return 0
         pipe.evalsha(self._sha, 0, self.key(ns, self.window_s), cp, self._cfg, _pack(rows))

@@ -229,3 +229,20 @@ def test_bills_out_of_reach_are_dropped_on_the_cards_next_bill(process, rules, r
     alerts = alerts_of(process(rules, [[dumps(again)]], rid))
     assert [a.evidence_event_ids for a in alerts] == [[later["event_id"], again["event_id"]]]
     assert alerts[0].metrics["gap_s"] == 599.5
+
+
+def test_stored_text_is_the_same_whichever_way_it_was_written(process, rules, redis_sync):
+    """A card's first bill is stored as its text built in Python, a newer one put before it, an older one makes
+    cjson re-encode: all must write what cjson writes, byte for byte, hostile event ids included."""
+    field = "duplicate_billing:600"
+    a = bill("TXT", "H070", T0 + 0.5, event_id='E/1"\\\x7f\x01中')
+    b = bill("TXT", "H070", T0 + 900, items=[{"code": "J0009", "category": "exam", "quantity": 1, "amount": 9.0}],
+             event_id="E/2\x7f")
+    texts = []
+    for order in ([[dumps(a)], [dumps(b)]], [[dumps(a), dumps(b)]], [[dumps(b)], [dumps(a)]], [[dumps(b), dumps(a)]]):
+        rid = run_id()
+        process(rules, order, rid)
+        texts.append(redis_sync.hget(f"cw:{rid}:c:TXT", field))
+    assert len(orjson.loads(texts[0])) == 6 and texts.count(texts[0]) == 4
+    assert b"\\/" in texts[0] and b"\\u007f" in texts[0]
+    assert redis_sync.eval("return cjson.encode(cjson.decode(ARGV[1]))", 0, texts[0]) == texts[0]
