@@ -75,10 +75,11 @@ from stream.events import Settlement, iso
 LUA = r"""
 -- ARGV: nd, district codes * nd, required-seconds matrix (nd*nd, comma separated),
 --       horizon, keep, grace, max_stay, episode, ttl_ep, card hash prefix, recent field, stays key prefix,
---       episode key prefix, then the events as one flat MessagePack array, eleven values per event: t,
---       event_id, district, visit (o/e/p/i), institution, admission_id, admitted_at, discharged_at ('' = none),
---       card, child detail ('' = none), entry (the settlement's five recent values as cjson would encode them,
---       built in Python; '' = none)
+--       episode key prefix, then the events as one flat MessagePack array, two values per event: card, then
+--       either the settlement's entry (its recent values t, event_id, district, visit, institution as cjson
+--       encodes them, built in Python: an outpatient, emergency or pharmacy settlement that is no child's
+--       adult drug) or the array t, event_id, district, visit (o/e/p/i), institution, admission_id,
+--       admitted_at, discharged_at ('' = none), child detail ('' = none), entry ('' = none)
 -- A card's recent settlements (a field of its hash) and stays (a key of their own; one MGET for all the
 -- batch's cards) are read once per card and batch and written back once, if changed. A card's first
 -- settlement (no recent field, no stays: the usual case) is stored as its entry text at once (HSETNX: one
@@ -126,7 +127,7 @@ local cache, cards = {}, {}   -- card -> {recent, stays, recent changed, stays c
 local stays = {}              -- card -> its stays key's value (false: none), all read at once
 do
   local ks, kc = {}, {}
-  for b = 9, #x, 11 do
+  for b = 1, #x, 2 do
     local card = x[b]
     if stays[card] == nil then stays[card] = false; ks[#ks + 1] = FS .. card; kc[#kc + 1] = card end
   end
@@ -225,28 +226,30 @@ local function prune(c, cut)   -- both are in time / score order: drop the prefi
 end
 
 local out = {}
-for b = 1, #x, 11 do
-  local t = x[b]; local eid = x[b + 1]; local dc = x[b + 2]; local v = x[b + 3]
-  local inst = x[b + 4]; local aid = x[b + 5]; local adm = x[b + 6]; local dis = x[b + 7]; local card = x[b + 8]
-  local child = x[b + 9]; local entry = x[b + 10]
+for b = 1, #x, 2 do
+  local card, e = x[b], x[b + 1]
   local c = cache[card]
-  local fresh = false
-  if c == nil then
-    if v ~= 'i' and entry ~= '' and not stays[card] and redis.call('HSETNX', cp .. card, FR, entry) == 1 then
-      -- the card's first settlement in reach and no stays: stored as sent; it conflicts with nothing but itself.
-      -- Cached as its place in x, made a full entry only if the card comes again in this batch.
-      cache[card] = b
-      fresh = true
+  -- the card's first settlement in reach and no stays: stored as sent; it conflicts with nothing but itself.
+  -- Cached as its entry text, made a full entry only if the card comes again in this batch.
+  if c == nil and type(e) == 'string' and not stays[card] and redis.call('HSETNX', cp .. card, FR, e) == 1 then
+    cache[card] = e
+  else
+    local t, eid, dc, v, inst, aid, adm, dis, child, entry
+    if type(e) == 'string' then
+      local d = cjson.decode(e)
+      t, eid, dc, v, inst, aid, adm, dis, child, entry = tonumber(d[1]), d[2], d[3], d[4], d[5], '', '', '', '', e
     else
-      c = load(card)
+      t, eid, dc, v, inst, aid, adm, dis, child, entry = e[1], e[2], e[3], e[4], e[5], e[6], e[7], e[8], e[9], e[10]
     end
-  elseif type(c) == 'number' then
-    c = {{x[c], x[c + 1], x[c + 2], x[c + 3], x[c + 4]}, {}, false, false, cp .. card, x[c + 10]}
-    cache[card] = c
-    cards[#cards + 1] = card
-  end
-  local found = nil   -- {conflict time, detail field, detail value, eid, t[, eid2, t2]}, ...
-  if not fresh then
+    if c == nil then
+      c = load(card)
+    elseif type(c) == 'string' then
+      local d = cjson.decode(c)
+      c = {{tonumber(d[1]), d[2], d[3], d[4], d[5]}, {}, false, false, cp .. card, c}
+      cache[card] = c
+      cards[#cards + 1] = card
+    end
+    local found = nil   -- {conflict time, detail field, detail value, eid, t[, eid2, t2]}, ...
     if v ~= 'i' then add_recent(c, t, eid, dc, v, inst, entry) end
     -- the card's recent settlements (this one included) and stays as they are before this event's pruning
     local rec, st = c[1], c[2]
@@ -322,36 +325,36 @@ for b = 1, #x, 11 do
       end
     end
     prune(c, t - keep)
-  end
-  if child ~= '' then   -- (c) a child's card buying adult chronic-disease drugs
-    found = found or {}; found[#found + 1] = {t, 'C' .. SEP .. eid, child, eid, t}
-  end
-  if found then
-    local ek = epp .. card .. ':ep'
-    local ep = redis.call('HMGET', ek, 'start', 'last')
-    local start = tonumber(ep[1]); local last = tonumber(ep[2])
-    local took = false
-    for _, f in ipairs(found) do
-      local cf = f[1]
-      local take = true
-      if start and cf >= start - E and cf <= last + E then
-        if cf > last then last = cf end
-      elseif (not start) or cf > last + E then
-        start = cf; last = cf
-        redis.call('DEL', ek)
-      else
-        take = false   -- belongs to an older episode that is no longer kept
-      end
-      if take then
-        took = true
-        redis.call('HSET', ek, f[2], f[3], 'e' .. SEP .. f[4], tostring(f[5]))
-        if f[6] then redis.call('HSET', ek, 'e' .. SEP .. f[6], tostring(f[7])) end
-      end
+    if child ~= '' then   -- (c) a child's card buying adult chronic-disease drugs
+      found = found or {}; found[#found + 1] = {t, 'C' .. SEP .. eid, child, eid, t}
     end
-    if took then
-      redis.call('HSET', ek, 'start', tostring(start), 'last', tostring(last))
-      redis.call('EXPIRE', ek, ttl_ep)
-      out[#out + 1] = {card, redis.call('HGETALL', ek)}
+    if found then
+      local ek = epp .. card .. ':ep'
+      local ep = redis.call('HMGET', ek, 'start', 'last')
+      local start = tonumber(ep[1]); local last = tonumber(ep[2])
+      local took = false
+      for _, f in ipairs(found) do
+        local cf = f[1]
+        local take = true
+        if start and cf >= start - E and cf <= last + E then
+          if cf > last then last = cf end
+        elseif (not start) or cf > last + E then
+          start = cf; last = cf
+          redis.call('DEL', ek)
+        else
+          take = false   -- belongs to an older episode that is no longer kept
+        end
+        if take then
+          took = true
+          redis.call('HSET', ek, f[2], f[3], 'e' .. SEP .. f[4], tostring(f[5]))
+          if f[6] then redis.call('HSET', ek, 'e' .. SEP .. f[6], tostring(f[7])) end
+        end
+      end
+      if took then
+        redis.call('HSET', ek, 'start', tostring(start), 'last', tostring(last))
+        redis.call('EXPIRE', ek, ttl_ep)
+        out[#out + 1] = {card, redis.call('HGETALL', ek)}
+      end
     end
   end
 end
@@ -588,7 +591,7 @@ class SharedCard(Detector):
         return f"{age}{_SEP}{'|'.join(dict.fromkeys(names))}{_SEP}{days}{_SEP}{dx}"
 
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
-        rows: list[Any] = []   # eleven values per event (see the Lua)
+        rows: list[Any] = []   # two values per event: card, then its entry text or all its values (see the Lua)
         visit = _VISIT
         dumps = orjson.dumps
         for ev in events:
@@ -599,18 +602,21 @@ class SharedCard(Detector):
             inst = ev.institution_id
             inst = "" if _placeholder_inst(inst) else _clean(inst)
             dc = _clean(ev.district)
+            child = self._child_detail(ev) if ev.birth_year is not None or ev.insured_category == "child" else ""
+            entry = ""
+            if v != "i":
+                entry = _entry(dumps, ev.ts, ev.event_id, dc, v, inst)
+                if entry and not child:
+                    rows += (card, entry)
+                    continue
             aid: str = ""
             adm: float | str = ""
             dis: float | str = ""
-            entry = ""
             if v == "i":
                 aid = _clean(ev.admission_id or "") or f"@{inst}"
                 adm = ev.admitted_at.timestamp() if ev.admitted_at is not None else ""
                 dis = ev.discharged_at.timestamp() if ev.discharged_at is not None else ""
-            else:
-                entry = _entry(dumps, ev.ts, ev.event_id, dc, v, inst)
-            child = self._child_detail(ev) if ev.birth_year is not None or ev.insured_category == "child" else ""
-            rows += (ev.ts, ev.event_id, dc, v, inst, aid, adm, dis, card, child, entry)
+            rows += (card, [ev.ts, ev.event_id, dc, v, inst, aid, adm, dis, child, entry])
         if not rows:
             return 0
         pipe.evalsha(self._sha, 0, *self._head, ns.card_prefix(self.card_hash), self._fields[0],
