@@ -63,8 +63,8 @@ _placeholder_institution = lru_cache(maxsize=65536)(is_placeholder)  # instituti
 LUA = TIMES_LUA + r"""
 -- ARGV[1] key prefix (cw:{run}:duplicate_billing:{window_s}) of the institution day keys, ARGV[2] card hash prefix
 -- (cw:{run}:c:), ARGV[3] JSON [field, W, lateness, day_ttl, tz_s],
--- ARGV[4] MessagePack (numbers in binary), flat: [index, t, event_id, card hash key, institution, fingerprint, total,
--- entry, ...] where entry is the event's [fingerprint, t, event_id] as stored, in JSON text. The card's field is a
+-- ARGV[4] MessagePack, flat: [card hash key, entry, index\ttotal\tinstitution, ...] where entry is the event's
+-- [fingerprint, t, event_id] as stored, in JSON text (decoded only when the card is not new). The card's field is a
 -- flat array fingerprint, t, event_id, ... newest first (by t, event_id, fingerprint), read once per card and batch
 -- and written once if it changed: a card without it (its first bill in reach, the usual case) gets the entry text as
 -- is (HSETNX: one call, no decoding, no encoding, no state unless the card comes again in the batch); while bills
@@ -93,35 +93,32 @@ local function load(raw, t)
 end
 local function save(st) return times_save(st, 2, 3) end
 -- card -> bills; stored text (when still valid) and the entry texts to put before it ('': unchanged; false: re-encode)
--- (a card whose first bill was stored as sent: the place of that bill in evs until the card comes again)
+-- (a card whose first bill was stored as sent: that bill's entry text until the card comes again)
 local state, cards, raws, pre = {}, {}, {}, {}
 local out = {}
-for i = 1, #evs, 8 do
-  local idx, t, eid, card, inst, fp, total = evs[i], evs[i + 1], evs[i + 2], evs[i + 3], evs[i + 4], evs[i + 5],
-                                             evs[i + 6]
+for i = 1, #evs, 3 do
+  local card, entry = evs[i], evs[i + 1]
   local st = state[card]
-  local fresh = false
-  if st == nil then
-    if redis.call('HSETNX', card, field, evs[i + 7]) == 1 then
-      state[card] = i   -- the card's first bill: one bill duplicates nothing
-      fresh = true
-    else
+  if st == nil and redis.call('HSETNX', card, field, entry) == 1 then
+    state[card] = entry   -- the card's first bill, stored as sent: one bill duplicates nothing
+  else
+    local d = cjson.decode(entry)
+    local fp, t, eid = d[1], tonumber(d[2]), d[3]
+    if st == nil then
       local raw = redis.call('HGET', card, field)
       st = load(raw, t)
       state[card] = st
       cards[#cards + 1] = card
       if #st > 0 and sub(raw, 1, 1) == '[' then raws[card] = raw end
       pre[card] = ''
+    elseif type(st) == 'string' then   -- the card's first bill of the batch, stored as sent: its state now
+      raws[card] = st
+      d = cjson.decode(st)
+      st = {d[1], tonumber(d[2]), d[3]}
+      state[card] = st
+      cards[#cards + 1] = card
+      pre[card] = ''
     end
-  elseif type(st) == 'number' then
-    local f = st
-    st = {evs[f + 5], evs[f + 1], evs[f + 2]}
-    state[card] = st
-    cards[#cards + 1] = card
-    raws[card] = evs[f + 7]
-    pre[card] = ''
-  end
-  if not fresh then
     local len = #st
     local known = false
     for k = 1, len, 3 do
@@ -138,8 +135,8 @@ for i = 1, #evs, 8 do
       len = len + 3
       local a = pre[card]
       if p ~= 1 then pre[card] = false
-      elseif a == '' then pre[card] = sub(evs[i + 7], 2, -2)
-      elseif a then pre[card] = sub(evs[i + 7], 2, -2) .. ',' .. a end
+      elseif a == '' then pre[card] = sub(entry, 2, -2)
+      elseif a then pre[card] = sub(entry, 2, -2) .. ',' .. a end
     end
     local m
     if len > 3 then
@@ -159,6 +156,7 @@ for i = 1, #evs, 8 do
       end
     end
     if m and #m >= 4 then
+      local idx, total, inst = string.match(evs[i + 2], '^(%d+)\t([^\t]*)\t(.*)$')
       local first_t = m[2]
       local day = math.floor((first_t + tz) / 86400)
       local id = sub(card, #cp + 1)
@@ -171,7 +169,7 @@ for i = 1, #evs, 8 do
       redis.call('EXPIRE', ek, day_ttl)
       redis.call('EXPIRE', bk, day_ttl)
       local gap = m[#m] - first_t
-      out[#out + 1] = {idx, day, redis.call('ZRANGE', ek, 0, -1, 'WITHSCORES'), redis.call('HGETALL', bk),
+      out[#out + 1] = {tonumber(idx), day, redis.call('ZRANGE', ek, 0, -1, 'WITHSCORES'), redis.call('HGETALL', bk),
                        #m / 2, tostring(gap)}
     end
   end
@@ -236,7 +234,7 @@ class DuplicateBilling(Detector):
 
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
         cp = ns.card_prefix(self.card_hash)
-        rows: list[Any] = []   # flat: index, t, event id, card key, institution, fingerprint, total, entry
+        rows: list[Any] = []   # flat: card key, entry, index\ttotal\tinstitution
         dumps = orjson.dumps
         for i, ev in enumerate(events):
             if self._eligible(ev):
@@ -247,7 +245,7 @@ class DuplicateBilling(Detector):
                 entry = dumps((fp, t, eid)).decode()
                 if "/" in entry or "\x7f" in entry:   # as cjson writes them (orjson does not escape these)
                     entry = entry.replace("/", "\\/").replace("\x7f", "\\u007f")
-                rows += (i, ts, eid, cp + ev.card_id, ev.institution_id, fp, f"{ev.total_amount:.2f}", entry)
+                rows += (cp + ev.card_id, entry, f"{i}\t{ev.total_amount:.2f}\t{ev.institution_id}")
         if not rows:
             return 0
         pipe.evalsha(self._sha, 0, self.key(ns, self.window_s), cp, self._cfg, _pack(rows))
