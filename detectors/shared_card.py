@@ -136,23 +136,34 @@ do
     for j = 1, #got do stays[kc[i + j - 1]] = got[j] end
   end
 end
-local function load(card)
+local function load(card, t, v)   -- for the card's first event of the batch (time t, visit v)
   local c = cache[card]
   if c then return c end
   local hk = cp .. card
   local g1, g2 = redis.call('HGET', hk, FR), stays[card]
   local rec, st = {}, {}
   local raw = false   -- the recent field's text while it is valid (false: re-encode at write)
+  local dirty = false
   if g1 then
-    raw = g1
     rec = cjson.decode(g1)
-    for m = 1, #rec, 5 do if type(rec[m]) ~= 'number' then rec[m] = tonumber(rec[m]) end end
+    local newest = rec[#rec - 4]
+    if type(newest) ~= 'number' then newest = tonumber(newest) end
+    if v ~= 'i' and newest < t - keep then
+      -- all out of reach (the card hash lives longer for other rules): this event's pruning drops them all, and
+      -- no trip is that long (only an inpatient bill's look-back reads them), so drop them now: no conversion,
+      -- and the new value is this event's entry text
+      rec = {}
+      dirty = true
+    else
+      raw = g1
+      for m = 1, #rec, 5 do if type(rec[m]) ~= 'number' then rec[m] = tonumber(rec[m]) end end
+    end
   end
   if g2 then
     st = cjson.decode(g2)
     for m = 1, #st, 2 do if type(st[m]) ~= 'number' then st[m] = tonumber(st[m]) end end
   end
-  c = {rec, st, false, false, hk, raw}
+  c = {rec, st, dirty, false, hk, raw}
   cache[card] = c
   cards[#cards + 1] = card
   return c
@@ -242,7 +253,7 @@ for b = 1, #x, 2 do
       t, eid, dc, v, inst, aid, adm, dis, child, entry = e[1], e[2], e[3], e[4], e[5], e[6], e[7], e[8], e[9], e[10]
     end
     if c == nil then
-      c = load(card)
+      c = load(card, t, v)
     elseif type(c) == 'string' then
       local d = cjson.decode(c)
       c = {{tonumber(d[1]), d[2], d[3], d[4], d[5]}, {}, false, false, cp .. card, c}

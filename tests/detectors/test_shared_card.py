@@ -408,3 +408,24 @@ def test_stored_text_is_the_same_whichever_way_it_was_written(process, rules, re
     text = redis_sync.hget(f"cw:{one}:c:TXT", RECENT)
     assert b"\\/" in text and b"\\u007f" in text
     assert redis_sync.eval("return cjson.encode(cjson.decode(ARGV[1]))", 0, text) == text
+
+
+def test_settlements_out_of_reach_of_the_next_one_are_dropped_but_an_inpatient_bill_still_sees_them(
+        process, rules, redis_sync):
+    # the card hash outlives history_s when other rules keep it: the next settlement finds only stale ones
+    rid = run_id()
+    old = [visit("OLD", "C1", T0 + k * 900, "310101") for k in range(3)]
+    new = visit("OLD", "C2", T0 + 1800 + 21600 + 0.5, "310115")   # just past history_s after the newest
+    process(rules, [[dumps(e) for e in old], [dumps(new)]], rid)
+    recent, _ = card_state(redis_sync, rid, "OLD")
+    assert recent == [[f"{T0 + 1800 + 21600 + 0.5:.17g}", new["event_id"], "310115", "o", "C2"]]
+    assert redis_sync.eval("return cjson.encode(cjson.decode(ARGV[1]))", 0,
+                           redis_sync.hget(f"cw:{rid}:c:OLD", RECENT)) == redis_sync.hget(f"cw:{rid}:c:OLD", RECENT)
+    # an inpatient bill looks back over the recent settlements the card still holds, stale or not
+    rid = run_id()
+    adm = T0 - 86400
+    process(rules, [[dumps(bill("OLD", "H1", adm + 3600, adm))], [dumps(e) for e in old]], rid)
+    bill_late = bill("OLD", "H1", T0 + 1800 + 21600 + 60, adm)
+    alerts = alerts_of(process(rules, [[dumps(bill_late)]], rid))
+    assert alerts and "inpatient_overlap" in alerts[0].metrics["kinds"]
+    assert card_state(redis_sync, rid, "OLD")[0] == []
