@@ -30,9 +30,12 @@ State per card (Redis):
   the card's fills of take-home drugs over the last ``window_s`` + lateness of event time, all
   ingredients together, in one flat JSON array: per event ``t, event_id, institution, n,`` then
   ``n`` pairs ``ingredient, days``, in (event time, ``event_id``) order, pruned relative to the
-  newest fill whenever a fill is added (a redelivered ``event_id`` is never added again; a fill after
-  the card's last one, the usual case, is written by appending its JSON text, built in Python, to the
-  stored text, with no re-encoding). The
+  newest fill whenever a fill is added (a redelivered ``event_id`` is never added again). A card's
+  first fill in reach (no field yet, the usual case) is written as its entry's JSON text, built in
+  Python (``HSETNX``: one call, no decoding or encoding); a fill after the card's last one is written
+  by appending its entry's text to the stored text; cjson re-encodes only when a fill goes in earlier
+  or old ones are pruned. (The format is the one earlier versions wrote, so a worker upgraded
+  mid-stream reads their state as is.) The
   processor expires the hash; this rule needs it ``window_s`` + lateness after the card's last
   event (``card_ttl_s``);
 * ``cw:{run}:overdispensing:{window_s}:{card}:ep`` — the open episode (``start``, ``last``);
@@ -62,13 +65,17 @@ from stream.events import Settlement, iso
 LUA = EPISODE_LUA + r"""
 -- ARGV[1] episode key prefix (cw:{run}:overdispensing:{window_s}), ARGV[2] card hash prefix (cw:{run}:c:),
 -- ARGV[3] this rule's field of the card hash, ARGV[4] JSON [W, lateness, ttl, max_ratio, min_excess_days,
--- early_share, min_early, min_left_days, min_fills], ARGV[5] MessagePack (numbers in binary), flat (one table
--- to decode, not one per event): [index, t, event_id, card hash key, institution, number of lines, ingredient, days, ingredient, days, ...,
--- entry] where entry is the event's fill as stored, in JSON text (without the brackets).
+-- early_share, min_early, min_left_days, min_fills], ARGV[5] MessagePack, flat (one table to decode, not one
+-- per event): [index, more, card hash key, entry, ...] per event with take-home drug lines, where entry is the
+-- event's fill as stored, in JSON text built in Python: [t, event_id, institution, number of lines, ingredient,
+-- days, ...], and more is 1 when the card has other events in this batch (0: its only one, the usual case).
 -- The field holds the card's fills of the last W + lateness, flat too: [t, event_id, institution, number of
 -- lines, ingredient, days, ..., t, ...], in (t, event_id) order, one entry per event (a redelivered event_id
--- is not added again); it is read once per card and batch and written back once, if changed: while fills
--- only come after the card's last one, as the stored text with the new entries' text appended.
+-- is not added again). A card without it (its first settlement in reach, the usual case) gets the entry text as
+-- is (HSETNX: one call, no decoding, no encoding; one fill is never a pattern); otherwise the stored text with
+-- the entry's text appended is decoded (one decoding for both) and, when the event is new, sorts after the
+-- stored fills and nothing is pruned, that text is the new value (no re-encoding). A card with several events
+-- in the batch is read once and written once.
 -- Episode keys: {prefix}:{card}:ep / :ev. Returns only the events that fired:
 -- {index, episode start, evidence (id, time)*, fired lines}
 local prefix, cp, field = ARGV[1], ARGV[2], ARGV[3]
@@ -77,156 +84,185 @@ local W, lateness, ttl, maxr, min_excess = cfg[1], cfg[2], cfg[3], cfg[4], cfg[5
 local share, min_early, min_left, min_fills = cfg[6], cfg[7], cfg[8], cfg[9]
 local evs = cmsgpack.unpack(ARGV[5])
 local floor = math.floor
-local out = {}
+local decode = cjson.decode
 local sub = string.sub
--- card -> {fills, changed, stored text, entry texts appended since ('' none; false: re-encode)}; cards in
--- first-seen order
-local cache, cards = {}, {}
-local i = 1
-local nevs = #evs
-while i <= nevs do
-  local idx, t, eid, card, inst, nl = evs[i], evs[i + 1], evs[i + 2], evs[i + 3], evs[i + 4], evs[i + 5]
-  -- (card: the card's hash key, cp .. card id)
-  local l0 = i + 4   -- line j: ingredient evs[l0 + 2j], days evs[l0 + 2j + 1]
-  local entry = evs[i + 6 + 2 * nl]
-  i = i + 7 + 2 * nl
-  local c = cache[card]
-  if not c then
-    local raw = redis.call('HGET', card, field)
-    local F = {}
-    if raw then
-      F = cjson.decode(raw)
-      local p = 1
-      while p <= #F do
-        if type(F[p]) ~= 'number' then F[p] = tonumber(F[p]) end   -- a fractional time, stored exactly as text
-        p = p + 4 + 2 * F[p + 3]
-      end
-      if #F == 0 or sub(raw, -1) ~= ']' then raw = false end
-    end
-    c = {F, false, raw, ''}
-    cache[card] = c
-    cards[#cards + 1] = card
+local out = {}
+-- stored text with an entry's text appended
+local function append(raw, entry) return sub(raw, 1, -2) .. ',' .. sub(entry, 2) end
+-- fills from their text (a fractional time is stored exactly, as text) and where the last one starts
+local function load(text)
+  local F = decode(text)
+  local p, s, n = 1, 1, #F
+  while p <= n do
+    if type(F[p]) ~= 'number' then F[p] = tonumber(F[p]) end
+    s = p
+    p = p + 4 + 2 * F[p + 3]
   end
-  local F = c[1]
+  return F, s
+end
+-- F: a card's fills with the event's entry last, from s. Drops the entry when its event_id is known, else
+-- moves it to its place in (t, event_id) order and drops the fills no event within lateness of the newest one
+-- can look back to (an event too late to count is not kept). Returns the fills and 0 (known), 1 (kept last,
+-- nothing pruned: the stored text with the entry appended is the new value) or 2 (re-encode).
+local function add(F, s)
   local nF = #F
-  -- is the event known, where does it go in (t, event_id) order, and the newest time so far
-  local known, pos, newest = false, nil, t
+  local t, eid = F[s], F[s + 1]
+  local pos, newest = nil, t
   local p = 1
-  while p <= nF do
+  while p < s do
     local pt, pe = F[p], F[p + 1]
-    if pe == eid then known = true; break end
+    if pe == eid then
+      for q = nF, s, -1 do F[q] = nil end
+      return F, 0
+    end
     if not pos and (pt > t or (pt == t and pe > eid)) then pos = p end
     if pt > newest then newest = pt end
     p = p + 4 + 2 * F[p + 3]
   end
-  if not known then
-    -- drop the fills no event within lateness of the newest one can look back to
-    local cut = newest - W - lateness
-    if not pos and (nF == 0 or F[1] >= cut) then   -- the usual case: append
-      F[nF + 1] = t; F[nF + 2] = eid; F[nF + 3] = inst; F[nF + 4] = nl
-      for q = 1, 2 * nl do F[nF + 4 + q] = evs[l0 + 1 + q] end
-      local a = c[4]
-      if a == '' then c[4] = entry elseif a then c[4] = a .. ',' .. entry end
-    else
-      local G = {}
-      local function entry()
-        G[#G + 1] = t; G[#G + 1] = eid; G[#G + 1] = inst; G[#G + 1] = nl
-        for q = 1, 2 * nl do G[#G + 1] = evs[l0 + 1 + q] end
-      end
-      local keep = t >= cut   -- (an event too late to count is not kept)
-      p = 1
-      while p <= nF do
-        local nxt = p + 4 + 2 * F[p + 3]
-        if p == pos and keep then entry() end
-        if F[p] >= cut then
-          for q = p, nxt - 1 do G[#G + 1] = F[q] end
-        end
-        p = nxt
-      end
-      if keep and not pos then entry() end
-      F = G
-      c[1] = G
-      c[4] = false
+  local cut = newest - W - lateness
+  if not pos and F[1] >= cut then return F, 1 end
+  local G = {}
+  local function entry() for q = s, nF do G[#G + 1] = F[q] end end
+  local keep = t >= cut
+  p = 1
+  while p < s do
+    local nxt = p + 4 + 2 * F[p + 3]
+    if p == pos and keep then entry() end
+    if F[p] >= cut then
+      for q = p, nxt - 1 do G[#G + 1] = F[q] end
     end
-    c[2] = true
+    p = nxt
   end
-  if #F > 0 and #F > 4 + 2 * F[4] then   -- more than one fill: a pattern is possible
-    -- fills of each of this event's ingredients in [t - W, t], up to and including this event, by (time, event id)
-    local want = {}
-    for j = 1, nl do want[evs[l0 + 2 * j]] = {} end
-    local lo = t - W
-    p = 1
-    while p <= #F do
-      local ft = F[p]
-      if ft > t then break end
-      local n = F[p + 3]
-      if ft >= lo then
-        for q = p + 4, p + 2 + 2 * n, 2 do
-          local lst = want[F[q]]
-          if lst then lst[#lst + 1] = {ft, F[p + 1], F[q + 1], F[p + 2]} end
-        end
-        if F[p + 1] == eid then break end
+  if keep and not pos then entry() end
+  return G, 2
+end
+-- event idx (time t, id eid, ingredients ings) of the card of key, over the card's fills F: fire and record
+local function check(idx, key, F, t, eid, ings)
+  if not (#F > 0 and #F > 4 + 2 * F[4]) then return end   -- one fill: no pattern
+  local nl = #ings
+  -- fills of each of this event's ingredients in [t - W, t], up to and including this event, by (time, event id)
+  local want = {}
+  for j = 1, nl do want[ings[j]] = {} end
+  local lo = t - W
+  local p = 1
+  while p <= #F do
+    local ft = F[p]
+    if ft > t then break end
+    local n = F[p + 3]
+    if ft >= lo then
+      for q = p + 4, p + 2 + 2 * n, 2 do
+        local lst = want[F[q]]
+        if lst then lst[#lst + 1] = {ft, F[p + 1], F[q + 1], F[p + 2]} end
       end
-      p = p + 4 + 2 * n
+      if F[p + 1] == eid then break end
     end
-    local fired = {}
-    local evid = {}
-    for j = 1, nl do
-      local lst = want[evs[l0 + 2 * j]]
-      local n = #lst
-      if n >= 2 then
-        local prior = 0
-        local early = 0
-        local insts = {}
-        local ninst = 0
-        for m = 1, n do
-          if m < n then prior = prior + lst[m][3] end
-          if m > 1 then
-            local gap = (lst[m][1] - lst[m - 1][1]) / 86400
-            if gap < share * lst[m - 1][3] and lst[m - 1][3] - gap >= min_left then early = early + 1 end
-          end
-          if not insts[lst[m][4]] then insts[lst[m][4]] = true; ninst = ninst + 1 end
+    p = p + 4 + 2 * n
+  end
+  local fired = {}
+  local evid = {}
+  for j = 1, nl do
+    local lst = want[ings[j]]
+    local n = #lst
+    if n >= 2 then
+      local prior = 0
+      local early = 0
+      local insts = {}
+      local ninst = 0
+      for m = 1, n do
+        if m < n then prior = prior + lst[m][3] end
+        if m > 1 then
+          local gap = (lst[m][1] - lst[m - 1][1]) / 86400
+          if gap < share * lst[m - 1][3] and lst[m - 1][3] - gap >= min_left then early = early + 1 end
         end
-        local elapsed = (t - lst[1][1]) / 86400
-        local covered = elapsed
-        if covered < 1 then covered = 1 end
-        local excess = prior - elapsed
-        local by_supply = (n >= min_fills) and (prior > maxr * covered) and (excess >= min_excess)
-        local by_early = early >= min_early
-        if by_supply or by_early then
-          fired[#fired + 1] = {j, n, prior, tostring(t - lst[1][1]), lst[n][3], early, ninst,
-                               by_supply and 1 or 0, by_early and 1 or 0}
-          for m = 1, n do evid[#evid + 1] = lst[m][1]; evid[#evid + 1] = lst[m][2] end
-        end
+        if not insts[lst[m][4]] then insts[lst[m][4]] = true; ninst = ninst + 1 end
+      end
+      local elapsed = (t - lst[1][1]) / 86400
+      local covered = elapsed
+      if covered < 1 then covered = 1 end
+      local excess = prior - elapsed
+      local by_supply = (n >= min_fills) and (prior > maxr * covered) and (excess >= min_excess)
+      local by_early = early >= min_early
+      if by_supply or by_early then
+        fired[#fired + 1] = {j, n, prior, tostring(t - lst[1][1]), lst[n][3], early, ninst,
+                             by_supply and 1 or 0, by_early and 1 or 0}
+        for m = 1, n do evid[#evid + 1] = lst[m][1]; evid[#evid + 1] = lst[m][2] end
       end
     end
-    if #fired > 0 then
-      local id = sub(card, #cp + 1)
-      local ek, vk = prefix .. ':' .. id .. ':ep', prefix .. ':' .. id .. ':ev'
-      local start = episode(ek, vk, t, W)
-      redis.call('ZADD', vk, unpack(evid))
-      redis.call('EXPIRE', ek, ttl)
-      redis.call('EXPIRE', vk, ttl)
-      out[#out + 1] = {idx, tostring(start), redis.call('ZRANGE', vk, 0, -1, 'WITHSCORES'), fired}
+  end
+  if #fired > 0 then
+    local id = sub(key, #cp + 1)
+    local ek, vk = prefix .. ':' .. id .. ':ep', prefix .. ':' .. id .. ':ev'
+    local start = episode(ek, vk, t, W)
+    redis.call('ZADD', vk, unpack(evid))
+    redis.call('EXPIRE', ek, ttl)
+    redis.call('EXPIRE', vk, ttl)
+    out[#out + 1] = {idx, tostring(start), redis.call('ZRANGE', vk, 0, -1, 'WITHSCORES'), fired}
+  end
+end
+-- the event's time, id and ingredients: its entry, from s in F
+local function event(F, s)
+  local ings = {}
+  for j = 1, F[s + 3] do ings[j] = F[s + 2 + 2 * j] end
+  return F[s], F[s + 1], ings
+end
+-- cards with several events in the batch: key -> fills; -> the field's current text (false: re-encode);
+-- the ones to write, in order
+local state, raws, dirty, nd = {}, {}, {}, 0
+for r = 1, #evs, 4 do
+  local idx, more, key, entry = evs[r], evs[r + 1], evs[r + 2], evs[r + 3]
+  local F = more == 1 and state[key]
+  if F then   -- a later event of a card read in this batch
+    local E, _ = load(entry)
+    local s = #F + 1
+    for q = 1, #E do F[s + q - 1] = E[q] end
+    local t, eid, ings = event(F, s)
+    local how
+    F, how = add(F, s)
+    state[key] = F
+    if how > 0 then
+      local raw = raws[key]
+      raws[key] = how == 1 and raw and append(raw, entry)
+      if not dirty[key] then dirty[key] = true; nd = nd + 1; dirty[nd] = key end
+    end
+    check(idx, key, F, t, eid, ings)
+  elseif redis.call('HSETNX', key, field, entry) == 1 then
+    -- the card's first fill in reach: stored as sent; one fill is no pattern
+    if more == 1 then state[key] = load(entry); raws[key] = entry end
+  else
+    local raw = redis.call('HGET', key, field)
+    local text = entry
+    if #raw > 2 then text = append(raw, entry) end   -- (an empty array never stays stored)
+    local F, s = load(text)
+    local t, eid, ings = event(F, s)
+    local how
+    F, how = add(F, s)
+    check(idx, key, F, t, eid, ings)
+    if more == 1 then
+      state[key] = F
+      if how == 0 then raws[key] = raw elseif how == 1 then raws[key] = text else raws[key] = false end
+      if how > 0 then dirty[key] = true; nd = nd + 1; dirty[nd] = key end
+    elseif how == 1 then
+      redis.call('HSET', key, field, text)
+    elseif how == 2 then
+      state[key] = F; raws[key] = false; nd = nd + 1; dirty[nd] = key
     end
   end
 end
-for _, card in ipairs(cards) do
-  local c = cache[card]
-  local a, raw = c[4], c[3]
-  if c[2] and a then   -- only fills after the last one: the stored text, extended
-    if raw then redis.call('HSET', card, field, sub(raw, 1, -2) .. ',' .. a .. ']')
-    else redis.call('HSET', card, field, '[' .. a .. ']') end
-  elseif c[2] then
-    local F = c[1]
+for k = 1, nd do
+  local key = dirty[k]
+  local raw = raws[key]
+  if raw then
+    redis.call('HSET', key, field, raw)
+  else
+    local F = state[key]
     local p = 1
     while p <= #F do
       local x = F[p]
       if x ~= floor(x) or x >= 1e14 or x <= -1e14 then F[p] = string.format('%.17g', x) end
       p = p + 4 + 2 * F[p + 3]
     end
-    if #F > 0 then redis.call('HSET', card, field, cjson.encode(F))
-    else redis.call('HDEL', card, field) end
+    if #F > 0 then redis.call('HSET', key, field, cjson.encode(F))
+    else redis.call('HDEL', key, field) end
   end
 end
 return out
@@ -323,9 +359,11 @@ class Overdispensing(Detector):
         return [(ing, d, code, name, rs) for ing, (d, rs, code, name) in agg.items()]
 
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
-        rows: list[Any] = []   # flat: index, t, event id, card key, institution, n, (ingredient, days) * n, entry
+        # flat: index, more (the card has other events in the batch), card key, entry text, per event with lines
+        rows: list[Any] = []
         cp = ns.card_prefix(self.card_hash)
         dumps = orjson.dumps
+        seen: dict[str, int] = {}   # card key -> position of its first row's "more"
         for i, ev in enumerate(events):
             lines = self._lines(ev)
             if lines:
@@ -333,20 +371,23 @@ class Overdispensing(Detector):
                 t: Any = int(ts)
                 if t != ts or not -1e14 < ts < 1e14:  # stored exactly, as text (cjson keeps 14 digits)
                     t = f"{ts:.17g}"
-                eid, inst, nl = ev.event_id, ev.institution_id, len(lines)
-                entry = [t, eid, inst, nl]
+                entry = [t, ev.event_id, ev.institution_id, len(lines)]
                 for x in lines:
                     entry += (x[0], x[1])
-                rows += (i, ts, eid, cp + ev.card_id, inst, nl)
-                rows += entry[4:]
-                rows.append(dumps(entry)[1:-1].decode())
+                key = cp + ev.card_id
+                first = seen.get(key)
+                if first is None:
+                    seen[key] = len(rows) + 1
+                    rows += (i, 0, key, dumps(entry).decode())
+                else:
+                    rows[first] = 1
+                    rows += (i, 1, key, dumps(entry).decode())
         if not rows:
             return 0
         cfg = [self.window_s, self.lateness_s, self.window_s + self.lateness_s, self.max_supply_ratio,
                self.min_excess_days, self.early_refill_share, self.min_early_refills,
                self.early_refill_min_left_days, self.min_fills]
-        pipe.evalsha(self._sha, 0, self.key(ns, self.window_s), ns.card_prefix(self.card_hash), self._field,
-                     orjson.dumps(cfg), _pack(rows))
+        pipe.evalsha(self._sha, 0, self.key(ns, self.window_s), cp, self._field, orjson.dumps(cfg), _pack(rows))
         return 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:

@@ -279,6 +279,48 @@ def test_one_entry_per_event_with_every_ingredient_and_exact_times(process, rule
     assert got[0][3] == [["XC08CAA007", 28], ["XC10AAA003", 56]] and got[1][3] == [["XC10AAA003", 28]]
 
 
+def test_any_batching_with_redeliveries_gives_the_same_fills_and_alerts(process, rules, redis_sync):
+    """A card's first fill is written as sent, later ones appended or merged: whichever way the events are cut
+    into batches (a card's only event, several of a card in one batch, fills already stored), redelivered or
+    reordered within lateness, the stored fills and the alerts are those of one event per batch in order."""
+    rng = random.Random(11)
+    evs = []
+    for k, card in enumerate(("BA", "BB", "BC")):
+        days = [0, 0.1, 2, 2.005, 4, 6, 9, 45, 46, 47.5, 47.51, 48]   # a quiet gap: the first fills are pruned
+        for j, d in enumerate(days):
+            t = T0 + d * DAY + k * 60 + (0.25 if j % 3 == 0 else 0)   # some fractional times
+            drug = (AMLO, STATIN, INSULIN)[(j + k) % 3] if j % 4 else AMLO
+            evs.append((t, fill(card, t, drug, 1 + j % 3, f"P{j % 4:03d}")))
+    at = {e["event_id"]: t for t, e in evs}
+    evs = [e for _, e in sorted(evs, key=lambda x: x[0])]
+
+    def outcome(batches):
+        rid = run_id()
+        alerts = alerts_of(process(rules, batches, rid))
+        fills = {c: [[float(f[0]), *f[1:]] for f in fills_of(redis_sync, rid, c)] for c in ("BA", "BB", "BC")}
+        return fills, sorted((a.subject_id, a.evidence_event_ids,
+                              a.metrics["fills"], a.window_start, a.summary) for a in alerts)
+
+    ref = outcome([[dumps(e)] for e in evs])
+    assert ref[1] and all(len(f) >= 4 for f in ref[0].values())
+    assert outcome([[dumps(e) for e in evs]]) == ref
+    for _ in range(4):
+        # neighbours within minutes swapped (within lateness), random batch cuts, some events delivered twice
+        order = list(evs)
+        for m in range(len(order) - 1):
+            if abs(at[order[m]["event_id"]] - at[order[m + 1]["event_id"]]) < 1800 and rng.random() < 0.5:
+                order[m], order[m + 1] = order[m + 1], order[m]
+        msgs = []
+        for e in order:
+            msgs.append(dumps(e))
+            if rng.random() < 0.2:
+                msgs.append(dumps(e))
+        cuts = sorted(rng.sample(range(1, len(msgs)), 6))
+        batches = [msgs[a:b] for a, b in zip([0] + cuts, cuts + [len(msgs)])]
+        batches.append([dumps(e) for e in rng.sample(evs, 5)])   # a redelivered tail
+        assert outcome(batches) == ref
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"window_s": 0}, "overdispensing: window_s must be a positive integer, got 0"),
     ({"window_s": 86400.5}, "overdispensing: window_s must be a positive integer, got 86400.5"),
