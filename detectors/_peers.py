@@ -51,8 +51,10 @@ from __future__ import annotations
 
 from datetime import date, datetime, timedelta, timezone
 from functools import lru_cache
+from struct import Struct
 from typing import Any, Iterator, Sequence
 
+from msgspec import Raw
 from msgspec.msgpack import encode as _pack
 
 from detectors.base import check_positive
@@ -230,6 +232,41 @@ def event_time(ts: float) -> float:
     (1795482785, 1795482785.98765)
     """
     return int(ts) if ts.is_integer() else ts
+
+
+def fresh_time(t: float | int) -> bool:
+    """Can a card's first state, holding event time ``t``, be built in Python byte for byte as Lua's cmsgpack
+    writes it? (``msgspec`` writes every float as float64, cmsgpack a float that float32 holds exactly as
+    float32: such times — small test values — take the Lua path.)
+
+    >>> fresh_time(1795482785), fresh_time(1795482785.25), fresh_time(1000.5)
+    (True, True, False)
+    """
+    if isinstance(t, int):
+        return True
+    try:
+        return _F32.unpack(_F32.pack(t))[0] != t
+    except OverflowError:
+        return True
+
+
+_F32 = Struct("<f")
+
+
+def mp_str(body: bytes) -> Raw:
+    """``body`` as a MessagePack *str* (Redis 7.0's cmsgpack does not read *bin*), to embed in a batch's rows.
+
+    >>> bytes(mp_str(b"ab")), bytes(mp_str(b"x" * 40))[:2]
+    (b'\\xa2ab', b'\\xd9(')
+    """
+    n = len(body)
+    if n < 32:
+        return Raw(bytes((0xa0 | n,)) + body)
+    if n <= 0xff:
+        return Raw(bytes((0xd9, n)) + body)
+    if n <= 0xffff:
+        return Raw(b"\xda" + n.to_bytes(2, "big") + body)
+    return Raw(b"\xdb" + n.to_bytes(4, "big") + body)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -799,6 +836,28 @@ local function cal_peer_move(prefix, pc, m, dom, t, eb, ed, v0, v1, hv)
   end
   m.pb = b1
   cal_h_set(m, dom, hv)
+end
+
+-- a card's first event, the batch's only event of the card: its state as Python built it (byte for byte what
+-- cal_store would write for the card from nothing) is written if the card has none — one HSETNX, no read, no
+-- decode, no encode, no table; false when the card has a state (the caller then takes the cal_event path)
+local function cal_fresh(B, card, val)
+  return redis.call('HSETNX', B.cp .. card, B.field, val) == 1
+end
+
+-- a first event's peer histogram move: the card joins group (gb, gd) in the bucket of v on day dom
+local function cal_fresh_peer(prefix, pc, mo, gb, gd, dom, t, v)
+  pk_add(prefix, mo, pk_group(gb, gd), dom, t, pk_bucket(pc.edges, v), 1)
+end
+
+-- a first event that may fire (Python knows when it cannot) is judged with the batch's card-months, as its
+-- state written decodes
+local function cal_fresh_judge(B, val, mo, idx, rdom)
+  local v = cmsgpack.unpack(val)
+  local m = B.mdec(v[2][1])
+  m.S, m.mo, m.li, m.lr = {years = v[1]}, mo, idx, rdom
+  local order = B.order
+  order[#order + 1] = m
 end
 
 -- the evidence of a month: flat {event_id, time (string, exact), …}

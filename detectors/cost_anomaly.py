@@ -21,7 +21,10 @@ yearly alert is the current month's settlements).
 
 Each card's state is read once per batch and written back once, and each card-month the
 batch touched is judged once, as of its last event in the batch, so a redelivered batch
-returns the same alerts and writes nothing.
+returns the same alerts and writes nothing. A card's only settlement of a batch is sent with the state it
+would leave on a card that has none, built in Python byte for byte as the script's cmsgpack writes it: for a
+card's first settlement (the common case) the script writes it with one ``HSETNX`` (no read, no decode or
+encode) and judges it only when Python says it may fire; a card that has a state takes the script's path.
 
 State (see :mod:`detectors._peers` for the calendar layout and how long buckets are kept):
 
@@ -50,10 +53,13 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import orjson
+from msgspec.msgpack import encode as _pack
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
+
 from detectors._peers import (LUA_LIB, REDELIVERY_S, CalBatch, Calendar, PeerSpec, buckets_of, cal_replies,
-                              check_prefixes, dx_key, event_time, group_label, is_special, peer_bound)
+                              check_prefixes, dx_key, event_time, fresh_time, group_label, is_special, mp_str,
+                              peer_bound)
 from detectors.base import Detector, Namespace, check_positive
 from stream.events import Settlement, iso
 
@@ -63,7 +69,9 @@ LUA = LUA_LIB + r"""
 -- redelivery margin), subs: [[window m|y, min fen]], peers: (see pk_config)}; the batch as MessagePack flat
 -- arrays: ARGV[4] months [YYYY-MM, month end, year end, ...], ARGV[5] peer groups [base, diagnosis key, ...],
 -- ARGV[6] rows [idx, t, event_id, card, day of month, month (index in months), amount fen, fund fen, special,
--- group (index in groups), reference day of month, ...].
+-- group (index in groups), reference day of month, first state (false, or the card's state as cal_store would
+-- write it from nothing: sent when the row is the batch's only event of the card), may fire (false when the
+-- row, as the card's first event, cannot fire), ...].
 -- The card's state is the field of its hash {card hash prefix}{card} (see the module docstring); peer
 -- histograms are {prefix}:peer:…. Each card's state is read once per batch, updated in memory and written
 -- back once; each card-month the batch touched is then judged once, as of its last event in the batch (so a
@@ -87,25 +95,35 @@ local function mnew(me)
           pb = false, set = false, li = false, lr = false, S = false, mo = false}
 end
 local B = cal_batch(cp, F, keep, mdec, mnew)
-for r = 1, #rows, 11 do
-  local S, m = cal_event(B, rows[r + 3], months[rows[r + 5]], rows[r], rows[r + 10], rows[r + 2], rows[r + 1])
-  if m then   -- else: late (its month no longer kept) or counted before
-    local amt = rows[r + 6]
-    local pa = m.a + m.sa
-    if not rows[r + 8] then
-      local fund = rows[r + 7]
-      m.a = m.a + amt
-      m.f = m.f + fund
-      local y = cal_year(S, m.mo.ye, 2)
-      y[2] = y[2] + amt
-      y[3] = y[3] + fund
-    else
-      m.sa = m.sa + amt
-    end
+for r = 1, #rows, 13 do
+  local fresh = rows[r + 11]
+  if fresh and cal_fresh(B, rows[r + 3], fresh) then   -- the card's first event: its state is written
+    local mo = months[rows[r + 5]]
     if peers_on then
       local gi = 2 * rows[r + 9]
-      cal_peer_move(prefix, pc, m, rows[r + 4], rows[r + 1], groups[gi - 1], groups[gi], pa / 100, (pa + amt) / 100,
-                    pa + amt)
+      cal_fresh_peer(prefix, pc, mo, groups[gi - 1], groups[gi], rows[r + 4], rows[r + 1], rows[r + 6] / 100)
+    end
+    if rows[r + 12] then cal_fresh_judge(B, fresh, mo, rows[r], rows[r + 10]) end
+  else
+    local S, m = cal_event(B, rows[r + 3], months[rows[r + 5]], rows[r], rows[r + 10], rows[r + 2], rows[r + 1])
+    if m then   -- else: late (its month no longer kept) or counted before
+      local amt = rows[r + 6]
+      local pa = m.a + m.sa
+      if not rows[r + 8] then
+        local fund = rows[r + 7]
+        m.a = m.a + amt
+        m.f = m.f + fund
+        local y = cal_year(S, m.mo.ye, 2)
+        y[2] = y[2] + amt
+        y[3] = y[3] + fund
+      else
+        m.sa = m.sa + amt
+      end
+      if peers_on then
+        local gi = 2 * rows[r + 9]
+        cal_peer_move(prefix, pc, m, rows[r + 4], rows[r + 1], groups[gi - 1], groups[gi], pa / 100,
+                      (pa + amt) / 100, pa + amt)
+      end
     end
   end
 end
@@ -193,6 +211,9 @@ class CostAnomaly(Detector):
         self._sha = self.sha(LUA)
         #: the year state is needed until the year's end + lateness: at most 366 days after an event
         self.card_ttl_s = 366 * 86400 + lateness_s
+        #: the least amount (fen) a sub-rule fires at: a card's first event below it (and the peer floor) is not
+        #: judged in the script
+        self._min_fen = min(int(round(s["min_amount_cny"] * 100)) for s in subs)
         self._cfg = orjson.dumps({
             "field": self.FIELD, "lateness": lateness_s, "keep": lateness_s + REDELIVERY_S, "peers": self.peers.config(),
             "subs": [["m" if s["window"] == "month" else "y", int(round(s["min_amount_cny"] * 100))] for s in subs]})
@@ -206,17 +227,33 @@ class CostAnomaly(Detector):
         add, month_of, group_of = batch.rows.extend, batch.month, batch.group
         late = self.lateness_s
         special, base, types = self.special, self.peers.base, self.visit_types
-        for i, ev in enumerate(events):
-            if ev.visit_type not in types:
-                continue
+        peers_on, floor, min_fen = self.peers.enabled, float(self.peers.floor), self._min_fen
+        evs = [(i, ev) for i, ev in enumerate(events) if ev.visit_type in types]
+        seen: dict[str, int] = {}
+        for _, ev in evs:
+            seen[ev.card_id] = seen.get(ev.card_id, 0) + 1
+        for i, ev in evs:
             ts = ev.ts
             dom, month, month_end, _, year_end, year_no, ref_dom = buckets_of(ts, late)
             mi = month_of(month, month_end, year_end)
             dx = dx_key(ev.diagnoses[0] if ev.diagnoses else None, special)
             g = (base(ev, year_no), dx)
             gi = group_of(g)
-            add((i, event_time(ts), ev.event_id, ev.card_id, dom, mi, int(round(ev.total_amount * 100)),
-                 int(round(ev.fund_paid * 100)), dx[0] == "S", gi, ref_dom))
+            t = event_time(ts)
+            amt, fund, sp = int(round(ev.total_amount * 100)), int(round(ev.fund_paid * 100)), dx[0] == "S"
+            card = ev.card_id
+            fresh: Any = False
+            maybe = False
+            if seen[card] == 1 and fresh_time(t):
+                # the card's state as cal_store writes it for this event alone (see cal_fresh in the script)
+                h, gs = ((dom, amt, 1), g) if peers_on else ((), ())
+                if sp:
+                    state = ((), ((month_end, 0, 0, amt, (ev.event_id, t), h, gs),))
+                else:
+                    state = (((year_end, amt, fund),), ((month_end, amt, fund, 0, (ev.event_id, t), h, gs),))
+                fresh = mp_str(_pack(state))
+                maybe = (not sp and amt >= min_fen) or (peers_on and amt / 100 >= floor)
+            add((i, t, ev.event_id, card, dom, mi, amt, fund, sp, gi, ref_dom, fresh, maybe))
         return batch.queue(pipe, self._sha, self.key(ns), ns.card_prefix(self.card_hash), self._cfg)
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:

@@ -210,6 +210,50 @@ def test_month_and_year_states_across_boundaries_within_lateness(process, rules,
     assert states[0] == states[1]
 
 
+def _run_state(redis_sync, rid: str) -> dict[str, object]:
+    """Every key of a run (prefix made neutral): hashes as dicts (byte values), other keys by type."""
+    out: dict[str, object] = {}
+    for k in redis_sync.scan_iter(match=f"cw:{rid}:*"):
+        name = k.decode("utf-8", "surrogateescape").replace(rid, "RUN")
+        out[name] = redis_sync.hgetall(k) if redis_sync.type(k) == b"hash" else redis_sync.type(k)
+    return out
+
+
+@pytest.mark.parametrize("peers_on", [True, False])
+def test_a_cards_first_bill_written_from_python_is_the_state_lua_writes(process, redis_sync, peers_on):
+    """A card's only bill of a batch, its first, is written as the state Python built (no decode or encode in
+    Lua): byte for byte the state the script writes when it builds it (here: the bill twice in its batch), the
+    same histograms, the same alerts (month and year thresholds, peers), hostile ids, fractional times,
+    门诊大病 and cards that already have a state (those take the script's path) included."""
+    text = RULES % 30
+    if not peers_on:
+        text = text.replace("peers: {min_amount_cny", "peers: {enabled: false, min_amount_cny")
+    rules = load_rules_text(text)
+    peers = [bill(f"P{i}", at(2, 9) + i, 200.0) for i in range(40)]
+    odd = ['"q\\', "卡/\u2028", "x" * 40, "y" * 60, "e\x7f"]   # (event ids)
+    firsts = [bill("N1", at(10, 9), 100.0), bill("N2", at(10, 9.5) + 0.125, 5000.0),
+              bill("N3", at(10, 10) + 0.001, 3500.0), bill("N4", at(10, 11), 21000.0, dx="N18.501"),
+              bill("N5", at(10, 12), 4999.99, vt="pharmacy", inst="P002"), bill("P0", at(10, 13), 150.0),
+              bill("N6", at(10, 14), 30.0, vt="emergency", dx=None, cat="retiree", born=1940),
+              bill("N7", at(10, 15), 2.5, vt="inpatient")]
+    firsts += [bill(f"O{j}{c[:40]}", at(10, 16) + j / 7, 6000.0 * (j + 1), event_id=c + str(j)) for j, c in enumerate(odd)]
+    runs = []
+    for twice in (False, True):
+        rid = run_id()
+        res = process(rules, [[b for b in batch for _ in range(1 + twice)] for batch in (peers, firsts)], rid)
+        content = sorted((a.rule, a.subject_id, a.summary, str(a.metrics), tuple(a.evidence_event_ids), a.score)
+                         for a in alerts_of(res))
+        runs.append((content, _run_state(redis_sync, rid)))
+    (alerts_a, state_a), (alerts_b, state_b) = runs
+    assert alerts_a == alerts_b
+    fired = {c[1] for c in alerts_a}
+    assert "N2" in fired and not fired & {"N1", "N4", "N6", "N7", "P0"}
+    assert ("N3" in fired) == ("N5" in fired) == peers_on   # over the peer bound (¥3,000), under ¥5,000
+    assert sum(c[1].startswith("O") for c in alerts_a) == 5 + 2   # a month and a year alert for the last two
+    assert state_a == state_b
+    assert any(":h:N1" in k for k in state_a) and any(":peer:" in k for k in state_a) == peers_on
+
+
 def test_every_key_expires(process, redis_sync):
     rules = load_rules_text(RULES % 3)
     rid = run_id()
