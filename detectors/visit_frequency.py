@@ -24,7 +24,11 @@ later visits extend it (the evidence of a yearly alert is the current month's vi
 
 Each card's state is read once per batch and written back once, and each card-month the
 batch touched is judged once, as of its last event in the batch, so a redelivered batch
-returns the same alerts and writes nothing.
+returns the same alerts and writes nothing. A card's only settlement of a batch is sent with the state it
+would leave on a card that has none, built in Python byte for byte as the script's cmsgpack writes it: for a
+card's first visit (the common case) the script writes it with one ``HSETNX`` (no read, no decode or encode)
+and judges it only when the configuration lets a first visit fire; a card that has a state takes the
+script's path.
 
 State (see :mod:`detectors._peers` for the calendar layout and how long buckets are kept):
 
@@ -58,10 +62,12 @@ from hashlib import blake2b
 from typing import Any, Sequence
 
 import orjson
+from msgspec.msgpack import encode as _pack
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
 from detectors._peers import (LUA_LIB, REDELIVERY_S, CalBatch, Calendar, PeerSpec, buckets_of, cal_replies,
-                              check_prefixes, dx_key, event_time, group_label, is_special, peer_bound)
+                              check_prefixes, dx_key, event_time, fresh_time, group_label, is_special, mp_str,
+                              peer_bound)
 from detectors.base import Detector, Namespace, check_positive
 from stream.events import Settlement, iso
 
@@ -73,7 +79,10 @@ LUA = LUA_LIB + r"""
 -- [YYYY-MM, month end, year end, ...], ARGV[5] peer groups [base, diagnosis key, ...], ARGV[6] rows [idx, t,
 -- event_id, card, day of month, month (index in months), o|e, special, bill key digest ('' without a
 -- registration line), diagnosis key digest, institution key digest ('' when not needed), group (index in
--- groups), reference day of month, ...].
+-- groups), reference day of month, first state (false, or the card's state as cal_store would write it from
+-- nothing: sent when the row is the batch's only event of the card), may fire (false when the row, as the
+-- card's first event, cannot fire), order of the first state's visit keys (0 for fewer than two, else the
+-- digits of their row offsets - 7 in the order they are written: checked against Lua's string order), ...].
 -- The card's state is the field of its hash {card hash prefix}{card} (see the module docstring); peer
 -- histograms are {prefix}:peer:…. Each card's state is read once per batch, updated in memory and written
 -- back once; each card-month the batch touched is then judged once, as of its last event in the batch (so a
@@ -112,50 +121,70 @@ local function vk_add(m, k)
     m.vnew = true
   end
 end
+-- are the first state's visit keys in Lua's order (that of table.sort in menc)? (see the rows above)
+local function vk_ordered(r, code)
+  if code == 0 then return true end
+  local c = code % 10
+  code = (code - c) / 10
+  local b = code % 10
+  local a = (code - b) / 10
+  if not (rows[r + 7 + b] < rows[r + 7 + c]) then return false end
+  return a == 0 or rows[r + 7 + a] < rows[r + 7 + b]
+end
 local B = cal_batch(cp, F, keep, mdec, mnew)
-for r = 1, #rows, 13 do
-  local S, m = cal_event(B, rows[r + 3], months[rows[r + 5]], rows[r], rows[r + 12], rows[r + 2], rows[r + 1])
-  if m then   -- else: late (its month no longer kept) or counted before
-    -- a settlement with a registration (挂号) is a visit unless the same bill was settled there that day
-    -- before; one without (tests or drugs paid separately) is part of that day's visit there for the
-    -- same diagnosis, if there is one
-    local kb, kp = rows[r + 8], rows[r + 9]
-    local newvisit
-    if kb ~= '' then
-      newvisit = not cal_in(m.vk, kb)
-      if newvisit then vk_add(m, kb); vk_add(m, kp) end
-    else
-      newvisit = not cal_in(m.vk, kp)
-      if newvisit then vk_add(m, kp) end
+for r = 1, #rows, 16 do
+  local fresh = rows[r + 13]
+  if fresh and vk_ordered(r, rows[r + 15]) and cal_fresh(B, rows[r + 3], fresh) then   -- the card's first event
+    local mo = months[rows[r + 5]]
+    if peers_on then
+      local gi = 2 * rows[r + 11]
+      cal_fresh_peer(prefix, pc, mo, groups[gi - 1], groups[gi], rows[r + 4], rows[r + 1], 1)
     end
-    if newvisit then
-      local pv = m.pv + 1
-      m.pv = pv
-      local dom = rows[r + 4]
-      if not rows[r + 7] then
-        local y = cal_year(S, m.mo.ye, 2)
-        if rows[r + 6] == 'o' then m.o = m.o + 1; y[2] = y[2] + 1 else m.em = m.em + 1; y[3] = y[3] + 1 end
-        if J > 0 then
-          local d = m.d
-          local i
-          if not d then
-            d = {dom, 0, 0}
-            m.d = d
-            i = 1
-          else
-            i = cal_tri(d, dom)
-          end
-          d[i + 1] = d[i + 1] + 1
-          local ki = rows[r + 10]
-          if not cal_in(m.vk, ki) then
-            vk_add(m, ki)
-            d[i + 2] = d[i + 2] + 1
+    if rows[r + 14] then cal_fresh_judge(B, fresh, mo, rows[r], rows[r + 12]) end
+  else
+    local S, m = cal_event(B, rows[r + 3], months[rows[r + 5]], rows[r], rows[r + 12], rows[r + 2], rows[r + 1])
+    if m then   -- else: late (its month no longer kept) or counted before
+      -- a settlement with a registration (挂号) is a visit unless the same bill was settled there that day
+      -- before; one without (tests or drugs paid separately) is part of that day's visit there for the
+      -- same diagnosis, if there is one
+      local kb, kp = rows[r + 8], rows[r + 9]
+      local newvisit
+      if kb ~= '' then
+        newvisit = not cal_in(m.vk, kb)
+        if newvisit then vk_add(m, kb); vk_add(m, kp) end
+      else
+        newvisit = not cal_in(m.vk, kp)
+        if newvisit then vk_add(m, kp) end
+      end
+      if newvisit then
+        local pv = m.pv + 1
+        m.pv = pv
+        local dom = rows[r + 4]
+        if not rows[r + 7] then
+          local y = cal_year(S, m.mo.ye, 2)
+          if rows[r + 6] == 'o' then m.o = m.o + 1; y[2] = y[2] + 1 else m.em = m.em + 1; y[3] = y[3] + 1 end
+          if J > 0 then
+            local d = m.d
+            local i
+            if not d then
+              d = {dom, 0, 0}
+              m.d = d
+              i = 1
+            else
+              i = cal_tri(d, dom)
+            end
+            d[i + 1] = d[i + 1] + 1
+            local ki = rows[r + 10]
+            if not cal_in(m.vk, ki) then
+              vk_add(m, ki)
+              d[i + 2] = d[i + 2] + 1
+            end
           end
         end
-      end
-      if peers_on then
-        local gi = 2 * rows[r + 11]
-        cal_peer_move(prefix, pc, m, dom, rows[r + 1], groups[gi - 1], groups[gi], pv - 1, pv, pv)
+        if peers_on then
+          local gi = 2 * rows[r + 11]
+          cal_peer_move(prefix, pc, m, dom, rows[r + 1], groups[gi - 1], groups[gi], pv - 1, pv, pv)
+        end
       end
     end
   end
@@ -329,6 +358,10 @@ class VisitFrequency(Detector):
                "days": [["v" if d["kind"] == "visits" else "i", d["per_day"], d["min_days"]] for d in days],
                "peers": self.peers.config()}
         self._cfg = orjson.dumps(cfg)
+        #: can a card's first visit fire? (else the script does not judge it)
+        self._first_may_fire = (any(c["min_visits"] <= 1 for c in counts)
+                                or any(d["per_day"] <= 1 and d["min_days"] <= 1 for d in days)
+                                or (self.peers.enabled and self.peers.floor <= 1))
 
     def params(self) -> dict[str, Any]:
         return {"sub_rules": [s["name"] for s in self.sub_rules], "special_dx_prefixes": list(self.special),
@@ -340,9 +373,13 @@ class VisitFrequency(Detector):
         add, month_of, group_of = batch.rows.extend, batch.month, batch.group
         late = self.lateness_s
         special, base, per_day = self.special, self.peers.base, bool(self.days)
-        for i, ev in enumerate(events):
-            if ev.visit_type not in VISIT_TYPES or ev.institution_type == "pharmacy":
-                continue
+        peers_on, may_fire = self.peers.enabled, self._first_may_fire
+        evs = [(i, ev) for i, ev in enumerate(events)
+               if ev.visit_type in VISIT_TYPES and ev.institution_type != "pharmacy"]
+        seen: dict[str, int] = {}
+        for _, ev in evs:
+            seen[ev.card_id] = seen.get(ev.card_id, 0) + 1
+        for i, ev in evs:
             ts = ev.ts
             dom, month, month_end, _, year_end, year_no, ref_dom = buckets_of(ts, late)
             pdx = ev.diagnoses[0].strip().upper() if ev.diagnoses else "-"
@@ -354,9 +391,36 @@ class VisitFrequency(Detector):
             inst = ev.institution_id
             place = f"{dom}:{inst}|{ev.department or '-'}"
             bill = _bill_key(ev)
-            add((i, event_time(ts), ev.event_id, ev.card_id, dom, mi, "o" if ev.visit_type == "outpatient" else "e", sp,
-                 visit_key(f"{place}|{bill}") if bill else "", visit_key(f"{place}#{pdx}"),
-                 visit_key(f"{dom}|{inst}") if per_day and not sp else "", gi, ref_dom))
+            t = event_time(ts)
+            card = ev.card_id
+            kb = visit_key(f"{place}|{bill}") if bill else ""
+            kp = visit_key(f"{place}#{pdx}")
+            ki = visit_key(f"{dom}|{inst}") if per_day and not sp else ""
+            vo = ev.visit_type == "outpatient"
+            fresh: Any = False
+            order = 0
+            if seen[card] == 1 and fresh_time(t):
+                # the card's state as cal_store writes it for this visit alone (see cal_fresh in the script)
+                vk = {kb: 1, kp: 2} if kb else {kp: 2}
+                if sp:
+                    years: tuple = ()
+                    o = em = 0
+                    days: tuple = ()
+                else:
+                    o, em = (1, 0) if vo else (0, 1)
+                    years = ((year_end, o, em),)
+                    days = ()
+                    if per_day:
+                        days = (dom, 1, 0 if ki in vk else 1)
+                        vk.setdefault(ki, 3)
+                keys = sorted(vk)
+                if len(keys) > 1:
+                    for k in keys:
+                        order = order * 10 + vk[k]
+                h, gs = ((dom, 1, 1), g) if peers_on else ((), ())
+                fresh = mp_str(_pack((years, ((month_end, o, em, 1, (ev.event_id, t), keys, days, h, gs),))))
+            add((i, t, ev.event_id, card, dom, mi, "o" if vo else "e", sp, kb, kp, ki, gi, ref_dom, fresh,
+                 fresh is not False and may_fire, order))
         return batch.queue(pipe, self._sha, self.key(ns), ns.card_prefix(self.card_hash), self._cfg)
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:

@@ -240,12 +240,15 @@ def test_a_cards_first_bill_written_from_python_is_the_state_lua_writes(process,
     runs = []
     for twice in (False, True):
         rid = run_id()
+        calls = redis_sync.info("commandstats").get("cmdstat_hsetnx", {}).get("calls", 0)
         res = process(rules, [[b for b in batch for _ in range(1 + twice)] for batch in (peers, firsts)], rid)
         content = sorted((a.rule, a.subject_id, a.summary, str(a.metrics), tuple(a.evidence_event_ids), a.score)
                          for a in alerts_of(res))
-        runs.append((content, _run_state(redis_sync, rid)))
-    (alerts_a, state_a), (alerts_b, state_b) = runs
+        calls = redis_sync.info("commandstats").get("cmdstat_hsetnx", {}).get("calls", 0) - calls
+        runs.append((content, _run_state(redis_sync, rid), calls))
+    (alerts_a, state_a, calls_a), (alerts_b, state_b, calls_b) = runs
     assert alerts_a == alerts_b
+    assert calls_a - calls_b == len(peers) + len(firsts) - 1   # every first bill took the Python state's path
     fired = {c[1] for c in alerts_a}
     assert "N2" in fired and not fired & {"N1", "N4", "N6", "N7", "P0"}
     assert ("N3" in fired) == ("N5" in fired) == peers_on   # over the peer bound (¥3,000), under ¥5,000

@@ -278,6 +278,57 @@ def test_month_and_year_states_across_boundaries_within_lateness(process, rules,
     assert states[0] == states[1]
 
 
+def _run_state(redis_sync, rid: str) -> dict[str, object]:
+    """Every key of a run (prefix made neutral): hashes as dicts (byte values), other keys by type."""
+    out: dict[str, object] = {}
+    for k in redis_sync.scan_iter(match=f"cw:{rid}:*"):
+        name = k.decode("utf-8", "surrogateescape").replace(rid, "RUN")
+        out[name] = redis_sync.hgetall(k) if redis_sync.type(k) == b"hash" else redis_sync.type(k)
+    return out
+
+
+@pytest.mark.parametrize("variant", ["default", "no_days_no_peers", "first_visit_fires"])
+def test_a_cards_first_visit_written_from_python_is_the_state_lua_writes(process, redis_sync, variant):
+    """A card's only settlement of a batch, its first, is written as the state Python built (no decode or
+    encode in Lua): byte for byte the state the script writes when it builds it (here: the settlement twice in
+    its batch), the same histograms, the same alerts, hostile ids, fractional times, visits with and without a
+    registration line, emergency and 门诊大病 visits and cards that already have a state included."""
+    text = RULES % 30
+    if variant == "no_days_no_peers":
+        text = "\n".join(ln for ln in text.split("\n") if "min_days" not in ln)
+        text = text.replace("peers: {min_visits", "peers: {enabled: false, min_visits")
+    elif variant == "first_visit_fires":
+        text = text.replace("min_visits: 15,", "min_visits: 1,").replace("peers: {min_visits: 8", "peers: {min_visits: 1")
+    rules = load_rules_text(text)
+    peers = [visit(f"P{i}", "H001", at(2, 9) + i) for i in range(40)]
+    firsts = [visit("N1", "H001", at(10, 9)), visit("N2", "H002", at(10, 9.5) + 0.125, reg=False),
+              visit("N3", "C003", at(10, 10) + 0.001, vt="emergency"), visit("N4", "H001", at(10, 11), dx="N18.501"),
+              visit("N5", "H001", at(10, 12), dx="N18.5", reg=False), visit("P0", "H003", at(10, 13)),
+              visit("N6", "H002", at(10, 14), dept="儿科", cat="child", born=2020, dx="Z00.1")]
+    odd = ['"q\\', "卡/\u2028", "x" * 40, "y" * 60, "e\x7f"]   # (event ids)
+    firsts += [visit(f"O{j}{c[:40]}", "H00" + str(j), at(10, 16) + j / 7, event_id=c + str(j))
+               for j, c in enumerate(odd)]
+    runs = []
+    for twice in (False, True):
+        rid = run_id()
+        calls = redis_sync.info("commandstats").get("cmdstat_hsetnx", {}).get("calls", 0)
+        res = process(rules, [[b for b in batch for _ in range(1 + twice)] for batch in (peers, firsts)], rid)
+        content = sorted((a.rule, a.subject_id, a.summary, str(a.metrics), tuple(a.evidence_event_ids), a.score)
+                         for a in alerts_of(res))
+        calls = redis_sync.info("commandstats").get("cmdstat_hsetnx", {}).get("calls", 0) - calls
+        runs.append((content, _run_state(redis_sync, rid), calls))
+    (alerts_a, state_a, calls_a), (alerts_b, state_b, calls_b) = runs
+    assert alerts_a == alerts_b
+    assert calls_a - calls_b == len(peers) + len(firsts)   # every card's first visit took the Python state's path
+    fired = {c[1] for c in alerts_a}
+    if variant == "first_visit_fires":
+        assert {"N1", "N2", "P0"} <= fired and not fired & {"N3", "N4", "N5"}   # (emergency, 门诊大病: no peers)
+    else:
+        assert not fired
+    assert state_a == state_b
+    assert any(":h:N1" in k for k in state_a) and any(":peer:" in k for k in state_a) == (variant != "no_days_no_peers")
+
+
 def test_every_key_expires(process, redis_sync):
     rules = load_rules_text(RULES % 5)
     rid = run_id()
