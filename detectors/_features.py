@@ -43,6 +43,8 @@ once and writes it once):
   array, not added again, and reported as not new. A settlement after the card's last one (the
   usual case) is written by appending its entry's JSON text (built by :func:`queue_windows`) to
   the stored text; cjson re-encodes only when an entry goes in earlier or old ones are pruned.
+  A card's first settlement is one ``HSETNX`` of its entry text (no read, no decode); when the
+  field exists, the stored text and the entry are read and decoded together (one cjson call).
 * ``cw:{run}:ml_outlier:p{partition}:phys:{physician}`` and ``…:inst:{institution}`` —
   string ``"d n b k"``: current local day, settlements that day, baseline per day,
   completed days seen; 14 d.
@@ -194,8 +196,9 @@ end
 -- cards: card -> its settlements, or the entry text of its only one (a first settlement, not decoded)
 local cards, corder, cn = {}, {}, 0
 -- card -> stored text (loaded cards only); the entry texts appended since, comma-separated, without brackets
--- ('': unchanged; false: an entry went in before the last one, re-encode)
-local raws, apps = {}, {}
+-- ('': unchanged; false: an entry went in before the last one, re-encode); card -> true when its value (an entry
+-- text in cards) is already written
+local raws, apps, done = {}, {}, {}
 local FIRST = '1 1 1 1 1 1 1 1 1 1 0.0000 '   -- the window part of a card's first settlement
 local out = {}
 local o = 0
@@ -205,31 +208,36 @@ for i = 1, #evs, 5 do
   local head = FIRST
   local c = cards[card]
   if not c then
-    local raw = redis.call('HGET', card, field)
-    if raw then
-      local ok, v = pcall(cjson.decode, raw)
-      if ok and type(v) == 'table' and #v > 0 and sub(raw, -1) == ']' then c = v; raws[card] = raw end
-    end
     cn = cn + 1; corder[cn] = card
     apps[card] = ''
-    if not c then   -- the card's first settlement in the window (the common case): counts itself only
-      cards[card] = entry
+    if redis.call('HSETNX', card, field, entry) == 1 then
+      -- the card's first settlement in the window (the common case): stored as is, counts itself only
+      cards[card] = entry; done[card] = true
     else
-      cards[card] = c
+      -- the stored settlements and this one's entry (last), decoded in one call
+      local raw = redis.call('HGET', card, field)
+      if raw and sub(raw, -1) == ']' then
+        local ok, v = pcall(cjson.decode, sub(raw, 1, -2) .. ',' .. sub(entry, 2))
+        if ok and type(v) == 'table' and #v > 5 then c = v; raws[card] = raw end
+      end
+      cards[card] = c or entry   -- unreadable state: as a first settlement (written at the end)
     end
   elseif type(c) == 'string' then   -- the card's first settlement came earlier in this batch
     apps[card] = sub(c, 2, -2)
-    c = cjson.decode(c)
-    cards[card] = c
+    c = cjson.decode(sub(c, 1, -2) .. ',' .. sub(entry, 2))
+    cards[card] = c; done[card] = nil
+  else
+    local e, n = cjson.decode(entry), #c
+    c[n + 1] = e[1]; c[n + 2] = e[2]; c[n + 3] = e[3]; c[n + 4] = e[4]; c[n + 5] = e[5]
   end
-  if c then
-    local e = cjson.decode(entry)
-    local t, eid, inst, dist, supply = e[1], e[2], e[3], e[4], e[5]
+  if c then   -- c: the card's settlements, this one's entry last (not yet in its place)
+    local n = #c - 5
+    local t, eid, inst, dist, supply = c[n + 1], c[n + 2], c[n + 3], c[n + 4], c[n + 5]
     local c1, c2, c3, i1, i2, i3, d1, d2, d3 = 0, 0, 0, 0, 0, 0, 0, 0, 0
     local on_hand = 0
     local pos = nil
     local li, ld = {}, {}      -- institution / district -> youngest age
-    for m = 1, #c, 5 do
+    for m = 1, n, 5 do
       local te, id = c[m], c[m + 1]
       if id == eid then new = false end
       if not pos and (te > t or (te == t and id > eid)) then pos = m end
@@ -248,18 +256,19 @@ for i = 1, #evs, 5 do
         end
       end
     end
+    if new and not pos then   -- after the card's last settlement (the usual case): already in its place
+      local a = apps[card]
+      if a == '' then apps[card] = sub(entry, 2, -2) elseif a then apps[card] = a .. ',' .. sub(entry, 2, -2) end
+    else
+      c[n + 5] = nil; c[n + 4] = nil; c[n + 3] = nil; c[n + 2] = nil; c[n + 1] = nil
+      if new then
+        tinsert(c, pos, supply); tinsert(c, pos, dist); tinsert(c, pos, inst); tinsert(c, pos, eid); tinsert(c, pos, t)
+        apps[card] = false
+      end
+    end
     if new then   -- this settlement itself, age 0
       c1 = c1 + 1; c2 = c2 + 1; c3 = c3 + 1
       li[inst] = 0; ld[dist] = 0
-      if pos then
-        tinsert(c, pos, supply); tinsert(c, pos, dist); tinsert(c, pos, inst); tinsert(c, pos, eid); tinsert(c, pos, t)
-        apps[card] = false
-      else
-        local n = #c
-        c[n + 1] = t; c[n + 2] = eid; c[n + 3] = inst; c[n + 4] = dist; c[n + 5] = supply
-        local a = apps[card]
-        if a == '' then apps[card] = sub(entry, 2, -2) elseif a then apps[card] = a .. ',' .. sub(entry, 2, -2) end
-      end
     end
     for _, age in pairs(li) do
       i3 = i3 + 1
@@ -296,7 +305,7 @@ for j = 1, cn do
   local card = corder[j]
   local a, c = apps[card], cards[card]
   if type(c) == 'string' then   -- the card's only settlement
-    redis.call('HSET', card, field, c)
+    if not done[card] then redis.call('HSET', card, field, c) end
   elseif a ~= '' then
     local cut = c[#c - 4] - horizon
     local val
