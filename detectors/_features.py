@@ -181,15 +181,6 @@ local function roll(s, day, new)
   if changed then s.c = true end
   return today, s.bs, s.k
 end
--- today's count of volume state s: the same day's state is just counted, any other is rolled first
-local function count_today(s, day, new)
-  if s.d == day then
-    if new then s.n = s.n + 1; s.c = true end
-    return s.n
-  end
-  return (roll(s, day, new))
-end
-
 -- the card field: flat array t, event_id, institution, district, days_supply per settlement, sorted by
 -- (t, event_id), pruned at write to newest - week - lateness. While a card only gains settlements after its
 -- last one, its new value is the stored text with the new entries' text appended (no re-encoding).
@@ -285,21 +276,37 @@ for i = 1, #evs, 5 do
            (IS[i3] or istr(i3)) .. ' ' .. (IS[d1] or istr(d1)) .. ' ' .. (IS[d2] or istr(d2)) .. ' ' ..
            (IS[d3] or istr(d3)) .. ' ' .. oh
   end
-  -- the volumes (today's count: the same day's state is just counted, any other is rolled)
+  -- the volumes (today's count: the same day's state is just counted, any other is rolled); the reply's
+  -- pieces go straight into out (one concat at the end, no string per event)
   local s = vols[ivi]
-  local it = count_today(s, day, new)
+  local it
+  if s.d == day then
+    it = s.n
+    if new then it = it + 1; s.n = it; s.c = true end
+  else
+    it = (roll(s, day, new))
+  end
   local ib, ikd = s.bs, s.k
+  out[o + 1] = head
   if pvi > 0 then
     s = vols[pvi]
-    local pt = count_today(s, day, new)
-    o = o + 1
-    out[o] = head .. (IS[pt] or istr(pt)) .. ' ' .. s.bs .. ' ' .. (IS[s.k] or istr(s.k)) .. ' ' ..
-             (IS[it] or istr(it)) .. ' ' .. ib .. ' ' .. (IS[ikd] or istr(ikd))
+    local pt
+    if s.d == day then
+      pt = s.n
+      if new then pt = pt + 1; s.n = pt; s.c = true end
+    else
+      pt = (roll(s, day, new))
+    end
+    out[o + 2] = IS[pt] or istr(pt); out[o + 3] = ' '; out[o + 4] = s.bs; out[o + 5] = ' '
+    out[o + 6] = IS[s.k] or istr(s.k); out[o + 7] = ' '
   else
-    o = o + 1
-    out[o] = head .. '-1 0.000000 0 ' .. (IS[it] or istr(it)) .. ' ' .. ib .. ' ' .. (IS[ikd] or istr(ikd))
+    out[o + 2] = '-1 0.000000 0 '; out[o + 3] = ''; out[o + 4] = ''; out[o + 5] = ''; out[o + 6] = ''; out[o + 7] = ''
   end
+  out[o + 8] = IS[it] or istr(it); out[o + 9] = ' '; out[o + 10] = ib; out[o + 11] = ' '
+  out[o + 12] = IS[ikd] or istr(ikd); out[o + 13] = '\n'
+  o = o + 13
 end
+out[o] = nil   -- no newline after the last line
 
 for j = 1, cn do
   local card = corder[j]
@@ -338,7 +345,7 @@ for j = 1, vn do
     end
   end
 end
-return concat(out, '\n')
+return concat(out)
 """
 
 
