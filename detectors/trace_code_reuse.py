@@ -54,9 +54,12 @@ ValueError: trace_code_reuse: period_s must be a positive integer, got 0
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any, Sequence
 
 import orjson
+from msgspec import Raw as _Raw
+from msgspec.msgpack import encode as _pack
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
 from detectors.base import EXPIRE_AT_LUA, Detector, Namespace, check_positive
@@ -65,22 +68,22 @@ from stream.events import Settlement, iso
 
 LUA = EXPIRE_AT_LUA + r"""
 -- ARGV[1] key prefix (cw:{run}:trace_code_reuse:{retention_s}), ARGV[2] JSON [retention, period, lateness, ttl],
--- ARGV[3] one flat JSON array, per event: index, t, event_id, value to remember (see the module docstring),
--- n, then its n codes' buckets (strings); ARGV[4] the codes' 8-byte field hashes, concatenated in the same
--- order. Keys are built here: {prefix}:{period}:{bucket}; a code is written to its event time's period and
--- read in every period of the retention that holds a code within the retention of t: {prefix}:periods
--- (field period, value "min max" of the event times written to it) says which.
+-- ARGV[3] MessagePack (one flat table), per event: index, t, event_id, value to remember (see the module
+-- docstring), n, then per code its bucket's key in the event's own period ({prefix}:{period}:{bucket}, built in
+-- Python) and its 8-byte field hash. A code is written to its event time's period and read in every period of the
+-- retention that holds a code within the retention of t: {prefix}:periods (field period, value "min max" of the
+-- event times written to it) says which. The other periods are read first; in the own period a code that may be
+-- remembered (the usual case: never seen) is written with HSETNX (one call), read only when already there.
 -- Returns only events with reuse: {index, {code position, role, time, event_id, card, institution}*}
 --   role 's': this event is the second settlement of the code; 'f': it is the (earlier) first one
 local prefix = ARGV[1] .. ':'
 local cfg = cjson.decode(ARGV[2])
 local R, P, lateness, ttl = cfg[1], cfg[2], cfg[3], cfg[4]
-local x = cjson.decode(ARGV[3])
-local blob = ARGV[4]
+local x = cmsgpack.unpack(ARGV[3])
 local SEP = '\31'
 local RS = '\30'
 local MAXREC = 4
-local find, sub, floor = string.find, string.sub, math.floor
+local find, sub, floor, abs = string.find, string.sub, math.floor, math.abs
 local ik = prefix .. 'periods'
 local per = {}      -- period -> {min, max} event time written to it
 local pkey = {}     -- period -> its key prefix
@@ -94,95 +97,110 @@ end
 local dirty = {}    -- periods whose range grew
 local written, wkeys = {}, {}   -- bucket keys written (expired once, at the end)
 local out = {}
-local off = 1
 local c = 1
 local tmax = nil
+-- the event (time t, id eid) and a code's stored value v: is the event among its records (stored), and the
+-- earliest other record within R of t, if earlier than best
+local function scan(v, t, eid, stored, best)
+  local s = 1
+  local lv = #v
+  while s <= lv do  -- records separated by \30 (see "displaced" below)
+    local e0 = find(v, RS, s, true) or (lv + 1)
+    local p1 = find(v, SEP, s, true)
+    local p2 = find(v, SEP, p1 + 1, true)
+    local ve = sub(v, p1 + 1, p2 - 1)
+    if ve == eid then
+      stored = true
+    else
+      local vt = tonumber(sub(v, s, p1 - 1), 36)
+      if abs(t - vt) <= R and (best == nil or vt < best[1] or (vt == best[1] and ve < best[2])) then
+        local p3 = find(v, SEP, p2 + 1, true)
+        best = {vt, ve, sub(v, p2 + 1, p3 - 1), sub(v, p3 + 1, e0 - 1)}
+      end
+    end
+    s = e0 + 1
+  end
+  return stored, best
+end
 while c <= #x do
   local idx, t, eid, value, n = x[c], x[c + 1], x[c + 2], x[c + 3], x[c + 4]
   if not tmax or t > tmax then tmax = t end
   local bs = c + 5
-  c = bs + n
+  c = bs + 2 * n
   local tf = floor(t)
   local p = floor(t / P)
   local lo = floor((t - R) / P)
   local hi = floor((t + lateness) / P)
   local hits = nil
-  local qs = {}   -- key prefixes of the periods that may hold a code settled within R of t
-  local own = 0   -- the event's own period among them
+  local qs = {}   -- key prefixes of the other periods that may hold a code settled within R of t
+  local own = false   -- the event's own period is among them
   for q = lo, hi do
     local r = per[q]
     if r and t - r[2] <= R and r[1] - t <= R then
-      local pk = pkey[q]
-      if not pk then pk = prefix .. q .. ':'; pkey[q] = pk end
-      qs[#qs + 1] = pk
-      if q == p then own = #qs end
+      if q == p then
+        own = true
+      else
+        local pk = pkey[q]
+        if not pk then pk = prefix .. q .. ':'; pkey[q] = pk end
+        qs[#qs + 1] = pk
+      end
     end
   end
+  local ownp = nil   -- the length of the own period's key prefix (for the bucket of the other periods)
   for j = 1, n do
-    local b = x[bs + j - 1]  -- the bucket, as a string
-    local f = sub(blob, off, off + 7)
-    off = off + 8
+    local wk = x[bs + 2 * j - 2]   -- the code's bucket key in the own period
+    local f = x[bs + 2 * j - 1]
     local best = nil
     local stored = false
+    if #qs > 0 then
+      if not ownp then ownp = #prefix + #tostring(p) + 2 end
+      local b = sub(wk, ownp)
+      for k = 1, #qs do
+        local v = redis.call('HGET', qs[k] .. b, f)
+        if v then stored, best = scan(v, t, eid, stored, best) end
+      end
+    end
     local wv = nil  -- the value already in this event's own period bucket
-    local wk = nil  -- its key
-    for k = 1, #qs do
-      local key = qs[k] .. b
-      local v = redis.call('HGET', key, f)
-      if k == own then wk = key end
-      if v then
-        if k == own then wv = v end
-        local s = 1
-        local lv = #v
-        while s <= lv do  -- records separated by \30 (see "displaced" below)
-          local e0 = find(v, RS, s, true) or (lv + 1)
-          local p1 = find(v, SEP, s, true)
-          local p2 = find(v, SEP, p1 + 1, true)
-          local ve = sub(v, p1 + 1, p2 - 1)
-          if ve == eid then
-            stored = true
-          else
-            local vt = tonumber(sub(v, s, p1 - 1), 36)
-            if math.abs(t - vt) <= R and (best == nil or vt < best[1] or (vt == best[1] and ve < best[2])) then
-              local p3 = find(v, SEP, p2 + 1, true)
-              best = {vt, ve, sub(v, p2 + 1, p3 - 1), sub(v, p3 + 1, e0 - 1)}
-            end
-          end
-          s = e0 + 1
-        end
+    local done = false   -- the code was written (HSETNX)
+    if own then
+      if not stored and (best == nil or tf < best[1] or (tf == best[1] and eid < best[2])) then
+        done = redis.call('HSETNX', wk, f, value) == 1
+      end
+      if not done then
+        wv = redis.call('HGET', wk, f)
+        if wv then stored, best = scan(wv, t, eid, stored, best) end
       end
     end
     if best == nil or tf < best[1] or (tf == best[1] and eid < best[2]) then
       -- first sight of the code, or this settlement is earlier than the one remembered: remember it
       if not stored then
-        local nv = value
-        if wv then
-          -- displaced: the later settlement's record stays behind this one, so that a redelivery of
-          -- this batch (a crash before its alerts were saved) still finds the pair; at most MAXREC records
-          nv = value .. RS .. wv
-          local k, cut = 1, nil
-          local s = 1
-          while true do
-            local e0 = find(nv, RS, s, true)
-            if not e0 then break end
-            k = k + 1
-            if k > MAXREC then cut = e0; break end
-            s = e0 + 1
+        if not done then
+          local nv = value
+          if wv then
+            -- displaced: the later settlement's record stays behind this one, so that a redelivery of
+            -- this batch (a crash before its alerts were saved) still finds the pair; at most MAXREC records
+            nv = value .. RS .. wv
+            local k, cut = 1, nil
+            local s = 1
+            while true do
+              local e0 = find(nv, RS, s, true)
+              if not e0 then break end
+              k = k + 1
+              if k > MAXREC then cut = e0; break end
+              s = e0 + 1
+            end
+            if cut then nv = sub(nv, 1, cut - 1) end
           end
-          if cut then nv = sub(nv, 1, cut - 1) end
+          redis.call('HSET', wk, f, nv)
         end
         local r = per[p]
         if not r then
-          r = {tf, tf}; per[p] = r; dirty[#dirty + 1] = p
-          pkey[p] = prefix .. p .. ':'
-          qs[#qs + 1] = pkey[p]   -- the event's next codes look here too
-          own = #qs
+          per[p] = {tf, tf}; dirty[#dirty + 1] = p
+          own = true   -- the event's next codes look here too
         elseif tf < r[1] or tf > r[2] then
           if tf < r[1] then r[1] = tf else r[2] = tf end
           dirty[#dirty + 1] = p
         end
-        wk = wk or (pkey[p] .. b)
-        redis.call('HSET', wk, f, nv)
         if not written[wk] then written[wk] = true; wkeys[#wkeys + 1] = wk end
       end
       if best ~= nil then
@@ -295,23 +313,27 @@ class TraceCodeReuse(Detector):
         return int.from_bytes(h[8:], "big") % self.buckets, h[:8]
 
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
-        rows = []
-        fields = []
+        rows: list[Any] = []
+        prefix = self.key(ns, self.retention_s)
+        P = self.period_s
+        buckets = self.buckets
+        blake = hashlib.blake2b
         for i, ev in enumerate(events):
             codes = self.codes(ev)
             if not codes:
                 continue
-            value = f"{_base36(int(ev.ts // 1))}\x1f{ev.event_id}\x1f{ev.card_id}\x1f{ev.institution_id}"
-            rows += (i, ev.ts, ev.event_id, value, len(codes))
+            ts = ev.ts
+            value = f"{_base36(int(ts // 1))}\x1f{ev.event_id}\x1f{ev.card_id}\x1f{ev.institution_id}"
+            rows += (i, ts, ev.event_id, value, len(codes))
+            pp = f"{prefix}:{math.floor(ts / P)}:"   # the event's own period, as Lua's floor(t / P)
             for code, *_ in codes:
-                b, f = self._slot(code)
-                rows.append(str(b))
-                fields.append(f)
+                h = blake(code.encode(), digest_size=12).digest()
+                # the bucket's key; the field (8 bytes, not UTF-8) as a MessagePack str of 8 bytes
+                rows += (pp + str(int.from_bytes(h[8:], "big") % buckets), _Raw(b"\xa8" + h[:8]))
         if not rows:
             return 0
         cfg = [self.retention_s, self.period_s, self.lateness_s, self.retention_s + self.lateness_s]
-        pipe.evalsha(self._sha, 0, self.key(ns, self.retention_s), orjson.dumps(cfg), orjson.dumps(rows),
-                     b"".join(fields))
+        pipe.evalsha(self._sha, 0, prefix, orjson.dumps(cfg), _pack(rows))
         return 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:
