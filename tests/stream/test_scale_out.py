@@ -22,7 +22,7 @@ import pytest
 from claimwatch.runtime import WorkerProcess, settings_env
 from replay import city
 from stream.topics import ensure_topics
-from tests.helpers import run_cli
+from tests.helpers import TIMING_DEPENDENT, run_cli
 
 PARTITIONS = 4
 SCALE = {
@@ -115,7 +115,10 @@ def _replay(path: Path, run_id: str, env: dict, out: Path) -> tuple[list[dict], 
 
 
 def _key(alerts: list[dict]) -> set[tuple]:
-    return {(a["rule"], a["subject_id"], a["window_start"], a["window_end"]) for a in alerts}
+    """What must not depend on the number of workers: the rules outside TIMING_DEPENDENT (whose verdicts
+    depend on how partitions interleave: README, Guarantees, known gap) alert on the same windows."""
+    return {(a["rule"], a["subject_id"], a["window_start"], a["window_end"]) for a in alerts
+            if a["rule"] not in TIMING_DEPENDENT}
 
 
 def test_two_workers_share_the_partitions_and_alert_like_one(two_workers, scale_settings, worker, cli_env,
@@ -143,7 +146,8 @@ def test_two_workers_share_the_partitions_and_alert_like_one(two_workers, scale_
     assert two, "the replay raised no alert"
     assert _key(two) == _key(one), (f"only with two workers: {sorted(_key(two) - _key(one))[:5]}; "
                                     f"only with one: {sorted(_key(one) - _key(two))[:5]}")
-    assert len(two) == len(one)
+    assert (sum(a["rule"] not in TIMING_DEPENDENT for a in two)
+            == sum(a["rule"] not in TIMING_DEPENDENT for a in one))
     assert {a["run_id"] for a in two} == {"scale-two"} and {a["run_id"] for a in one} == {"scale-one"}
     hoppers = {f["subject_id"] for f in labels["frauds"] if f["rule"] == "card_hopping"}
     assert hoppers and hoppers <= {a["subject_id"] for a in two if a["rule"] == "card_hopping"}
