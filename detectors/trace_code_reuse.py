@@ -308,10 +308,6 @@ class TraceCodeReuse(Detector):
                 out.append((c, it.code, it.name))
         return out
 
-    def _slot(self, code: str) -> tuple[int, bytes]:
-        h = hashlib.blake2b(code.encode(), digest_size=12).digest()
-        return int.from_bytes(h[8:], "big") % self.buckets, h[:8]
-
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
         rows: list[Any] = []
         prefix = self.key(ns, self.retention_s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import subprocess
+import uuid
 import sys
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -86,3 +87,29 @@ async def consume_until(bootstrap: str, topic: str, pred, timeout_s: float = 60.
 @pytest.fixture
 def event_factory():
     return make_event
+
+
+def run_state(redis_sync, rid: str) -> dict[str, object]:
+    """Every key of a run (prefix made neutral): hashes as dicts (byte values), other keys by type."""
+    out: dict[str, object] = {}
+    for k in redis_sync.scan_iter(match=f"cw:{rid}:*"):
+        name = k.decode("utf-8", "surrogateescape").replace(rid, "RUN")
+        out[name] = redis_sync.hgetall(k) if redis_sync.type(k) == b"hash" else redis_sync.type(k)
+    return out
+
+
+def once_and_twice(process, rules, redis_sync, batches: list[list[bytes]]) -> list[tuple[list, dict, int]]:
+    """Run ``batches`` in a fresh run twice: each settlement once in its batch, then twice (a card's only
+    settlement of a batch takes a rule's first-settlement path, a repeated one the script's own). Per run:
+    the alerts' content, the run's Redis state (:func:`run_state`) and the HSETNX calls it made."""
+    runs = []
+    for twice in (False, True):
+        rid = f"t{uuid.uuid4().hex[:10]}"
+        calls = redis_sync.info("commandstats").get("cmdstat_hsetnx", {}).get("calls", 0)
+        res = process(rules, [[b for b in batch for _ in range(1 + twice)] for batch in batches], rid)
+        alerts = {a.alert_id: a for r in res for a in r.alerts}.values()
+        content = sorted((a.rule, a.subject_id, a.summary, str(a.metrics), tuple(a.evidence_event_ids), a.score)
+                         for a in alerts)
+        calls = redis_sync.info("commandstats").get("cmdstat_hsetnx", {}).get("calls", 0) - calls
+        runs.append((content, run_state(redis_sync, rid), calls))
+    return runs

@@ -11,7 +11,7 @@ import pytest
 
 from detectors.config import load_rules_text
 from detectors.cost_anomaly import CostAnomaly
-from tests.helpers import TZ, dumps, make_event
+from tests.helpers import TZ, dumps, make_event, once_and_twice
 
 SPECIAL = "[N18.5, N18.6, Z49, Z99.2, C, Z51.0, Z51.1, Z94, F20, F25, F31, D61, D66, D67, D68]"
 RULES = f"""
@@ -210,15 +210,6 @@ def test_month_and_year_states_across_boundaries_within_lateness(process, rules,
     assert states[0] == states[1]
 
 
-def _run_state(redis_sync, rid: str) -> dict[str, object]:
-    """Every key of a run (prefix made neutral): hashes as dicts (byte values), other keys by type."""
-    out: dict[str, object] = {}
-    for k in redis_sync.scan_iter(match=f"cw:{rid}:*"):
-        name = k.decode("utf-8", "surrogateescape").replace(rid, "RUN")
-        out[name] = redis_sync.hgetall(k) if redis_sync.type(k) == b"hash" else redis_sync.type(k)
-    return out
-
-
 @pytest.mark.parametrize("peers_on", [True, False])
 def test_a_cards_first_bill_written_from_python_is_the_state_lua_writes(process, redis_sync, peers_on):
     """A card's only bill of a batch, its first, is written as the state Python built (no decode or encode in
@@ -237,15 +228,7 @@ def test_a_cards_first_bill_written_from_python_is_the_state_lua_writes(process,
               bill("N6", at(10, 14), 30.0, vt="emergency", dx=None, cat="retiree", born=1940),
               bill("N7", at(10, 15), 2.5, vt="inpatient")]
     firsts += [bill(f"O{j}{c[:40]}", at(10, 16) + j / 7, 6000.0 * (j + 1), event_id=c + str(j)) for j, c in enumerate(odd)]
-    runs = []
-    for twice in (False, True):
-        rid = run_id()
-        calls = redis_sync.info("commandstats").get("cmdstat_hsetnx", {}).get("calls", 0)
-        res = process(rules, [[b for b in batch for _ in range(1 + twice)] for batch in (peers, firsts)], rid)
-        content = sorted((a.rule, a.subject_id, a.summary, str(a.metrics), tuple(a.evidence_event_ids), a.score)
-                         for a in alerts_of(res))
-        calls = redis_sync.info("commandstats").get("cmdstat_hsetnx", {}).get("calls", 0) - calls
-        runs.append((content, _run_state(redis_sync, rid), calls))
+    runs = once_and_twice(process, rules, redis_sync, [peers, firsts])
     (alerts_a, state_a, calls_a), (alerts_b, state_b, calls_b) = runs
     assert alerts_a == alerts_b
     assert calls_a - calls_b == len(peers) + len(firsts) - 1   # every first bill took the Python state's path
