@@ -469,38 +469,48 @@ def queue_windows(pipe: Any, sha: str, events: Sequence[Settlement], prefix: str
     rows: list[Any] = []
     add = rows.extend
     vkeys: list[str] = []
-    vidx: dict[str, int] = {}
-    parts: dict[int, str] = {}
+    # partition -> its key prefix and the 1-based index in vkeys of each institution's / physician's volume key
+    parts: dict[int, tuple[str, dict[str, int], dict[str, int]]] = {}
     placeholders = _placeholders
     dumps = orjson.dumps
+    with_resale, matches = extras is not None and resale is not EMPTY, resale.matches
+    part: int | None = None
     for ev in events:
-        pp = parts.get(ev.partition)
-        if pp is None:
-            pp = parts[ev.partition] = f"{prefix}:p{ev.partition}:"
+        if ev.partition != part:   # a batch comes partition by partition: its indexes stay in locals
+            part = ev.partition
+            px = parts.get(part)
+            if px is None:
+                px = parts[part] = (f"{prefix}:p{part}:", {}, {})
+            pp, inst_ix, phys_ix = px
         inst = ev.institution_id
-        k = pp + "inst:" + inst
-        ivi = vidx.get(k)
+        ivi = inst_ix.get(inst)
         if ivi is None:
-            vkeys.append(k)
-            ivi = vidx[k] = len(vkeys)
-        pvi = 0
+            vkeys.append(pp + "inst:" + inst)
+            ivi = inst_ix[inst] = len(vkeys)
         phys = ev.physician_id
-        if phys is not None:
-            ph = placeholders.get(phys)
-            if ph is None:
-                ph = _placeholder(phys)
-            if not ph:
-                k = pp + "phys:" + phys
-                pvi = vidx.get(k)  # type: ignore[assignment]
-                if pvi is None:
-                    vkeys.append(k)
-                    pvi = vidx[k] = len(vkeys)
+        if phys is None:
+            pvi = 0
+        else:
+            pvi = phys_ix.get(phys)
+            if pvi is None:   # a placeholder physician has no volume key: 0
+                ph = placeholders.get(phys)
+                if ph is None:
+                    ph = _placeholder(phys)
+                if ph:
+                    pvi = 0
+                else:
+                    vkeys.append(pp + "phys:" + phys)
+                    pvi = len(vkeys)
+                phys_ix[phys] = pvi
         supply = 0
+        ramt = 0.0   # resale_amount(ev, resale), in the same pass over the lines
         for it in ev.items:
             if it.category == "drug":
                 supply += it.days_supply or 0
+                if with_resale and matches(it.code, it.name):
+                    ramt += it.amount
         if extras is not None:
-            extras.append((supply, resale_amount(ev, resale)))
+            extras.append((supply, ramt))
         ts = ev.ts
         t = int(ts)
         if t != ts:  # the card field keeps 14 significant digits (cjson): send what it will hold

@@ -219,6 +219,15 @@ def buckets_of(ts: float, lateness_s: int) -> tuple[int, str, int, str, int, int
     return dom, month, month_end, year, year_end, year_no, max(0, dom - (day - ref))
 
 
+def memo_put(memo: dict, key: Any, value: Any, limit: int = 100_000) -> Any:
+    """Store ``value`` in a queue-side memo and return it; a full memo starts over (what recurs — diagnoses,
+    peer groups, days — changes slowly, so a long stream keeps its hits)."""
+    if len(memo) >= limit:
+        memo.clear()
+    memo[key] = value
+    return value
+
+
 #: how long past a month's (year's) end + lateness a card keeps it, in event time of the card's newest event:
 #: a crash can make the worker redeliver the (at most two) batches it had not committed, and their events
 #: must find their months to give the same verdicts again

@@ -200,9 +200,52 @@ def fingerprint(ev: Settlement) -> str:
     >>> fingerprint(parse_event(raw % (1, a + b"," + b))) == fingerprint(parse_event(raw % (2, b + b"," + a)))
     True
     """
-    canon = repr((ev.institution_id, ev.department, sorted([(it.code, it.quantity, it.amount) for it in ev.items]),
-                  ev.total_amount))
-    return hashlib.blake2b(canon.encode(), digest_size=8).hexdigest()
+    # The text hashed is repr((institution, department, sorted lines, total)), built from memoised pieces:
+    # institutions, departments and billed lines recur from bill to bill, and so do whole bills, so the
+    # reprs (floats are slow to format) and the digest are computed once per distinct piece.
+    canon = (_HEADS[ev.institution_id, ev.department]
+             + ", ".join([_LINES[x] for x in sorted([(it.code, it.quantity, it.amount) for it in ev.items])])
+             + "], " + repr(ev.total_amount) + ")")
+    fp = _DIGESTS.get(canon)
+    if fp is None:
+        fp = hashlib.blake2b(canon.encode(), digest_size=8).hexdigest()
+        if len(_DIGESTS) >= _MEMO_MAX // 2:   # (the largest entries: long texts)
+            _DIGESTS.clear()
+        _DIGESTS[canon] = fp
+    return fp
+
+
+#: entries per memo; a full memo starts over (what recurs changes slowly: a long stream keeps its hits)
+_MEMO_MAX = 100_000
+
+
+class _LineReprs(dict):
+    """(code, quantity, amount) -> its repr. A zero amount is never stored: 0.0 and -0.0 are the same key
+    but not the same repr. (Quantities and amounts are always floats: msgspec converts JSON integers.)"""
+
+    def __missing__(self, line: tuple[str, float, float]) -> str:
+        r = repr(line)
+        if line[2]:
+            if len(self) >= _MEMO_MAX:
+                self.clear()
+            self[line] = r
+        return r
+
+
+class _HeadReprs(dict):
+    """(institution, department) -> the start of the fingerprint text: ``(institution, department, [``."""
+
+    def __missing__(self, key: tuple[str, str | None]) -> str:
+        r = "(" + repr(key[0]) + ", " + repr(key[1]) + ", ["
+        if len(self) >= _MEMO_MAX:
+            self.clear()
+        self[key] = r
+        return r
+
+
+_LINES = _LineReprs()
+_HEADS = _HeadReprs()
+_DIGESTS: dict[str, str] = {}   # fingerprint text -> digest
 
 
 class DuplicateBilling(Detector):
@@ -228,16 +271,13 @@ class DuplicateBilling(Detector):
     def params(self) -> dict[str, Any]:
         return {"window_s": self.window_s, "lateness_s": self.lateness_s}
 
-    @staticmethod
-    def _eligible(ev: Settlement) -> bool:
-        return bool(ev.items) and not _placeholder_institution(ev.institution_id) and not is_placeholder(ev.card_id)
-
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
         cp = ns.card_prefix(self.card_hash)
         rows: list[Any] = []   # flat: card key, entry, index\ttotal\tinstitution
         dumps = orjson.dumps
         for i, ev in enumerate(events):
-            if self._eligible(ev):
+            # a bill with lines, of an institution and a card that are not placeholders
+            if ev.items and not _placeholder_institution(ev.institution_id) and not is_placeholder(ev.card_id):
                 ts, eid, fp = ev.ts, ev.event_id, fingerprint(ev)
                 t: Any = int(ts)
                 if t != ts or not -1e14 < ts < 1e14:  # stored exactly, as text (TIMES_LUA)

@@ -225,8 +225,8 @@ class FeatureBins:
     """The bins of the model's features for a whole batch, straight from the feature script's reply
     tokens and the events (no per-event feature dict): the same bins as
     ``TailHBOS.bins(features(ev, window, resale), names)``, at a fraction of the cost — counts are
-    binned by a table keyed by their reply token, amounts by a table keyed by value, and features
-    the model does not use are not computed.
+    binned by a table keyed by their reply token, amounts and (rounded) ratios by tables keyed by value,
+    and features the model does not use are not computed.
 
     >>> from stream.events import parse_event
     >>> ev = parse_event(b'{"event_id":"E1","event_time":"2026-11-24T09:30:00+08:00","card_id":"C1",'
@@ -239,16 +239,15 @@ class FeatureBins:
     True
     """
 
-    #: the reply token of each card count, in :data:`~detectors._features.FEATURES` order
-    _COUNTS = tuple(F.COUNT_TOKENS[k] for k in F.FEATURES if k in F.COUNT_TOKENS)
-
     def __init__(self, hbos: TailHBOS, names: Sequence[str]) -> None:
         self.names = tuple(names)
         self.bin_of = hbos.bin_of
         order = list(F.FEATURES)
         if order[5:14] != [k for k in F.FEATURES if k in F.COUNT_TOKENS]:  # the row built in __call__
             raise RuntimeError("FeatureBins: the order of detectors._features.FEATURES changed")
-        idx = [order.index(k) for k in self.names]
+        # the row built in __call__ holds the features in FEATURES order, except the nine card counts,
+        # which are in reply-token order (binned in one pass over their tokens): token k at 4 + k
+        idx = [4 + F.COUNT_TOKENS[k] if k in F.COUNT_TOKENS else order.index(k) for k in self.names]
         if len(idx) > 1:
             self._pick: Callable[[list[int]], tuple[int, ...]] = itemgetter(*idx)
         else:
@@ -256,15 +255,16 @@ class FeatureBins:
         self._hour, self._fund, self._lines = (k in self.names for k in ("hour", "fund_share", "n_lines"))
         self._tokens = _Table(self.bin_of)
         self._amounts = _Table(self.bin_of)
+        self._values = _Table(self.bin_of)     # ratios and shares, rounded: few distinct values
         self._one = self.bin_of(1.0)
 
     def __call__(self, events: Sequence[Settlement], tok: Sequence[bytes],
                  extras: Sequence[tuple[int, float]]) -> list[tuple[int, ...]]:
         """Bins of ``names`` for every event (``tok``: the batch's reply tokens, ``extras``: each event's
         days supplied and resale-prone amount, from :func:`~detectors._features.queue_windows`)."""
-        bin_of, tb, ab, one, pick = self.bin_of, self._tokens, self._amounts, self._one, self._pick
+        tb, ab, vb, one, pick = self._tokens, self._amounts, self._values, self._one, self._pick
+        counts = tb.__getitem__
         hour, fund, lines = self._hour, self._fund, self._lines
-        c1, c2, c3, c4, c5, c6, c7, c8, c9 = self._COUNTS
         horizon = F.SUPPLY_HORIZON_D
         out = []
         o = 0
@@ -274,24 +274,23 @@ class FeatureBins:
             if supply == 0 and t == b"0.0000":
                 sb = 0
             else:
-                sb = bin_of(round((float(t) + supply) / horizon, 2))
+                sb = vb[round((float(t) + supply) / horizon, 2)]
             t, d = tok[o + 11], tok[o + 13]
             if t == b"-1" or d == b"0" or int(t) < 0 or int(d) <= 0:
                 pb = one
             else:
-                pb = bin_of(round((int(t) + 1) / (float(tok[o + 12]) + 1), 2))
+                pb = vb[round((int(t) + 1) / (float(tok[o + 12]) + 1), 2)]
             t, d = tok[o + 14], tok[o + 16]
             if t == b"-1" or d == b"0" or int(t) < 0 or int(d) <= 0:
                 ib = one
             else:
-                ib = bin_of(round((int(t) + 1) / (float(tok[o + 15]) + 1), 2))
+                ib = vb[round((int(t) + 1) / (float(tok[o + 15]) + 1), 2)]
             row = [ab[total],
-                   (bin_of(round(ev.fund_paid / total, 4)) if total > 0 else 0) if fund else 0,
+                   (vb[round(ev.fund_paid / total, 4)] if total > 0 else 0) if fund else 0,
                    tb[len(ev.items)] if lines else 0,
-                   0 if ramt == 0 or not total > 0 else bin_of(round(ramt / total, 4)),
-                   bin_of(round(((ev.ts + F.TZ_OFFSET_S) % F.DAY_S) / 3600, 2)) if hour else 0,
-                   tb[tok[o + c1]], tb[tok[o + c2]], tb[tok[o + c3]], tb[tok[o + c4]], tb[tok[o + c5]],
-                   tb[tok[o + c6]], tb[tok[o + c7]], tb[tok[o + c8]], tb[tok[o + c9]],
+                   0 if ramt == 0 or not total > 0 else vb[round(ramt / total, 4)],
+                   vb[round(((ev.ts + F.TZ_OFFSET_S) % F.DAY_S) / 3600, 2)] if hour else 0,
+                   *map(counts, tok[o + 1:o + 10]),
                    sb, pb, ib]
             out.append(pick(row))
             o += F.REPLY_WIDTH

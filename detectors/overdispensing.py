@@ -319,6 +319,7 @@ class Overdispensing(Detector):
             raise ValueError(f"{r}: resale_prone must be a DrugList, got {type(resale_prone).__name__}")
         self.window_s = window_s
         self.ingredient_prefix_len = ingredient_prefix_len
+        self._ingredients: dict[str, str] = {}   # drug code -> ingredient key ("" for a placeholder code)
         self.max_supply_ratio = float(max_supply_ratio)
         self.min_excess_days = min_excess_days
         self.early_refill_share = float(early_refill_share)
@@ -345,10 +346,15 @@ class Overdispensing(Detector):
         if ev.visit_type == "inpatient" or is_placeholder(ev.card_id):
             return []
         agg: dict[str, list[Any]] = {}
+        ingredients = self._ingredients
         for it in ev.items:
-            if it.category != "drug" or not it.days_supply or is_placeholder(it.code):
+            if it.category != "drug" or not it.days_supply:
                 continue
-            ing = ingredient_key(it.code.strip().upper(), self.ingredient_prefix_len)
+            ing = ingredients.get(it.code)
+            if ing is None:
+                ing = self._ingredient(it.code)
+            if not ing:   # a placeholder code
+                continue
             resale = self.resale_prone.matches(it.code, it.name)
             cur = agg.get(ing)
             if cur is None:
@@ -357,6 +363,14 @@ class Overdispensing(Detector):
                 cur[0] += it.days_supply
                 cur[1] = cur[1] or resale
         return [(ing, d, code, name, rs) for ing, (d, rs, code, name) in agg.items()]
+
+    def _ingredient(self, code: str) -> str:
+        """The ingredient key of a drug code, '' for a placeholder code (memoised: drug codes recur)."""
+        ing = "" if is_placeholder(code) else ingredient_key(code.strip().upper(), self.ingredient_prefix_len)
+        if len(self._ingredients) >= 100_000:
+            self._ingredients.clear()
+        self._ingredients[code] = ing
+        return ing
 
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
         # flat: index, more (the card has other events in the batch), card key, entry text, per event with lines

@@ -66,6 +66,7 @@ import zlib
 from typing import Any, Sequence
 
 import orjson
+from msgspec.msgpack import encode as _pack
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
 from detectors._peers import TZ_OFFSET_S, day_label, day_start
@@ -77,7 +78,7 @@ LUA = r"""
 -- ARGV[1] key prefix P (cw:{run}:prescriber_volume), ARGV[2] JSON [W, min_base, Wp, min_peers, q, n_min, n_factor,
 -- n_z, a_min (fen), a_factor, s_min_r, s_inc, require mask (1 settlements, 2 amount, 4 share), min_measures,
 -- lateness, sweep_max, ttl history, ttl wm, in-progress verdicts 0|1, peer buckets], ARGV[3] JSON {partition:
--- newest event time}, ARGV[4] trigger (the batch's newest event), ARGV[5] JSON [days, contexts, events], flat:
+-- newest event time}, ARGV[4] trigger (the batch's newest event), ARGV[5] MessagePack [days, contexts, events], flat:
 -- days [D, 'D', label, day start]*, contexts [physician, day index, group, coarse group, institution, peer
 -- bucket]* and events [time - day start, '|' .. event token .. ' ', context index, amount fen x 8 + flags]*
 -- (indexes from 0; flags 1 inpatient, 2 resale-prone, 4 after the previous day's end + lateness).
@@ -98,7 +99,7 @@ local N_MIN, N_F, N_Z, A_MIN, A_F, S_MIN, S_INC = cfg[6], cfg[7], cfg[8], cfg[9]
 local REQ, MINM, LATE, SWEEP, TTL_H, TTL_WM = cfg[13], cfg[14], cfg[15], cfg[16], tostring(cfg[17]), cfg[18]
 local INPROG, NB = cfg[19] == 1, cfg[20]
 local PMAX, TRIGGER = cjson.decode(ARGV[3]), ARGV[4]
-local batch = cjson.decode(ARGV[5])
+local batch = cmsgpack.unpack(ARGV[5])
 local DY, CX, EV = batch[1], batch[2], batch[3]
 local pending, wmk = P .. ':pending', P .. ':wmp'
 local HIST = P .. ':' .. (W * 86400) .. ':'
@@ -355,6 +356,15 @@ for r = 1, #EV, 4 do
 end
 
 -- write back: day, history, peers, pending
+-- (expiries are absolute PEXPIREAT times, cheaper than EXPIRE, which Redis rewrites into one per key: the TTLs
+-- count from the TIME before the write-back + 250 ms, so a key never expires earlier than with an EXPIRE at its
+-- write unless the write-back takes longer than that, and TTL still reads at most the TTL set)
+local NOW_MS = 0
+if #dorder > 0 then
+  local now = redis.call('TIME')
+  NOW_MS = tonumber(now[1]) * 1000 + floor(tonumber(now[2]) / 1000) + 250
+end
+local AT_H = fmt('%d', NOW_MS + tonumber(TTL_H) * 1000)
 for _, dk in ipairs(dorder) do
   local m, x = days[dk], dirty[dk]
   local phys, D, Ds, label, hk, rest, dend, bk = x[1], x[2], x[3], x[4], x[5], x[6], x[7], x[8]
@@ -371,9 +381,9 @@ for _, dk in ipairs(dorder) do
   redis.call('HSET', pk2, phys, val)
   -- (a physician who moved group this batch may be the first of their bucket in the new group's keys)
   if first[dk] or m.sw or h.moved then
-    local pttl = fmt('%d', rest + (WP + 1) * 86400 + LATE)
-    redis.call('EXPIRE', pk1, pttl)
-    redis.call('EXPIRE', pk2, pttl)
+    local pat = fmt('%d', NOW_MS + (rest + (WP + 1) * 86400 + LATE) * 1000)
+    redis.call('PEXPIREAT', pk1, pat)
+    redis.call('PEXPIREAT', pk2, pat)
   end
   if first[dk] or m.sw then
     if not h.lo then
@@ -392,7 +402,7 @@ for _, dk in ipairs(dorder) do
   redis.call('HSET', hk, unpack(hset))
   if not h.wrote then
     h.wrote = true
-    redis.call('EXPIRE', hk, TTL_H)
+    redis.call('PEXPIREAT', hk, AT_H)
   end
   local st = '-' .. tnar .. '\t' .. m.inst
   local dset = {'s', st}
@@ -403,7 +413,7 @@ for _, dk in ipairs(dorder) do
     m.ch[hour] = c
   end
   redis.call('HSET', dk, unpack(dset))
-  redis.call('EXPIRE', dk, fmt('%d', rest + LATE + 2 * 86400))
+  redis.call('PEXPIREAT', dk, fmt('%d', NOW_MS + (rest + LATE + 2 * 86400) * 1000))
   m.s, m.nw, m.hours = st, {}, {}
 end
 
@@ -669,7 +679,7 @@ class PrescriberVolume(Detector):
             if ev.ts > pmax.get(k, 0.0):
                 pmax[k] = ev.ts
         pipe.evalsha(self._sha, 0, self.key(ns), self._cfg, orjson.dumps(pmax), f"{newest.ts!r}|{newest.event_id}",
-                     orjson.dumps([days, ctx, rows]))
+                     _pack([days, ctx, rows]))
         return 1
 
     def collect(self, events: Sequence[Settlement], replies: Sequence[Any], ns: Namespace) -> list[Alert]:

@@ -122,7 +122,9 @@ local function scan(v, t, eid, stored, best)
   end
   return stored, best
 end
-while c <= #x do
+local nx = #x
+local qs = {}   -- key prefixes of the other periods that may hold a code settled within R of t
+while c <= nx do
   local idx, t, eid, value, n = x[c], x[c + 1], x[c + 2], x[c + 3], x[c + 4]
   if not tmax or t > tmax then tmax = t end
   local bs = c + 5
@@ -132,7 +134,7 @@ while c <= #x do
   local lo = floor((t - R) / P)
   local hi = floor((t + lateness) / P)
   local hits = nil
-  local qs = {}   -- key prefixes of the other periods that may hold a code settled within R of t
+  local nq = 0
   local own = false   -- the event's own period is among them
   for q = lo, hi do
     local r = per[q]
@@ -142,7 +144,8 @@ while c <= #x do
       else
         local pk = pkey[q]
         if not pk then pk = prefix .. q .. ':'; pkey[q] = pk end
-        qs[#qs + 1] = pk
+        nq = nq + 1
+        qs[nq] = pk
       end
     end
   end
@@ -152,10 +155,10 @@ while c <= #x do
     local f = x[bs + 2 * j - 1]
     local best = nil
     local stored = false
-    if #qs > 0 then
+    if nq > 0 then
       if not ownp then ownp = #prefix + #tostring(p) + 2 end
       local b = sub(wk, ownp)
-      for k = 1, #qs do
+      for k = 1, nq do
         local v = redis.call('HGET', qs[k] .. b, f)
         if v then stored, best = scan(v, t, eid, stored, best) end
       end

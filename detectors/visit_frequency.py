@@ -65,9 +65,9 @@ import orjson
 from msgspec.msgpack import encode as _pack
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
-from detectors._peers import (LUA_LIB, REDELIVERY_S, CalBatch, Calendar, PeerSpec, buckets_of, cal_replies,
-                              check_prefixes, dx_key, event_time, fresh_time, group_label, is_special, mp_str,
-                              peer_bound)
+from detectors._peers import (LUA_LIB, REDELIVERY_S, TZ_OFFSET_S, CalBatch, Calendar, PeerSpec, buckets_of,
+                              cal_replies, check_prefixes, dx_key, fresh_time, group_label, is_special,
+                              memo_put, mp_str, peer_bound)
 from detectors.base import Detector, Namespace, check_positive
 from stream.events import Settlement, iso
 
@@ -249,10 +249,10 @@ def _bill_key(ev: Settlement) -> str:
     (same amount and lines: settled twice); a bill without one is part of that day's visit there
     for the same primary diagnosis.
     """
-    regs = [it for it in ev.items if it.category == "registration"]
-    if not regs:
-        return ""
-    return f"{ev.total_amount:.2f}|{len(ev.items)}|{regs[0].code}"
+    for it in ev.items:
+        if it.category == "registration":   # the first registration line
+            return f"{ev.total_amount:.2f}|{len(ev.items)}|{it.code}"
+    return ""
 
 
 def visit_key(key: str) -> str:
@@ -349,6 +349,9 @@ class VisitFrequency(Detector):
         check_positive(owner, "max_evidence", max_evidence, integer=True)
         self.max_evidence = max_evidence
         self._sha = self.sha(LUA)
+        self._dx_memo: dict[str, str] = {}   # primary diagnosis -> dx_key
+        self._base_memo: dict[tuple, str] = {}   # (category, birth year, year) -> peers.base
+        self._visit_keys: dict[str, str] = {}   # visit key of a place and diagnosis, or a day's institution -> digest
         #: the year state is needed until the year's end + lateness: at most 366 days after an event
         self.card_ttl_s = 366 * 86400 + lateness_s
         cfg = {"field": self.FIELD, "lateness": lateness_s, "keep": lateness_s + REDELIVERY_S,
@@ -379,27 +382,52 @@ class VisitFrequency(Detector):
         seen: dict[str, int] = {}
         for _, ev in evs:
             seen[ev.card_id] = seen.get(ev.card_id, 0) + 1
+        vkeys = self._visit_keys
+        dx_memo, base_memo = self._dx_memo, self._base_memo
+        day = ref = -1
         for i, ev in evs:
             ts = ev.ts
-            dom, month, month_end, _, year_end, year_no, ref_dom = buckets_of(ts, late)
+            # buckets_of(ts) depends on the day and the reference day only, which change a few times a batch
+            d, r = int((ts + TZ_OFFSET_S) // 86400), int((ts - late + TZ_OFFSET_S) // 86400)
+            if d != day or r != ref:
+                day, ref = d, r
+                dom, month, month_end, _, year_end, year_no, ref_dom = buckets_of(ts, late)
+                mi = month_of(month, month_end, year_end)
             pdx = ev.diagnoses[0].strip().upper() if ev.diagnoses else "-"
-            dx = dx_key(pdx, special)
+            dx = dx_memo.get(pdx)
+            if dx is None:
+                dx = memo_put(dx_memo, pdx, dx_key(pdx, special))
             sp = dx[0] == "S"
-            mi = month_of(month, month_end, year_end)
-            g = (base(ev, year_no), dx)
+            bk = (ev.insured_category, ev.birth_year, year_no)
+            b = base_memo.get(bk)
+            if b is None:
+                b = memo_put(base_memo, bk, base(ev, year_no))
+            g = (b, dx)
             gi = group_of(g)
             inst = ev.institution_id
             place = f"{dom}:{inst}|{ev.department or '-'}"
             bill = _bill_key(ev)
-            t = event_time(ts)
+            t = int(ts)   # event_time(ts), inline
+            if t != ts:
+                t = ts
             card = ev.card_id
-            kb = visit_key(f"{place}|{bill}") if bill else ""
-            kp = visit_key(f"{place}#{pdx}")
-            ki = visit_key(f"{dom}|{inst}") if per_day and not sp else ""
+            kb = visit_key(f"{place}|{bill}") if bill else ""   # (a bill's amount: seldom seen twice)
+            # a day's places and diagnoses recur from card to card: their digests are memoised
+            x = f"{place}#{pdx}"
+            kp = vkeys.get(x)
+            if kp is None:
+                kp = memo_put(vkeys, x, visit_key(x))
+            if per_day and not sp:
+                x = f"{dom}|{inst}"
+                ki = vkeys.get(x)
+                if ki is None:
+                    ki = memo_put(vkeys, x, visit_key(x))
+            else:
+                ki = ""
             vo = ev.visit_type == "outpatient"
             fresh: Any = False
             order = 0
-            if seen[card] == 1 and fresh_time(t):
+            if seen[card] == 1 and (type(t) is int or fresh_time(t)):
                 # the card's state as cal_store writes it for this visit alone (see cal_fresh in the script)
                 vk = {kb: 1, kp: 2} if kb else {kp: 2}
                 if sp:

@@ -169,9 +169,9 @@ class DirectIngest(Service):
                 msgs: list[Message] = []
                 offsets: dict[TopicPartition, int] = {}
                 for tp, recs in got.items():
-                    for r in recs:
-                        msgs.append(Message(r.value, {k: v for k, v in (r.headers or ())}, tp.topic, tp.partition,
-                                            r.offset, r.key, r.timestamp / 1000.0 if r.timestamp else None))
+                    topic, part = tp.topic, tp.partition
+                    msgs.extend([Message(r.value, dict(r.headers) if r.headers else {}, topic, part, r.offset, r.key,
+                                         r.timestamp / 1000.0 if r.timestamp else None) for r in recs])
                     offsets[tp] = recs[-1].offset + 1
                 await self._sent.wait()
                 parsed = self.parse(msgs) if self.parse is not None else None

@@ -187,16 +187,24 @@ class Processor:
         res = BatchResult()
         by_run: dict[str, list[Settlement]] = {}
         now = time.time()
+        max_bytes, tolerance, lateness = self.max_event_bytes, self.future_tolerance_s, self.rules.lateness_s
+        processed = res.processed
+        watermarks = self._watermarks
+        # a fetched batch comes partition by partition: the current partition's run, list and watermark
+        # stay in locals until the partition (or run) changes
+        wk: tuple[str, str, int] | None = None
+        wm = 0.0
+        out: list[Settlement] = []
         for m in msgs:
-            run = run_id_of(m.headers)
-            if m.headers.get(H_CONTROL) == CONTROL_EOF:
+            headers = m.headers
+            run = run_id_of(headers)
+            if headers.get(H_CONTROL) == CONTROL_EOF:
                 res.eofs.append((run, m.topic, m.partition))
                 continue
             try:
                 if m.value is None:
                     raise InvalidEvent("empty message (no value)")
-                ev = parse_event(m.value, max_bytes=self.max_event_bytes,
-                                 future_tolerance_s=self.future_tolerance_s, now=now)
+                ev = parse_event(m.value, max_bytes=max_bytes, future_tolerance_s=tolerance, now=now)
             except InvalidEvent as exc:
                 res.dead_letters.append(DeadLetter(m, str(exc), run))
                 res.invalid[run] = res.invalid.get(run, 0) + 1
@@ -205,17 +213,28 @@ class Processor:
                 res.dead_letters.append(DeadLetter(m, f"unparseable message ({type(exc).__name__})", run))
                 res.invalid[run] = res.invalid.get(run, 0) + 1
                 continue
-            ev.partition = m.partition
-            res.processed[run] = res.processed.get(run, 0) + 1
-            wk = (run, m.topic, m.partition)
-            wm = self._watermarks.get(wk, 0.0)
-            if ev.ts > wm:
-                self._watermarks[wk] = ev.ts
-            elif ev.ts < wm - self.rules.lateness_s:
+            part = ev.partition = m.partition
+            processed[run] = processed.get(run, 0) + 1
+            if wk is None or wk[2] != part or wk[0] != run or wk[1] != m.topic:
+                if wk is not None:
+                    watermarks[wk] = wm
+                wk = (run, m.topic, part)
+                wm = watermarks.get(wk, 0.0)
+                out = by_run.setdefault(run, [])
+            ts = ev.ts
+            if ts > wm:
+                wm = ts
+            elif ts < wm - lateness:
                 res.late[run] = res.late.get(run, 0) + 1
-            if self._data_quality(ev, run, res):
-                continue  # no usable subject: counted as a data-quality finding, never blamed on anyone
-            by_run.setdefault(run, []).append(ev)
+            if is_placeholder(ev.card_id) or is_placeholder(ev.institution_id) or (
+                    ev.physician_id is not None and is_placeholder(ev.physician_id)):
+                if self._data_quality(ev, run, res):
+                    continue  # no usable subject: counted as a data-quality finding, never blamed on anyone
+            out.append(ev)
+        if wk is not None:
+            watermarks[wk] = wm
+        for run in [r for r, evs in by_run.items() if not evs]:
+            del by_run[run]  # a run whose only events were unusable has nothing to run
         return by_run, res
 
     @staticmethod
