@@ -37,17 +37,10 @@ def fail(msg: str, code: int = 2) -> None:
 
 def load_settings() -> Settings:
     try:
-        s = Settings()
+        return Settings()
     except Exception as exc:  # pydantic ValidationError: say which variable
         fail(f"invalid settings in the environment (CLAIMWATCH_*): {exc}")
         raise
-    from claimwatch.runtime import use_event_loop
-
-    try:
-        use_event_loop(s.event_loop)  # before any loop exists: the worker, the replay publisher, benchmarks
-    except RuntimeError as exc:
-        fail(f"CLAIMWATCH_EVENT_LOOP: {exc}")
-    return s
 
 
 @app.command()

@@ -15,31 +15,6 @@ from claimwatch.settings import Settings
 from stream.embedded import EmbeddedStack, free_port
 
 
-def use_event_loop(choice: str) -> str:
-    """Install the asyncio event-loop policy the ``event_loop`` setting names; return the one in use.
-
-    uvloop (libuv) spends less CPU per socket read and write than asyncio's selector loop, and a worker
-    reads and writes the broker and Redis sockets all the time. ``auto`` takes it when it is installed.
-
-    >>> use_event_loop("asyncio")
-    'asyncio'
-    """
-    import asyncio
-
-    if choice == "asyncio":
-        asyncio.set_event_loop_policy(None)
-        return "asyncio"
-    try:
-        import uvloop
-    except ImportError:
-        if choice == "uvloop":
-            raise RuntimeError("event_loop=uvloop but uvloop is not installed (pip install uvloop)") from None
-        asyncio.set_event_loop_policy(None)
-        return "asyncio"
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return "uvloop"
-
-
 @contextmanager
 def services(settings: Settings, workdir: Path | None = None) -> Iterator[Settings]:
     """Yield settings whose broker and Redis URLs are set, starting embedded ones as needed."""

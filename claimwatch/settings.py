@@ -50,9 +50,6 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(256 * 1024, ge=1024, description="larger messages go to the dead-letter topic")
     future_tolerance_s: int = Field(86_400, ge=0, description="event_time further in the future than this is invalid")
     lang: str = Field("zh", pattern="^(zh|en)$")
-    event_loop: str = Field("auto", pattern="^(auto|uvloop|asyncio)$",
-                            description="asyncio event loop of the worker and the replay publisher: uvloop "
-                                        "(libuv, less CPU per socket read/write), asyncio, or auto (uvloop when installed)")
 
     @field_validator("kafka_url", "redis_url", "store_url", mode="before")
     @classmethod
