@@ -219,13 +219,37 @@ def buckets_of(ts: float, lateness_s: int) -> tuple[int, str, int, str, int, int
     return dom, month, month_end, year, year_end, year_no, max(0, dom - (day - ref))
 
 
-def memo_put(memo: dict, key: Any, value: Any, limit: int = 100_000) -> Any:
-    """Store ``value`` in a queue-side memo and return it; a full memo starts over (what recurs — diagnoses,
-    peer groups, days — changes slowly, so a long stream keeps its hits)."""
-    if len(memo) >= limit:
-        memo.clear()
-    memo[key] = value
-    return value
+def cal_rows(batch: "CalBatch", evs: Sequence[tuple[int, Any]], lateness_s: int) -> Iterator[tuple]:
+    """A calendar rule's ``queue`` loop over its events ``(index, event)``: per event ``(index, event, t, once,
+    day of month, month index in ``batch``, month end, year end, year number, reference day of month)``, with
+    ``t`` the event time as card states keep it (:func:`event_time`) and ``once`` whether the event is its
+    card's only one among ``evs``. :func:`buckets_of` depends on the day and the reference day only, so it
+    runs when one of them changes (a few times a batch), not for every event.
+
+    >>> from datetime import datetime
+    >>> ts = datetime(2026, 11, 24, 9, 30, tzinfo=TZ).timestamp()
+    >>> a, b = (type("Ev", (), {"ts": ts, "card_id": c}) for c in ("C1", "C2"))
+    >>> [(i, t, once, dom, mi, year_no) for i, _, t, once, dom, mi, _, _, year_no, _ in
+    ...  cal_rows(CalBatch(), [(0, a), (1, b), (2, a)], 3600)]
+    [(0, 1795483800, False, 24, 1, 2026), (1, 1795483800, True, 24, 1, 2026), (2, 1795483800, False, 24, 1, 2026)]
+    """
+    seen: dict[str, int] = {}
+    for _, ev in evs:
+        seen[ev.card_id] = seen.get(ev.card_id, 0) + 1
+    month_of = batch.month
+    day = ref = -1
+    dom = mi = month_end = year_end = year_no = ref_dom = 0
+    for i, ev in evs:
+        ts = ev.ts
+        d, r = int((ts + TZ_OFFSET_S) // 86400), int((ts - lateness_s + TZ_OFFSET_S) // 86400)
+        if d != day or r != ref:
+            day, ref = d, r
+            dom, month, month_end, _, year_end, year_no, ref_dom = buckets_of(ts, lateness_s)
+            mi = month_of(month, month_end, year_end)
+        t = int(ts)   # event_time(ts), inline
+        if t != ts:
+            t = ts
+        yield i, ev, t, seen[ev.card_id] == 1, dom, mi, month_end, year_end, year_no, ref_dom
 
 
 #: how long past a month's (year's) end + lateness a card keeps it, in event time of the card's newest event:
@@ -357,10 +381,11 @@ class PeerSpec:
 
     def base(self, ev: Any, year: int | None = None) -> str:
         """``category|age band`` of an event's card (``?`` where unknown)."""
-        return self._base(ev.insured_category, ev.birth_year, year or event_year(ev.ts))
+        return self.base_of(ev.insured_category, ev.birth_year, year or event_year(ev.ts))
 
     @lru_cache(maxsize=4096)
-    def _base(self, cat: str | None, birth_year: int | None, year: int) -> str:
+    def base_of(self, cat: str | None, birth_year: int | None, year: int) -> str:
+        """``category|age band`` of an insured category and birth year in ``year``."""
         age = year - birth_year if birth_year else None
         return f"{cat or '?'}|{age_band(age, self.age_bands)}"
 

@@ -133,6 +133,30 @@ return #cards
 CARD_HASHES = ("c", "h")
 
 
+class Memo(dict):
+    """``key -> fn(key)``, computed on first sight: a queue-side cache for what recurs from event to event
+    (diagnoses, peer groups, drug codes, institutions). Bounded: a full memo starts over (what recurs changes
+    slowly, so a long stream keeps its hits).
+
+    >>> m = Memo(str.upper, limit=2)
+    >>> m["a"], m["b"], len(m), m["c"], len(m)
+    ('A', 'B', 2, 'C', 1)
+    """
+
+    __slots__ = ("fn", "limit")
+
+    def __init__(self, fn: Any, limit: int = 100_000) -> None:
+        super().__init__()
+        self.fn = fn
+        self.limit = limit
+
+    def __missing__(self, key: Any) -> Any:
+        if len(self) >= self.limit:
+            self.clear()
+        value = self[key] = self.fn(key)
+        return value
+
+
 def check_positive(owner: str, name: str, value: Any, *, integer: bool = False) -> None:
     """Raise ``ValueError`` naming the parameter unless ``value`` is a positive number.
 

@@ -56,11 +56,9 @@ import orjson
 from msgspec.msgpack import encode as _pack
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
-
-from detectors._peers import (LUA_LIB, REDELIVERY_S, TZ_OFFSET_S, CalBatch, Calendar, PeerSpec, buckets_of,
-                              cal_replies, check_prefixes, dx_key, fresh_time, group_label, is_special, memo_put,
-                              mp_str, peer_bound)
-from detectors.base import Detector, Namespace, check_positive
+from detectors._peers import (LUA_LIB, REDELIVERY_S, CalBatch, Calendar, PeerSpec, cal_replies, cal_rows,
+                              check_prefixes, dx_key, fresh_time, group_label, is_special, mp_str, peer_bound)
+from detectors.base import Detector, Memo, Namespace, check_positive
 from stream.events import Settlement, iso
 
 LUA = LUA_LIB + r"""
@@ -209,8 +207,8 @@ class CostAnomaly(Detector):
         check_positive(owner, "max_evidence", max_evidence, integer=True)
         self.max_evidence = max_evidence
         self._sha = self.sha(LUA)
-        self._dx_memo: dict[str | None, str] = {}   # primary diagnosis -> dx_key
-        self._base_memo: dict[tuple, str] = {}   # (category, birth year, year) -> peers.base
+        self._dx_keys = Memo(lambda dx: dx_key(dx, self.special))   # primary diagnosis -> dx_key
+        self._bases = Memo(lambda k: self.peers.base_of(*k))   # (category, birth year, year) -> peer base
         #: the year state is needed until the year's end + lateness: at most 366 days after an event
         self.card_ttl_s = 366 * 86400 + lateness_s
         #: the least amount (fen) a sub-rule fires at: a card's first event below it (and the peer floor) is not
@@ -226,42 +224,19 @@ class CostAnomaly(Detector):
 
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
         batch = CalBatch()
-        add, month_of, group_of = batch.rows.extend, batch.month, batch.group
-        late = self.lateness_s
-        special, base, types = self.special, self.peers.base, self.visit_types
+        add, group_of = batch.rows.extend, batch.group
+        types, dx_keys, bases = self.visit_types, self._dx_keys, self._bases
         peers_on, floor, min_fen = self.peers.enabled, float(self.peers.floor), self._min_fen
         evs = [(i, ev) for i, ev in enumerate(events) if ev.visit_type in types]
-        seen: dict[str, int] = {}
-        for _, ev in evs:
-            seen[ev.card_id] = seen.get(ev.card_id, 0) + 1
-        dx_memo, base_memo = self._dx_memo, self._base_memo
-        day = ref = -1
-        for i, ev in evs:
-            ts = ev.ts
-            # buckets_of(ts) depends on the day and the reference day only, which change a few times a batch
-            d, r = int((ts + TZ_OFFSET_S) // 86400), int((ts - late + TZ_OFFSET_S) // 86400)
-            if d != day or r != ref:
-                day, ref = d, r
-                dom, month, month_end, _, year_end, year_no, ref_dom = buckets_of(ts, late)
-                mi = month_of(month, month_end, year_end)
-            pdx = ev.diagnoses[0] if ev.diagnoses else None
-            dx = dx_memo.get(pdx)
-            if dx is None:
-                dx = memo_put(dx_memo, pdx, dx_key(pdx, special))
-            bk = (ev.insured_category, ev.birth_year, year_no)
-            b = base_memo.get(bk)
-            if b is None:
-                b = memo_put(base_memo, bk, base(ev, year_no))
-            g = (b, dx)
+        for i, ev, t, once, dom, mi, month_end, year_end, year_no, ref_dom in cal_rows(batch, evs, self.lateness_s):
+            dx = dx_keys[ev.diagnoses[0] if ev.diagnoses else None]
+            g = (bases[ev.insured_category, ev.birth_year, year_no], dx)
             gi = group_of(g)
-            t = int(ts)   # event_time(ts), inline
-            if t != ts:
-                t = ts
             amt, fund, sp = int(round(ev.total_amount * 100)), int(round(ev.fund_paid * 100)), dx[0] == "S"
             card = ev.card_id
             fresh: Any = False
             maybe = False
-            if seen[card] == 1 and (type(t) is int or fresh_time(t)):
+            if once and (type(t) is int or fresh_time(t)):
                 # the card's state as cal_store writes it for this event alone (see cal_fresh in the script)
                 h, gs = ((dom, amt, 1), g) if peers_on else ((), ())
                 if sp:

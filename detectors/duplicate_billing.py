@@ -53,7 +53,7 @@ import orjson
 from msgspec.msgpack import encode as _pack
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
-from detectors.base import TIMES_LUA, Detector, Namespace, check_positive
+from detectors.base import TIMES_LUA, Detector, Memo, Namespace, check_positive
 from detectors.drugs import is_placeholder
 from stream.events import Settlement, iso
 
@@ -206,13 +206,7 @@ def fingerprint(ev: Settlement) -> str:
     canon = (_HEADS[ev.institution_id, ev.department]
              + ", ".join([_LINES[x] for x in sorted([(it.code, it.quantity, it.amount) for it in ev.items])])
              + "], " + repr(ev.total_amount) + ")")
-    fp = _DIGESTS.get(canon)
-    if fp is None:
-        fp = hashlib.blake2b(canon.encode(), digest_size=8).hexdigest()
-        if len(_DIGESTS) >= _MEMO_MAX // 2:   # (the largest entries: long texts)
-            _DIGESTS.clear()
-        _DIGESTS[canon] = fp
-    return fp
+    return _DIGESTS[canon]
 
 
 #: entries per memo; a full memo starts over (what recurs changes slowly: a long stream keeps its hits)
@@ -232,20 +226,11 @@ class _LineReprs(dict):
         return r
 
 
-class _HeadReprs(dict):
-    """(institution, department) -> the start of the fingerprint text: ``(institution, department, [``."""
-
-    def __missing__(self, key: tuple[str, str | None]) -> str:
-        r = "(" + repr(key[0]) + ", " + repr(key[1]) + ", ["
-        if len(self) >= _MEMO_MAX:
-            self.clear()
-        self[key] = r
-        return r
-
-
 _LINES = _LineReprs()
-_HEADS = _HeadReprs()
-_DIGESTS: dict[str, str] = {}   # fingerprint text -> digest
+#: (institution, department) -> the start of the fingerprint text: ``(institution, department, [``
+_HEADS = Memo(lambda key: "(" + repr(key[0]) + ", " + repr(key[1]) + ", [", _MEMO_MAX)
+#: fingerprint text -> its digest (half as many: the largest entries, long texts)
+_DIGESTS = Memo(lambda canon: hashlib.blake2b(canon.encode(), digest_size=8).hexdigest(), _MEMO_MAX // 2)
 
 
 class DuplicateBilling(Detector):

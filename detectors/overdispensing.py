@@ -57,7 +57,7 @@ import orjson
 from msgspec.msgpack import encode as _pack
 
 from alerts.model import SEVERITIES, Alert, alert_id, now_iso, severity_for
-from detectors.base import EPISODE_LUA, Detector, Namespace, check_positive
+from detectors.base import EPISODE_LUA, Detector, Memo, Namespace, check_positive
 from detectors.card_hopping import window_label
 from detectors.drugs import EMPTY, DrugList, ingredient_key, is_placeholder
 from stream.events import Settlement, iso
@@ -319,7 +319,7 @@ class Overdispensing(Detector):
             raise ValueError(f"{r}: resale_prone must be a DrugList, got {type(resale_prone).__name__}")
         self.window_s = window_s
         self.ingredient_prefix_len = ingredient_prefix_len
-        self._ingredients: dict[str, str] = {}   # drug code -> ingredient key ("" for a placeholder code)
+        self._ingredients = Memo(self._ingredient)   # drug code -> ingredient key ("" for a placeholder code)
         self.max_supply_ratio = float(max_supply_ratio)
         self.min_excess_days = min_excess_days
         self.early_refill_share = float(early_refill_share)
@@ -350,9 +350,7 @@ class Overdispensing(Detector):
         for it in ev.items:
             if it.category != "drug" or not it.days_supply:
                 continue
-            ing = ingredients.get(it.code)
-            if ing is None:
-                ing = self._ingredient(it.code)
+            ing = ingredients[it.code]
             if not ing:   # a placeholder code
                 continue
             resale = self.resale_prone.matches(it.code, it.name)
@@ -365,12 +363,8 @@ class Overdispensing(Detector):
         return [(ing, d, code, name, rs) for ing, (d, rs, code, name) in agg.items()]
 
     def _ingredient(self, code: str) -> str:
-        """The ingredient key of a drug code, '' for a placeholder code (memoised: drug codes recur)."""
-        ing = "" if is_placeholder(code) else ingredient_key(code.strip().upper(), self.ingredient_prefix_len)
-        if len(self._ingredients) >= 100_000:
-            self._ingredients.clear()
-        self._ingredients[code] = ing
-        return ing
+        """The ingredient key of a drug code, '' for a placeholder code (memoised in ``_ingredients``: drug codes recur)."""
+        return "" if is_placeholder(code) else ingredient_key(code.strip().upper(), self.ingredient_prefix_len)
 
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
         # flat: index, more (the card has other events in the batch), card key, entry text, per event with lines

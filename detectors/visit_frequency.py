@@ -65,10 +65,9 @@ import orjson
 from msgspec.msgpack import encode as _pack
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
-from detectors._peers import (LUA_LIB, REDELIVERY_S, TZ_OFFSET_S, CalBatch, Calendar, PeerSpec, buckets_of,
-                              cal_replies, check_prefixes, dx_key, fresh_time, group_label, is_special,
-                              memo_put, mp_str, peer_bound)
-from detectors.base import Detector, Namespace, check_positive
+from detectors._peers import (LUA_LIB, REDELIVERY_S, CalBatch, Calendar, PeerSpec, cal_replies, cal_rows,
+                              check_prefixes, dx_key, fresh_time, group_label, is_special, mp_str, peer_bound)
+from detectors.base import Detector, Memo, Namespace, check_positive
 from stream.events import Settlement, iso
 
 LUA = LUA_LIB + r"""
@@ -349,9 +348,11 @@ class VisitFrequency(Detector):
         check_positive(owner, "max_evidence", max_evidence, integer=True)
         self.max_evidence = max_evidence
         self._sha = self.sha(LUA)
-        self._dx_memo: dict[str, str] = {}   # primary diagnosis -> dx_key
-        self._base_memo: dict[tuple, str] = {}   # (category, birth year, year) -> peers.base
-        self._visit_keys: dict[str, str] = {}   # visit key of a place and diagnosis, or a day's institution -> digest
+        self._dx_keys = Memo(lambda dx: dx_key(dx, self.special))   # primary diagnosis -> dx_key
+        self._bases = Memo(lambda k: self.peers.base_of(*k))   # (category, birth year, year) -> peer base
+        #: digests of the visit keys of a place and diagnosis, or of a day's institution: they recur from card to
+        #: card (a bill's key, with its amount, seldom does: not memoised)
+        self._visit_keys = Memo(visit_key)
         #: the year state is needed until the year's end + lateness: at most 366 days after an event
         self.card_ttl_s = 366 * 86400 + lateness_s
         cfg = {"field": self.FIELD, "lateness": lateness_s, "keep": lateness_s + REDELIVERY_S,
@@ -373,61 +374,29 @@ class VisitFrequency(Detector):
     # -- Redis ---------------------------------------------------------------------------
     def queue(self, pipe: Any, events: Sequence[Settlement], ns: Namespace) -> int:
         batch = CalBatch()
-        add, month_of, group_of = batch.rows.extend, batch.month, batch.group
-        late = self.lateness_s
-        special, base, per_day = self.special, self.peers.base, bool(self.days)
+        add, group_of = batch.rows.extend, batch.group
+        per_day = bool(self.days)
         peers_on, may_fire = self.peers.enabled, self._first_may_fire
+        dx_keys, bases, vkeys = self._dx_keys, self._bases, self._visit_keys
         evs = [(i, ev) for i, ev in enumerate(events)
                if ev.visit_type in VISIT_TYPES and ev.institution_type != "pharmacy"]
-        seen: dict[str, int] = {}
-        for _, ev in evs:
-            seen[ev.card_id] = seen.get(ev.card_id, 0) + 1
-        vkeys = self._visit_keys
-        dx_memo, base_memo = self._dx_memo, self._base_memo
-        day = ref = -1
-        for i, ev in evs:
-            ts = ev.ts
-            # buckets_of(ts) depends on the day and the reference day only, which change a few times a batch
-            d, r = int((ts + TZ_OFFSET_S) // 86400), int((ts - late + TZ_OFFSET_S) // 86400)
-            if d != day or r != ref:
-                day, ref = d, r
-                dom, month, month_end, _, year_end, year_no, ref_dom = buckets_of(ts, late)
-                mi = month_of(month, month_end, year_end)
+        for i, ev, t, once, dom, mi, month_end, year_end, year_no, ref_dom in cal_rows(batch, evs, self.lateness_s):
             pdx = ev.diagnoses[0].strip().upper() if ev.diagnoses else "-"
-            dx = dx_memo.get(pdx)
-            if dx is None:
-                dx = memo_put(dx_memo, pdx, dx_key(pdx, special))
+            dx = dx_keys[pdx]
             sp = dx[0] == "S"
-            bk = (ev.insured_category, ev.birth_year, year_no)
-            b = base_memo.get(bk)
-            if b is None:
-                b = memo_put(base_memo, bk, base(ev, year_no))
-            g = (b, dx)
+            g = (bases[ev.insured_category, ev.birth_year, year_no], dx)
             gi = group_of(g)
             inst = ev.institution_id
             place = f"{dom}:{inst}|{ev.department or '-'}"
             bill = _bill_key(ev)
-            t = int(ts)   # event_time(ts), inline
-            if t != ts:
-                t = ts
             card = ev.card_id
-            kb = visit_key(f"{place}|{bill}") if bill else ""   # (a bill's amount: seldom seen twice)
-            # a day's places and diagnoses recur from card to card: their digests are memoised
-            x = f"{place}#{pdx}"
-            kp = vkeys.get(x)
-            if kp is None:
-                kp = memo_put(vkeys, x, visit_key(x))
-            if per_day and not sp:
-                x = f"{dom}|{inst}"
-                ki = vkeys.get(x)
-                if ki is None:
-                    ki = memo_put(vkeys, x, visit_key(x))
-            else:
-                ki = ""
+            kb = visit_key(f"{place}|{bill}") if bill else ""
+            kp = vkeys[f"{place}#{pdx}"]
+            ki = vkeys[f"{dom}|{inst}"] if per_day and not sp else ""
             vo = ev.visit_type == "outpatient"
             fresh: Any = False
             order = 0
-            if seen[card] == 1 and (type(t) is int or fresh_time(t)):
+            if once and (type(t) is int or fresh_time(t)):
                 # the card's state as cal_store writes it for this visit alone (see cal_fresh in the script)
                 vk = {kb: 1, kp: 2} if kb else {kp: 2}
                 if sp:

@@ -226,10 +226,8 @@ class Processor:
                 wm = ts
             elif ts < wm - lateness:
                 res.late[run] = res.late.get(run, 0) + 1
-            if is_placeholder(ev.card_id) or is_placeholder(ev.institution_id) or (
-                    ev.physician_id is not None and is_placeholder(ev.physician_id)):
-                if self._data_quality(ev, run, res):
-                    continue  # no usable subject: counted as a data-quality finding, never blamed on anyone
+            if self._data_quality(ev, run, res):
+                continue  # no usable subject: counted as a data-quality finding, never blamed on anyone
             out.append(ev)
         if wk is not None:
             watermarks[wk] = wm
@@ -240,16 +238,15 @@ class Processor:
     @staticmethod
     def _data_quality(ev: Settlement, run: str, res: BatchResult) -> bool:
         """Count placeholder ids; return True when the card itself is unusable."""
-        skip = False
-        for fld in ("card_id", "institution_id", "physician_id"):
-            v = getattr(ev, fld)
-            if fld == "physician_id" and v is None:
-                continue  # over-the-counter sale: no physician is normal
-            if is_placeholder(v):
+        card, inst = is_placeholder(ev.card_id), is_placeholder(ev.institution_id)
+        # over-the-counter sale: no physician is normal
+        phys = ev.physician_id is not None and is_placeholder(ev.physician_id)
+        if not (card or inst or phys):
+            return False
+        for fld, bad in (("card_id", card), ("institution_id", inst), ("physician_id", phys)):
+            if bad:
                 res.data_quality.setdefault((run, fld), Counter())[ev.institution_id] += 1
-                if fld != "physician_id":
-                    skip = True
-        return skip
+        return card or inst
 
     async def process(self, msgs: Sequence[Message]) -> BatchResult:
         """Parse and run a batch (see :meth:`run`)."""
