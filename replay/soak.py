@@ -32,6 +32,33 @@ def _lag(port: int) -> float:
     return total
 
 
+#: days the generated city is simulated at a time (weekly patterns need a week)
+CHUNK_DAYS = 7
+
+
+def history_start(cards: int, seed: int, settlements: float, *, now: datetime | None = None) -> datetime:
+    """Midnight (+08:00) far enough back that ``settlements`` of the generated city, one after another,
+    all lie in the past: the city's clock runs ahead at whatever speed the offered rate implies, and a
+    settlement from the future is refused (dead-lettered). Measures the city's settlements per day on
+    its first week; at least 400 days back.
+
+    >>> a, b = history_start(2000, 5, 10_000), history_start(2000, 5, 1_000_000)
+    >>> 400 <= (datetime.now(a.tzinfo) - a).days < (datetime.now(b.tzinfo) - b).days
+    True
+    """
+    from replay.city import DEFAULT_START, iter_live
+
+    end = (DEFAULT_START + timedelta(days=CHUNK_DAYS)).isoformat()
+    n = 0
+    for ev in iter_live(cards, seed, DEFAULT_START, days_per_chunk=CHUNK_DAYS):
+        if ev["event_time"] >= end:
+            break
+        n += 1
+    days = max(400, int(settlements / max(1, n) * CHUNK_DAYS * 1.1) + 2 * CHUNK_DAYS)
+    now = now or datetime.now(timezone(timedelta(hours=8)))
+    return (now - timedelta(days=days)).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
 def soak(settings: Settings, *, seconds: float, rate: float, cards: int = 50_000, seed: int = 5,
          log: Callable[[str], None] = print) -> dict[str, Any]:
     from aiokafka import AIOKafkaProducer
@@ -54,11 +81,14 @@ def soak(settings: Settings, *, seconds: float, rate: float, cards: int = 50_000
                     "redis_used_mb": round(info["used_memory"] / 2**20, 1), "redis_keys": r.dbsize(),
                     "lag": _lag(w.web_port)}
 
+        start = history_start(cards, seed, seconds * rate)
+
         async def feed() -> int:
             p = AIOKafkaProducer(bootstrap_servers=s.bootstrap_servers, linger_ms=20, max_batch_size=1 << 20)
             await p.start()
-            start = datetime.now(timezone(timedelta(hours=8))) - timedelta(days=400)
-            it = iter_live(cards, seed, start.replace(hour=0, minute=0, second=0, microsecond=0), days_per_chunk=7)
+            it = iter_live(cards, seed, start, days_per_chunk=CHUNK_DAYS)
+            horizon = time.time() + 60   # a settlement from the future is dead-lettered, never processed
+            horizon_iso = datetime.fromtimestamp(horizon, start.tzinfo).isoformat(timespec="seconds")
             sent, t0 = 0, time.monotonic()
             next_sample = t0 + max(5.0, seconds / 20)
             try:
@@ -66,6 +96,9 @@ def soak(settings: Settings, *, seconds: float, rate: float, cards: int = 50_000
                     burst = max(1, int(rate / 20))
                     for _ in range(burst):
                         ev = next(it)
+                        if ev["event_time"] > horizon_iso:
+                            raise RuntimeError(f"the generated city reached the present after {sent:,} settlements "
+                                               f"(it started {start:%Y-%m-%d}); this is a bug in history_start")
                         await p.send(s.topic_settlements, orjson.dumps(ev), key=ev["card_id"].encode())
                     sent += burst
                     wait = t0 + sent / rate - time.monotonic()
