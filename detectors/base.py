@@ -109,13 +109,16 @@ def card_key(ns: Namespace, card_hash: str, card: str) -> str:
     return ns.card_prefix(card_hash) + card
 
 
-#: Lua shared by scripts that expire keys once per batch (prepend it): ``expire_at(ttl)`` is now + ``ttl``
-#: seconds as a ``PEXPIREAT`` time (text, ms). One absolute time for a batch's keys is cheaper than an
-#: ``EXPIRE`` each: Redis rewrites every ``EXPIRE`` into a ``PEXPIREAT`` anyway.
+#: Lua shared by scripts that expire keys once per batch (prepend it): ``now_ms()`` is the server's time in
+#: ms, ``expire_at(ttl)`` now + ``ttl`` seconds as a ``PEXPIREAT`` time (text, ms). One absolute time for a
+#: batch's keys is cheaper than an ``EXPIRE`` each: Redis rewrites every ``EXPIRE`` into a ``PEXPIREAT`` anyway.
 EXPIRE_AT_LUA = r"""
-local function expire_at(ttl)
+local function now_ms()
   local now = redis.call('TIME')
-  return string.format('%d', (tonumber(now[1]) + ttl) * 1000 + math.floor(tonumber(now[2]) / 1000))
+  return tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+end
+local function expire_at(ttl)
+  return string.format('%d', now_ms() + ttl * 1000)
 end
 """
 

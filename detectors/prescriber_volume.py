@@ -70,11 +70,11 @@ from msgspec.msgpack import encode as _pack
 
 from alerts.model import Alert, alert_id, now_iso, severity_for
 from detectors._peers import TZ_OFFSET_S, day_label, day_start
-from detectors.base import Detector, Namespace, check_positive
+from detectors.base import EXPIRE_AT_LUA, Detector, Namespace, check_positive
 from detectors.drugs import EMPTY, DrugList, is_placeholder
 from stream.events import Settlement, iso
 
-LUA = r"""
+LUA = EXPIRE_AT_LUA + r"""
 -- ARGV[1] key prefix P (cw:{run}:prescriber_volume), ARGV[2] JSON [W, min_base, Wp, min_peers, q, n_min, n_factor,
 -- n_z, a_min (fen), a_factor, s_min_r, s_inc, require mask (1 settlements, 2 amount, 4 share), min_measures,
 -- lateness, sweep_max, ttl history, ttl wm, in-progress verdicts 0|1, peer buckets], ARGV[3] JSON {partition:
@@ -360,10 +360,7 @@ end
 -- count from the TIME before the write-back + 250 ms, so a key never expires earlier than with an EXPIRE at its
 -- write unless the write-back takes longer than that, and TTL still reads at most the TTL set)
 local NOW_MS = 0
-if #dorder > 0 then
-  local now = redis.call('TIME')
-  NOW_MS = tonumber(now[1]) * 1000 + floor(tonumber(now[2]) / 1000) + 250
-end
+if #dorder > 0 then NOW_MS = now_ms() + 250 end
 local AT_H = fmt('%d', NOW_MS + tonumber(TTL_H) * 1000)
 for _, dk in ipairs(dorder) do
   local m, x = days[dk], dirty[dk]
