@@ -17,12 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from claimwatch.settings import Settings
-from stream.app import eof_key, progress_key
-from stream.events import InvalidEvent, parse_event
+from stream.app import INVALID_EXAMPLES, eof_key, invalid_key, message_digest, progress_key
+from stream.events import InvalidEvent, event_key
 from stream.topics import CONTROL_EOF, H_CONTROL, H_REASON, H_RUN_ID, H_SOURCE_TOPIC, ensure_topics, key_partitions
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -78,6 +79,11 @@ ProgressFn = Callable[[str, int, int | None], None]
 
 async def publish_file(settings: Settings, path: Path, run_id: str, stats: ReplayStats,
                        progress: ProgressFn | None = None) -> None:
+    """Publish every line of ``path`` as run ``run_id``, keyed by card, then the end-of-run markers.
+
+    A line is checked only for what partitioning needs (size, JSON, a ``card_id``: a line failing that
+    is dead-lettered here with its line number); the workers validate every settlement in full, as
+    they do live, and :func:`replay_file` adds their dead letters to the run's report."""
     topic = settings.topic_replay
     await ensure_topics(settings.bootstrap_servers, [topic, settings.topic_alerts, settings.topic_dlq,
                                                      settings.topic_settlements], settings.topic_partitions)
@@ -90,7 +96,7 @@ async def publish_file(settings: Settings, path: Path, run_id: str, stats: Repla
         batches: dict[int, object] = {}
         pending: list = []
         headers = [(H_RUN_ID, run_id.encode())]
-        now = time.time()
+        max_bytes = settings.max_event_bytes
         chunk: list[tuple[bytes, bytes]] = []   # (key, line): partitioned together (key_partitions)
 
         async def flush(p: int) -> None:
@@ -121,17 +127,16 @@ async def publish_file(settings: Settings, path: Path, run_id: str, stats: Repla
                 stats.blank += 1
                 continue
             try:
-                ev = parse_event(line, max_bytes=settings.max_event_bytes,
-                                 future_tolerance_s=settings.future_tolerance_s, now=now)
+                key = event_key(line, max_bytes=max_bytes)
             except InvalidEvent as exc:
                 stats.invalid += 1
-                if len(stats.invalid_examples) < 5:
+                if len(stats.invalid_examples) < INVALID_EXAMPLES:
                     stats.invalid_examples.append(f"line {stats.lines}: {exc}")
                 await producer.send(settings.topic_dlq, value=line, headers=[
                     (H_REASON, f"line {stats.lines}: {exc}".encode()[:4000]), (H_RUN_ID, run_id.encode()),
                     (H_SOURCE_TOPIC, str(path.name).encode())])
                 continue
-            chunk.append((ev.card_id.encode(), line))
+            chunk.append((key, line))
             if len(chunk) >= PUBLISH_CHUNK:
                 await publish_chunk()
             if progress and stats.lines % 5000 == 0:
@@ -227,6 +232,7 @@ def replay_file(settings: Settings, path: Path, run_id: str, *, workers: int = 1
                         log(f"worker log {p.log_path}:\n{p.log_tail(2000)}")
                 raise
             stats.seconds = time.perf_counter() - t0
+            asyncio.run(_worker_invalid(s2.redis_url, path, stats))
             alerts = store.query(run_id=run_id)
             stats.alerts = len(alerts)
             stats.extra = asyncio.run(_run_report(s2.redis_url, run_id))
@@ -235,6 +241,36 @@ def replay_file(settings: Settings, path: Path, run_id: str, *, workers: int = 1
         finally:
             store.close()
     return stats, alerts
+
+
+async def _worker_invalid(redis_url: str, path: Path, stats: ReplayStats) -> None:
+    """Add what the workers dead-lettered to the replay's invalid lines, with the lines of the first few.
+
+    The replay checks only what partitioning needs (:func:`stream.events.event_key`); the workers validate
+    every settlement and keep a run's first dead letters with a digest of the message, which is the line
+    as published: the file is read again, only when there are any, to name their lines."""
+    r = aioredis.from_url(redis_url)
+    try:
+        n = int(await r.hget(progress_key(stats.run_id), "invalid") or 0)
+        raw = await r.lrange(invalid_key(stats.run_id), 0, -1)
+    finally:
+        await r.aclose()
+    if not n:
+        return
+    stats.invalid += n
+    examples = [orjson.loads(x) for x in raw]
+    want = {e["digest"] for e in examples}
+    where: dict[str, int] = {}
+    for no, line in enumerate(open_lines(path), 1):
+        d = message_digest(line.strip())
+        if d in want and d not in where:
+            where[d] = no
+            if len(where) == len(want):
+                break
+    found = sorted((where.get(e["digest"], 1 << 62), i, e) for i, e in enumerate(examples))
+    for no, _, e in found[:max(0, INVALID_EXAMPLES - len(stats.invalid_examples))]:
+        at = f"line {no}" if e["digest"] in where else f"partition {e['partition']} offset {e['offset']}"
+        stats.invalid_examples.append(f"{at}: {e['reason']}")
 
 
 async def _run_report(redis_url: str, run_id: str) -> dict:

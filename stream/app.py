@@ -11,6 +11,7 @@ ids, upserts) makes the redelivery harmless.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
@@ -31,7 +33,7 @@ from stream.ingest import DirectIngest, Producer
 from claimwatch.settings import Settings
 from detectors.config import ConfigError, RuleSet, load_rules
 from stream.pipeline import OUTBOX_KEY, BatchResult, Message, Processor, headers_dict
-from stream.topics import H_REASON, H_RUN_ID, H_SOURCE_OFFSET, H_SOURCE_PARTITION, H_SOURCE_TOPIC
+from stream.topics import LIVE_RUN, H_REASON, H_RUN_ID, H_SOURCE_OFFSET, H_SOURCE_PARTITION, H_SOURCE_TOPIC
 
 log = logging.getLogger("claimwatch.worker")
 
@@ -44,6 +46,24 @@ def progress_key(run_id: str) -> str:
 
 def eof_key(run_id: str) -> str:
     return f"cw:{run_id}:eof"
+
+
+def invalid_key(run_id: str) -> str:
+    """A replay run's first :data:`INVALID_EXAMPLES` dead letters (JSON: reason, partition, offset, digest)."""
+    return f"cw:{run_id}:invalid"
+
+
+#: dead letters a replay run keeps as examples for its report (the dead-letter topic has them all)
+INVALID_EXAMPLES = 5
+
+
+def message_digest(value: bytes) -> str:
+    """What a replay finds a dead-lettered message's line by (the line is published as is, stripped).
+
+    >>> message_digest(b'{"card_id":"C1"}')
+    'abb646a66c0fa510'
+    """
+    return hashlib.blake2b(value, digest_size=8).hexdigest()
 
 
 def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.App:
@@ -185,6 +205,14 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
                     if res.late.get(run):
                         pipe.hincrby(pk, "late", res.late[run])
                     pipe.expire(pk, PROGRESS_TTL_S)
+                for dl in res.dead_letters:
+                    if dl.run_id != LIVE_RUN:  # a replay reports its first few (the live stream has the topic)
+                        m = dl.message
+                        pipe.rpush(invalid_key(dl.run_id), orjson.dumps({
+                            "reason": dl.reason, "partition": m.partition, "offset": m.offset,
+                            "digest": message_digest(m.value or b"")}))
+                        pipe.ltrim(invalid_key(dl.run_id), 0, INVALID_EXAMPLES - 1)
+                        pipe.expire(invalid_key(dl.run_id), PROGRESS_TTL_S)
                 for (run, fld), counts in res.data_quality.items():
                     for inst, n in counts.items():
                         pipe.hincrby(f"cw:{run}:dq", f"{fld}\t{inst}", n)

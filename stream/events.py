@@ -120,6 +120,39 @@ def parse_event(raw: bytes, *, max_bytes: int = 256 * 1024, future_tolerance_s: 
     return ev
 
 
+class _Keyed(msgspec.Struct, forbid_unknown_fields=False):
+    card_id: NonEmpty64
+
+
+_key_decoder = msgspec.json.Decoder(_Keyed)
+
+
+def event_key(raw: bytes, *, max_bytes: int = 256 * 1024) -> bytes:
+    """The partitioning key of a message (its ``card_id``, UTF-8), checking only what partitioning needs:
+    size, JSON syntax, and a ``card_id``. About a seventh of :func:`parse_event`'s time; the worker parses
+    and validates every message in full (and dead-letters what fails), so a replay need not do it twice.
+
+    >>> event_key(b'{"card_id":"C1","event_time":"no time"}')
+    b'C1'
+    >>> event_key(b'{"event_id":"E1"}')
+    Traceback (most recent call last):
+    ...
+    stream.events.InvalidEvent: Object missing required field `card_id`
+    """
+    if len(raw) > max_bytes:
+        raise InvalidEvent(f"message of {len(raw)} bytes exceeds max_event_bytes={max_bytes}")
+    try:
+        return _key_decoder.decode(raw).card_id.encode()
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidEvent(f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidEvent("not valid JSON: nested too deeply") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent(f"not valid UTF-8 at byte {exc.start}") from None
+
+
 def iso(ts: float, tz_hours: int = 8) -> str:
     """Event-time seconds to ISO 8601 with the given UTC offset (default +08:00).
 

@@ -63,14 +63,18 @@ def test_same_file_two_run_ids_same_alerts(week, worker, cli_env, tmp_path):
 
 def test_blank_and_invalid_lines_are_counted_and_skipped(worker, cli_env, tmp_path, settings):
     good = [json.dumps(make_event("BL" + str(k), f"P{k:03d}")) for k in range(20)]
-    lines = good[:10] + ["", "   ", "{oops", '{"event_id": 1}'] + good[10:]
+    # a card id but no UTC offset: published (partitioning needs only the card), dead-lettered by the worker
+    naive = json.dumps(make_event("BLX", "P999", event_time="2026-11-01T09:00:00"))
+    lines = good[:10] + ["", "   ", "{oops", '{"event_id": 1}', naive] + good[10:]
     f = tmp_path / "mixed.jsonl.gz"
     with gzip.open(f, "wt") as fh:
         fh.write("\n".join(lines) + "\n")
     alerts, err = replay(f, "mixed", tmp_path / "m.jsonl", cli_env, "--workers", "0")
-    assert "24 lines, 20 published, 2 blank and 2 invalid lines skipped" in err.replace("\n", " ")
+    flat = err.replace("\n", " ")
+    assert "25 lines, 21 published, 2 blank and 3 invalid lines skipped" in flat
     assert "20 processed" in err
-    assert "line 13" in err and "line 14" in err  # where the invalid ones were
+    assert "line 13: not valid JSON" in flat and "line 14: Object missing required field `card_id`" in flat
+    assert "line 15: event_time has no UTC offset" in flat  # found by the worker, named by its line
 
 
 def test_bad_run_id_and_missing_file_are_refused(cli_env, tmp_path):
