@@ -459,15 +459,18 @@ def bench_throughput(events: int = typer.Option(200_000, min=1000, help="settlem
                      rate: float = typer.Option(2000.0, min=1, help="offered load for the latency measurement"),
                      latency_s: float = typer.Option(30.0, "--latency-seconds", min=0,
                                                      help="how long to measure latency (0 = skip)"),
+                     repeat: int = typer.Option(1, min=1, max=20,
+                                                help="run the pipeline this many times; the table shows the median "
+                                                     "run and every run's rate"),
                      json_out: Optional[Path] = typer.Option(Path("bench-results/throughput.json"), "--json-out")) -> None:
-    """Raw transport rate vs the full pipeline (all detectors), their ratio, latency at a fixed load,
-    Redis memory per active card and worker RSS."""
+    """Raw transport rate vs the full pipeline (all detectors), their ratio, CPU per settlement of each
+    process, latency at a fixed load, Redis memory per active card and worker RSS."""
     from rich.table import Table
 
     from replay.bench import dump, latency, throughput
 
     s = load_settings()
-    rep = throughput(s, events=events, workers=workers, log=lambda m: console.print(m))
+    rep = throughput(s, events=events, workers=workers, repeat=repeat, log=lambda m: console.print(m))
     if latency_s > 0:
         rep["latency"] = latency(s, rate=rate, seconds=latency_s, log=lambda m: console.print(m))
     t = Table(title=f"claimwatch throughput — {events:,} settlements, {workers} worker(s), "
@@ -478,7 +481,11 @@ def bench_throughput(events: int = typer.Option(200_000, min=1000, help="settlem
     t.add_row("raw transport: consume + JSON parse (events/s)", f"{rep['raw']['consume_parse_per_s']:,.0f}")
     t.add_row("full pipeline, all detectors, first produce → last alert stored (events/s)",
               f"{rep['pipeline']['per_s']:,.0f}")
+    if len(rep["pipeline_runs"]) > 1:
+        t.add_row("  every run (events/s)", ", ".join(f"{x['per_s']:,}" for x in rep["pipeline_runs"]))
     t.add_row("pipeline / raw", f"{rep['ratio_pipeline_to_raw']:.2f}")
+    t.add_row("CPU per settlement (µs): workers / Redis / broker / replay publisher",
+              _cpu_row(rep["pipeline"]["cpu_us_per_settlement"]))
     if "latency" in rep and rep["latency"]["p50_ms"] is not None:
         L = rep["latency"]
         t.add_row(f"event → alert latency at {L['offered_rate']:,.0f}/s: p50 / p95 / p99 (ms)",
@@ -493,6 +500,11 @@ def bench_throughput(events: int = typer.Option(200_000, min=1000, help="settlem
     dump(rep, json_out)
 
 
+def _cpu_row(cpu: dict) -> str:
+    """``workers / Redis / broker / publisher`` µs (``-``: not measured, e.g. an external broker)."""
+    return " / ".join("-" if cpu.get(k) is None else f"{cpu[k]:.1f}" for k in ("workers", "redis", "broker", "publisher"))
+
+
 @bench_app.command("day")
 def bench_day(events: int = typer.Option(1_200_000, min=1000), workers: int = typer.Option(1, min=1, max=8),
               json_out: Optional[Path] = typer.Option(Path("bench-results/day.json"), "--json-out")) -> None:
@@ -504,7 +516,8 @@ def bench_day(events: int = typer.Option(1_200_000, min=1000), workers: int = ty
         on_progress = _stage_progress(prog)
         rep = day(s, events=events, workers=workers, progress=on_progress, log=lambda m: console.print(m))
     Console().print(f"{rep['events']:,} settlements in {rep['seconds']} s ({rep['per_s']:,}/s) with "
-                    f"{workers} worker(s); target ≤ 180 s")
+                    f"{workers} worker(s); target ≤ 180 s; CPU per settlement (µs) workers / Redis / broker / "
+                    f"replay publisher: {_cpu_row(rep['cpu_us_per_settlement'])}")
     dump(rep, json_out)
 
 

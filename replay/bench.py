@@ -72,6 +72,57 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
+def _proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far; 0 when it is gone."""
+    import os
+
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _embedded_broker_pids() -> list[int]:
+    """This process's embedded broker (Tansu) children, if it started one."""
+    import os
+
+    me, out = str(os.getpid()), []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+                if stat[1] == me and b"tansu" in open(f"/proc/{pid}/cmdline", "rb").read():
+                    out.append(int(pid))
+            except (OSError, IndexError):
+                pass
+    return out
+
+
+def cpu_snapshot(r: Any, worker_pids: list[int]) -> dict[str, float | None]:
+    """CPU seconds used so far by the workers, Redis (``INFO cpu``: embedded or not), the embedded broker
+    (None when the broker is external) and this process (the replay publisher)."""
+    import os
+
+    info = r.info("cpu")
+    broker = _embedded_broker_pids()
+    t = os.times()
+    return {"workers": sum(_proc_cpu_s(p) for p in worker_pids),
+            "redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
+            "broker": sum(_proc_cpu_s(p) for p in broker) if broker else None,
+            "publisher": t.user + t.system}
+
+
+def cpu_per_event_us(before: dict[str, float | None], after: dict[str, float | None], events: int) -> dict[str, float | None]:
+    """µs of CPU per settlement of each process between two :func:`cpu_snapshot` calls.
+
+    >>> cpu_per_event_us({"redis": 1.0, "broker": None}, {"redis": 1.5, "broker": None}, 10_000)
+    {'redis': 50.0, 'broker': None}
+    """
+    return {k: (None if before[k] is None or after.get(k) is None else round((after[k] - before[k]) / events * 1e6, 1))
+            for k in before}
+
+
 def _wait_ready(procs, timeout_s: float = 120.0) -> None:
     import urllib.request
 
@@ -178,7 +229,10 @@ def _memory_by_group(r: Any, run_id: str, sample: int = 2000) -> dict[str, dict[
 
 
 def throughput(settings: Settings, *, events: int, workers: int, seed: int = 1, progress=None,
-               log=print) -> dict[str, Any]:
+               log=print, repeat: int = 1) -> dict[str, Any]:
+    """The raw transport, then the full pipeline ``repeat`` times over the same settlements (each a new
+    run: fresh state); ``pipeline`` is the median run, ``pipeline_runs`` all of them. Redis memory per
+    card and worker RSS are of the first run."""
     import asyncio
 
     import redis as sync_redis
@@ -202,24 +256,33 @@ def throughput(settings: Settings, *, events: int, workers: int, seed: int = 1, 
             del lines
             with runtime.workers(s2, workers) as procs:
                 _wait_ready(procs)
-                run_id = f"bench-{int(time.time())}"
-                stats = ReplayStats(run_id)
-                log(f"full pipeline with {workers} worker(s)…")
                 r = sync_redis.Redis.from_url(s2.redis_url)
-                mem0 = r.info("memory")["used_memory"]
-                rss0 = [_rss_kb(p.proc.pid) for p in procs]
-                t0 = time.perf_counter()
-                asyncio.run(publish_file(s2, path, run_id, stats, progress))
-                t_pub = time.perf_counter() - t0
-                asyncio.run(wait_done(s2, run_id, stats, progress=progress, idle_timeout_s=300,
-                                      alive=lambda: all(p.alive() for p in procs)))
-                pipe_s = time.perf_counter() - t0
-                mem1 = r.info("memory")["used_memory"]
-                rss1 = [_rss_kb(p.proc.pid) for p in procs]
-                report["redis_bytes_by_key_group"] = _memory_by_group(r, run_id)
-                asyncio.run(drop_run_state(s2.redis_url, run_id))
-        report["pipeline"] = {"seconds": round(pipe_s, 2), "publish_s": round(t_pub, 2),
-                              "per_s": round(events / pipe_s), "processed": stats.processed}
+                pids = [p.proc.pid for p in procs]
+                runs = []
+                for k in range(repeat):
+                    run_id = f"bench-{int(time.time())}-{k}"
+                    stats = ReplayStats(run_id)
+                    log(f"full pipeline with {workers} worker(s)" + (f", run {k + 1} of {repeat}…" if repeat > 1 else "…"))
+                    mem0 = r.info("memory")["used_memory"]
+                    rss0 = [_rss_kb(p) for p in pids]
+                    cpu0 = cpu_snapshot(r, pids)
+                    t0 = time.perf_counter()
+                    asyncio.run(publish_file(s2, path, run_id, stats, progress))
+                    t_pub = time.perf_counter() - t0
+                    asyncio.run(wait_done(s2, run_id, stats, progress=progress, idle_timeout_s=300,
+                                          alive=lambda: all(p.alive() for p in procs)))
+                    pipe_s = time.perf_counter() - t0
+                    cpu = cpu_per_event_us(cpu0, cpu_snapshot(r, pids), events)
+                    runs.append({"seconds": round(pipe_s, 2), "publish_s": round(t_pub, 2),
+                                 "per_s": round(events / pipe_s), "processed": stats.processed,
+                                 "cpu_us_per_settlement": cpu})
+                    if k == 0:
+                        mem1 = r.info("memory")["used_memory"]
+                        rss1 = [_rss_kb(p) for p in pids]
+                        report["redis_bytes_by_key_group"] = _memory_by_group(r, run_id)
+                    asyncio.run(drop_run_state(s2.redis_url, run_id))
+        report["pipeline_runs"] = runs
+        report["pipeline"] = sorted(runs, key=lambda x: x["per_s"])[(len(runs) - 1) // 2]
         report["ratio_pipeline_to_raw"] = round(report["pipeline"]["per_s"] / report["raw"]["consume_parse_per_s"], 3)
         report["redis_bytes_per_active_card"] = round((mem1 - mem0) / max(1, cards)) if cards else None
         report["active_cards"] = cards
@@ -328,6 +391,8 @@ def day(settings: Settings, *, events: int = 1_200_000, workers: int = 1, seed: 
     """Replay a generated city day (1.2 million settlements) at maximum speed; report the time."""
     import asyncio
 
+    import redis as sync_redis
+
     from claimwatch import runtime
     from replay.city import generate_day_fast
     from replay.runner import ReplayStats, drop_run_state, publish_file, wait_done
@@ -344,13 +409,17 @@ def day(settings: Settings, *, events: int = 1_200_000, workers: int = 1, seed: 
             run_id = f"day-{int(time.time())}"
             st = ReplayStats(run_id)
             log(f"replaying {events:,} settlements with {workers} worker(s)…")
+            r = sync_redis.Redis.from_url(s.redis_url)
+            pids = [p.proc.pid for p in procs]
+            cpu0 = cpu_snapshot(r, pids)
             t0 = time.perf_counter()
             asyncio.run(publish_file(s, path, run_id, st, progress))
             pub_s = time.perf_counter() - t0
             asyncio.run(wait_done(s, run_id, st, progress=progress, idle_timeout_s=600,
                                   alive=lambda: all(p.alive() for p in procs)))
             total_s = time.perf_counter() - t0
+            cpu = cpu_per_event_us(cpu0, cpu_snapshot(r, pids), events)
             asyncio.run(drop_run_state(s.redis_url, run_id))
     return {"events": events, "workers": workers, "generate_s": round(gen_s, 1), "publish_s": round(pub_s, 1),
             "seconds": round(total_s, 1), "per_s": round(events / total_s), "processed": st.processed,
-            "target_s": 180, "machine": machine()}
+            "cpu_us_per_settlement": cpu, "target_s": 180, "machine": machine()}
