@@ -495,7 +495,7 @@ def bench_throughput(events: int = typer.Option(200_000, min=1000, help="settlem
     for g, v in (rep.get("redis_bytes_by_key_group") or {}).items():
         name = {"c": "card hashes (recent)", "h": "card hashes (calendar)"}.get(g, g)
         t.add_row(f"  Redis: {name}", f"{v['keys']:,} keys, {v['bytes'] / max(1, cards):,.0f} B/card")
-    t.add_row("worker RSS start → end (MB)", f"{rep['worker_rss_mb']['start']} → {rep['worker_rss_mb']['end']}")
+    t.add_row("worker RSS start → end (MB)" + (", first run" if len(rep["pipeline_runs"]) > 1 else ""), f"{rep['worker_rss_mb']['start']} → {rep['worker_rss_mb']['end']}")
     Console().print(t)
     dump(rep, json_out)
 

@@ -263,8 +263,9 @@ def throughput(settings: Settings, *, events: int, workers: int, seed: int = 1, 
                     run_id = f"bench-{int(time.time())}-{k}"
                     stats = ReplayStats(run_id)
                     log(f"full pipeline with {workers} worker(s)" + (f", run {k + 1} of {repeat}…" if repeat > 1 else "…"))
-                    mem0 = r.info("memory")["used_memory"]
-                    rss0 = [_rss_kb(p) for p in pids]
+                    if k == 0:   # memory and RSS: the first run, from an idle worker and empty state
+                        mem0 = r.info("memory")["used_memory"]
+                        rss0 = [_rss_kb(p) for p in pids]
                     cpu0 = cpu_snapshot(r, pids)
                     t0 = time.perf_counter()
                     asyncio.run(publish_file(s2, path, run_id, stats, progress))
