@@ -123,6 +123,25 @@ def cpu_per_event_us(before: dict[str, float | None], after: dict[str, float | N
             for k in before}
 
 
+def timed_replay(settings: Settings, path: Path, stats: Any, procs: list, r: Any, events: int, progress: Any,
+                 idle_timeout_s: float) -> tuple[float, float, dict[str, float | None]]:
+    """Publish ``path`` as run ``stats.run_id`` and wait until the workers processed it: (seconds publishing,
+    seconds from the first produce to the last event processed, CPU µs per settlement of each process)."""
+    import asyncio
+
+    from replay.runner import publish_file, wait_done
+
+    pids = [p.proc.pid for p in procs]
+    cpu0 = cpu_snapshot(r, pids)
+    t0 = time.perf_counter()
+    asyncio.run(publish_file(settings, path, stats.run_id, stats, progress))
+    pub_s = time.perf_counter() - t0
+    asyncio.run(wait_done(settings, stats.run_id, stats, progress=progress, idle_timeout_s=idle_timeout_s,
+                          alive=lambda: all(p.alive() for p in procs)))
+    total_s = time.perf_counter() - t0
+    return pub_s, total_s, cpu_per_event_us(cpu0, cpu_snapshot(r, pids), events)
+
+
 def _wait_ready(procs, timeout_s: float = 120.0) -> None:
     import urllib.request
 
@@ -239,7 +258,7 @@ def throughput(settings: Settings, *, events: int, workers: int, seed: int = 1, 
 
     from claimwatch import runtime
     from replay.city import generate_day_fast
-    from replay.runner import ReplayStats, drop_run_state, publish_file, wait_done
+    from replay.runner import ReplayStats, drop_run_state
 
     report: dict[str, Any] = {"events": events, "workers": workers, "machine": machine()}
     with tempfile.TemporaryDirectory(prefix="cw-bench-") as d:
@@ -266,14 +285,7 @@ def throughput(settings: Settings, *, events: int, workers: int, seed: int = 1, 
                     if k == 0:   # memory and RSS: the first run, from an idle worker and empty state
                         mem0 = r.info("memory")["used_memory"]
                         rss0 = [_rss_kb(p) for p in pids]
-                    cpu0 = cpu_snapshot(r, pids)
-                    t0 = time.perf_counter()
-                    asyncio.run(publish_file(s2, path, run_id, stats, progress))
-                    t_pub = time.perf_counter() - t0
-                    asyncio.run(wait_done(s2, run_id, stats, progress=progress, idle_timeout_s=300,
-                                          alive=lambda: all(p.alive() for p in procs)))
-                    pipe_s = time.perf_counter() - t0
-                    cpu = cpu_per_event_us(cpu0, cpu_snapshot(r, pids), events)
+                    t_pub, pipe_s, cpu = timed_replay(s2, path, stats, procs, r, events, progress, 300)
                     runs.append({"seconds": round(pipe_s, 2), "publish_s": round(t_pub, 2),
                                  "per_s": round(events / pipe_s), "processed": stats.processed,
                                  "cpu_us_per_settlement": cpu})
@@ -396,7 +408,7 @@ def day(settings: Settings, *, events: int = 1_200_000, workers: int = 1, seed: 
 
     from claimwatch import runtime
     from replay.city import generate_day_fast
-    from replay.runner import ReplayStats, drop_run_state, publish_file, wait_done
+    from replay.runner import ReplayStats, drop_run_state
 
     with tempfile.TemporaryDirectory(prefix="cw-day-") as d:
         path = Path(d) / "day.jsonl"
@@ -411,15 +423,7 @@ def day(settings: Settings, *, events: int = 1_200_000, workers: int = 1, seed: 
             st = ReplayStats(run_id)
             log(f"replaying {events:,} settlements with {workers} worker(s)…")
             r = sync_redis.Redis.from_url(s.redis_url)
-            pids = [p.proc.pid for p in procs]
-            cpu0 = cpu_snapshot(r, pids)
-            t0 = time.perf_counter()
-            asyncio.run(publish_file(s, path, run_id, st, progress))
-            pub_s = time.perf_counter() - t0
-            asyncio.run(wait_done(s, run_id, st, progress=progress, idle_timeout_s=600,
-                                  alive=lambda: all(p.alive() for p in procs)))
-            total_s = time.perf_counter() - t0
-            cpu = cpu_per_event_us(cpu0, cpu_snapshot(r, pids), events)
+            pub_s, total_s, cpu = timed_replay(s, path, st, procs, r, events, progress, 600)
             asyncio.run(drop_run_state(s.redis_url, run_id))
     return {"events": events, "workers": workers, "generate_s": round(gen_s, 1), "publish_s": round(pub_s, 1),
             "seconds": round(total_s, 1), "per_s": round(events / total_s), "processed": st.processed,

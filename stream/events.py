@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -81,13 +81,12 @@ class Settlement(msgspec.Struct, forbid_unknown_fields=False):
 _decoder = msgspec.json.Decoder(Settlement)
 
 
-def parse_event(raw: bytes, *, max_bytes: int = 256 * 1024, future_tolerance_s: float = 86_400,
-                now: float | None = None) -> Settlement:
-    """Decode and validate one message; raise :class:`InvalidEvent` with the reason."""
+def _decode(decoder: msgspec.json.Decoder, raw: bytes, max_bytes: int) -> Any:
+    """``decoder.decode(raw)``, any failure raised as :class:`InvalidEvent` with the reason."""
     if len(raw) > max_bytes:
         raise InvalidEvent(f"message of {len(raw)} bytes exceeds max_event_bytes={max_bytes}")
     try:
-        ev = _decoder.decode(raw)
+        return decoder.decode(raw)
     except msgspec.ValidationError as exc:
         raise InvalidEvent(str(exc)) from None
     except msgspec.DecodeError as exc:
@@ -96,6 +95,12 @@ def parse_event(raw: bytes, *, max_bytes: int = 256 * 1024, future_tolerance_s: 
         raise InvalidEvent("not valid JSON: nested too deeply") from None
     except UnicodeDecodeError as exc:
         raise InvalidEvent(f"not valid UTF-8 at byte {exc.start}") from None
+
+
+def parse_event(raw: bytes, *, max_bytes: int = 256 * 1024, future_tolerance_s: float = 86_400,
+                now: float | None = None) -> Settlement:
+    """Decode and validate one message; raise :class:`InvalidEvent` with the reason."""
+    ev = _decode(_decoder, raw, max_bytes)
     try:
         raw.decode("utf-8")  # msgspec skips unknown fields without checking them; evidence must be valid text
     except UnicodeDecodeError as exc:
@@ -139,18 +144,7 @@ def event_key(raw: bytes, *, max_bytes: int = 256 * 1024) -> bytes:
     ...
     stream.events.InvalidEvent: Object missing required field `card_id`
     """
-    if len(raw) > max_bytes:
-        raise InvalidEvent(f"message of {len(raw)} bytes exceeds max_event_bytes={max_bytes}")
-    try:
-        return _key_decoder.decode(raw).card_id.encode()
-    except msgspec.ValidationError as exc:
-        raise InvalidEvent(str(exc)) from None
-    except msgspec.DecodeError as exc:
-        raise InvalidEvent(f"not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidEvent("not valid JSON: nested too deeply") from None
-    except UnicodeDecodeError as exc:
-        raise InvalidEvent(f"not valid UTF-8 at byte {exc.start}") from None
+    return _decode(_key_decoder, raw, max_bytes).card_id.encode()
 
 
 def iso(ts: float, tz_hours: int = 8) -> str:
