@@ -72,15 +72,20 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
+def _stat(pid: int | str) -> list[str]:
+    """``/proc/{pid}/stat`` after the command name (field 3 on, from index 0); [] when the process is gone."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def _proc_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) a process has used so far; 0 when it is gone."""
     import os
 
-    try:
-        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
+    f = _stat(pid)
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK") if len(f) > 12 else 0.0
 
 
 def _embedded_broker_pids() -> list[int]:
@@ -89,12 +94,11 @@ def _embedded_broker_pids() -> list[int]:
 
     me, out = str(os.getpid()), []
     for pid in os.listdir("/proc"):
-        if pid.isdigit():
+        if pid.isdigit() and _stat(pid)[1:2] == [me]:
             try:
-                stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-                if stat[1] == me and b"tansu" in open(f"/proc/{pid}/cmdline", "rb").read():
+                if b"tansu" in open(f"/proc/{pid}/cmdline", "rb").read():
                     out.append(int(pid))
-            except (OSError, IndexError):
+            except OSError:
                 pass
     return out
 

@@ -205,14 +205,20 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
                     if res.late.get(run):
                         pipe.hincrby(pk, "late", res.late[run])
                     pipe.expire(pk, PROGRESS_TTL_S)
+                # a replay reports its first few dead letters (the live stream has the topic): at most
+                # INVALID_EXAMPLES of a batch per run, one push, whatever the number of invalid lines
+                examples: dict[str, list[bytes]] = {}
                 for dl in res.dead_letters:
-                    if dl.run_id != LIVE_RUN:  # a replay reports its first few (the live stream has the topic)
+                    ex = examples.setdefault(dl.run_id, [])
+                    if dl.run_id != LIVE_RUN and len(ex) < INVALID_EXAMPLES:
                         m = dl.message
-                        pipe.rpush(invalid_key(dl.run_id), orjson.dumps({
-                            "reason": dl.reason, "partition": m.partition, "offset": m.offset,
-                            "digest": message_digest(m.value or b"")}))
-                        pipe.ltrim(invalid_key(dl.run_id), 0, INVALID_EXAMPLES - 1)
-                        pipe.expire(invalid_key(dl.run_id), PROGRESS_TTL_S)
+                        ex.append(orjson.dumps({"reason": dl.reason, "partition": m.partition, "offset": m.offset,
+                                                "digest": message_digest(m.value or b"")}))
+                for run, ex in examples.items():
+                    if ex:
+                        pipe.rpush(invalid_key(run), *ex)
+                        pipe.ltrim(invalid_key(run), 0, INVALID_EXAMPLES - 1)
+                        pipe.expire(invalid_key(run), PROGRESS_TTL_S)
                 for (run, fld), counts in res.data_quality.items():
                     for inst, n in counts.items():
                         pipe.hincrby(f"cw:{run}:dq", f"{fld}\t{inst}", n)
