@@ -462,6 +462,9 @@ def bench_throughput(events: int = typer.Option(200_000, min=1000, help="settlem
                      repeat: int = typer.Option(1, min=1, max=20,
                                                 help="run the pipeline this many times; the table shows the median "
                                                      "run and every run's rate"),
+                     drain: bool = typer.Option(True, "--drain/--no-drain",
+                                                help="also time workers started on a published backlog (the "
+                                                     "sustained rate, no publisher competing for the cores)"),
                      json_out: Optional[Path] = typer.Option(Path("bench-results/throughput.json"), "--json-out")) -> None:
     """Raw transport rate vs the full pipeline (all detectors), their ratio, CPU per settlement of each
     process, latency at a fixed load, Redis memory per active card and worker RSS."""
@@ -470,7 +473,7 @@ def bench_throughput(events: int = typer.Option(200_000, min=1000, help="settlem
     from replay.bench import dump, latency, throughput
 
     s = load_settings()
-    rep = throughput(s, events=events, workers=workers, repeat=repeat, log=lambda m: console.print(m))
+    rep = throughput(s, events=events, workers=workers, repeat=repeat, drain=drain, log=lambda m: console.print(m))
     if latency_s > 0:
         rep["latency"] = latency(s, rate=rate, seconds=latency_s, log=lambda m: console.print(m))
     t = Table(title=f"claimwatch throughput — {events:,} settlements, {workers} worker(s), "
@@ -486,6 +489,11 @@ def bench_throughput(events: int = typer.Option(200_000, min=1000, help="settlem
     t.add_row("pipeline / raw", f"{rep['ratio_pipeline_to_raw']:.2f}")
     t.add_row("CPU per settlement (µs): workers / Redis / broker / replay publisher",
               _cpu_row(rep["pipeline"]["cpu_us_per_settlement"]))
+    if rep.get("drain"):
+        D = rep["drain"]
+        t.add_row("sustained: backlog drained by workers started after publishing (events/s)",
+                  f"{D['per_s']:,}" if D["per_s"] else "-")
+        t.add_row("  CPU per settlement (µs): workers / Redis / broker / -", _cpu_row(D["cpu_us_per_settlement"]))
     if "latency" in rep and rep["latency"]["p50_ms"] is not None:
         L = rep["latency"]
         t.add_row(f"event → alert latency at {L['offered_rate']:,.0f}/s: p50 / p95 / p99 (ms)",

@@ -146,6 +146,41 @@ def timed_replay(settings: Settings, path: Path, stats: Any, procs: list, r: Any
     return pub_s, total_s, cpu_per_event_us(cpu0, cpu_snapshot(r, pids), events)
 
 
+def timed_drain(settings: Settings, run_id: str, published: int, procs: list, r: Any, idle_timeout_s: float,
+                poll_s: float = 0.02) -> dict[str, Any]:
+    """Time workers draining a backlog: run ``run_id`` was published (``published`` settlements) before they
+    started. The clock starts when the run's first processed batch is recorded (not the workers' start-up)
+    and stops when every settlement is processed; the rate and the CPU per settlement count the settlements
+    processed in between."""
+    from stream.app import eof_key, progress_key
+
+    pids = [p.proc.pid for p in procs]
+    pk, ek = progress_key(run_id), eof_key(run_id)
+    want = settings.topic_partitions
+    t0 = n0 = cpu0 = None
+    last, last_change = -1, time.monotonic()
+    while True:
+        n = int(r.hget(pk, "processed") or 0)
+        now = time.perf_counter()
+        if t0 is None and n > 0:
+            t0, n0, cpu0 = now, n, cpu_snapshot(r, pids)
+        if n >= published and r.scard(ek) >= want:
+            break
+        if n != last:
+            last, last_change = n, time.monotonic()
+        if time.monotonic() - last_change > idle_timeout_s:
+            raise RuntimeError(f"workers made no progress for {idle_timeout_s:.0f} s ({n}/{published} processed)")
+        if not all(p.alive() for p in procs):
+            raise RuntimeError("a worker exited while draining the backlog")
+        time.sleep(poll_s)
+    cpu = cpu_snapshot(r, pids)
+    counted = n - n0
+    secs = max(now - t0, 1e-9)
+    return {"settlements": counted, "first_batch": n0, "seconds": round(secs, 2),
+            "per_s": round(counted / secs) if counted else None,
+            "cpu_us_per_settlement": cpu_per_event_us(cpu0, cpu, max(counted, 1))}
+
+
 def _wait_ready(procs, timeout_s: float = 120.0) -> None:
     import urllib.request
 
@@ -252,17 +287,19 @@ def _memory_by_group(r: Any, run_id: str, sample: int = 2000) -> dict[str, dict[
 
 
 def throughput(settings: Settings, *, events: int, workers: int, seed: int = 1, progress=None,
-               log=print, repeat: int = 1) -> dict[str, Any]:
+               log=print, repeat: int = 1, drain: bool = True) -> dict[str, Any]:
     """The raw transport, then the full pipeline ``repeat`` times over the same settlements (each a new
     run: fresh state); ``pipeline`` is the median run, ``pipeline_runs`` all of them. Redis memory per
-    card and worker RSS are of the first run."""
+    card and worker RSS are of the first run. ``drain``: then the same settlements published with no
+    worker running, and the time new workers take to work off that backlog (:func:`timed_drain`): the
+    pipeline's sustained rate, without the publisher competing for the cores."""
     import asyncio
 
     import redis as sync_redis
 
     from claimwatch import runtime
     from replay.city import generate_day_fast
-    from replay.runner import ReplayStats, drop_run_state
+    from replay.runner import ReplayStats, drop_run_state, publish_file
 
     report: dict[str, Any] = {"events": events, "workers": workers, "machine": machine()}
     with tempfile.TemporaryDirectory(prefix="cw-bench-") as d:
@@ -298,6 +335,14 @@ def throughput(settings: Settings, *, events: int, workers: int, seed: int = 1, 
                         rss1 = [_rss_kb(p) for p in pids]
                         report["redis_bytes_by_key_group"] = _memory_by_group(r, run_id)
                     asyncio.run(drop_run_state(s2.redis_url, run_id))
+            if drain:
+                run_id = f"bench-{int(time.time())}-drain"
+                stats = ReplayStats(run_id)
+                log("backlog drain: publishing with no worker running, then starting the worker(s)…")
+                asyncio.run(publish_file(s2, path, run_id, stats, progress))
+                with runtime.workers(s2, workers) as procs:
+                    report["drain"] = timed_drain(s2, run_id, stats.published, procs, r, 300)
+                asyncio.run(drop_run_state(s2.redis_url, run_id))
         report["pipeline_runs"] = runs
         report["pipeline"] = sorted(runs, key=lambda x: x["per_s"])[(len(runs) - 1) // 2]
         report["ratio_pipeline_to_raw"] = round(report["pipeline"]["per_s"] / report["raw"]["consume_parse_per_s"], 3)

@@ -23,8 +23,10 @@ def _cpu_measured(cpu: dict) -> None:
 
 def test_bench_throughput_small(tmp_path):
     out = tmp_path / "throughput.json"
+    env = _embedded_env(tmp_path)
+    env["CLAIMWATCH_BATCH_MAX"] = "500"  # several batches: the backlog drain has batches after its first
     p = run_cli("bench", "throughput", "--events", "3000", "--latency-seconds", "3", "--repeat", "2",
-                "--json-out", str(out), env=_embedded_env(tmp_path))
+                "--json-out", str(out), env=env)
     text = p.stdout.decode() + p.stderr.decode()
     assert p.returncode == 0, text
     rep = json.loads(out.read_text())
@@ -41,6 +43,11 @@ def test_bench_throughput_small(tmp_path):
     assert rep["active_cards"] > 0 and rep["redis_bytes_per_active_card"] > 0
     assert {"c", "h"} <= set(rep["redis_bytes_by_key_group"])   # the two card hashes were measured
     assert "CPU per settlement" in text and "every run" in text
+    drain = rep["drain"]   # the backlog published first, then drained by freshly started workers: all of it
+    assert drain["first_batch"] > 0 and drain["first_batch"] + drain["settlements"] == 3000, drain
+    assert drain["settlements"] > 0 and drain["per_s"] > 0 and drain["seconds"] > 0
+    assert drain["cpu_us_per_settlement"]["workers"] > 0 and drain["cpu_us_per_settlement"]["redis"] > 0
+    assert "backlog drained" in text
 
 
 def test_bench_day_small(tmp_path):
