@@ -42,9 +42,12 @@ evidence the batch's events fall in, one write of them, no JSON):
   ``.0``), the id as it is when plain (``[0-9A-Za-z_.:-]``), else ``~`` + its UTF-8 in hex, so a
   search for ``|{id} `` finds that id only: a redelivered event (same time, same hour) is a no-op.
   A busy physician's day (hundreds of settlements) costs each settlement no more than its hour's
-  evidence; a batch puts its new evidence in front; it is sent back only for a day that fires;
+  evidence; a batch puts its new evidence in front; it is sent back only for a day that fires.
+  It expires 2 days + lateness after the day's end (wall clock), set when the day is first written
+  (and when a late settlement reopens a swept day), not by every batch;
 * ``…:{baseline_days x 86400}:{physician}`` — history hash: local day number -> ``t,n,a,r``
-  and the physician's group (``g``, ``c``) and oldest kept day (``lo``);
+  and the physician's group (``g``, ``c``) and oldest kept day (``lo``); it expires
+  ``baseline_days`` + 2 days + lateness after the first settlement of the physician's last active day;
 * ``…:peer:{group}:{day number}:{bucket}`` — physician -> ``n,a,r`` of that day, for the peer
   statistics, each group-day spread over :data:`PEER_BUCKETS` hashes by a CRC-32 of the physician
   id (a settlement rewrites its physician's value: a shorter hash is a shorter search in Redis);
@@ -358,7 +361,9 @@ end
 -- write back: day, history, peers, pending
 -- (expiries are absolute PEXPIREAT times, cheaper than EXPIRE, which Redis rewrites into one per key: the TTLs
 -- count from the TIME before the write-back + 250 ms, so a key never expires earlier than with an EXPIRE at its
--- write unless the write-back takes longer than that, and TTL still reads at most the TTL set)
+-- write unless the write-back takes longer than that, and TTL still reads at most the TTL set. A day's key and
+-- its physician's history get theirs when the day is first written or swept, not on every batch: the day's
+-- expiry is its end in wall time + lateness + 2 days either way, and the history's TTL has a day to spare)
 local NOW_MS = 0
 if #dorder > 0 then NOW_MS = now_ms() + 250 end
 local AT_H = fmt('%d', NOW_MS + tonumber(TTL_H) * 1000)
@@ -382,7 +387,8 @@ for _, dk in ipairs(dorder) do
     redis.call('PEXPIREAT', pk1, pat)
     redis.call('PEXPIREAT', pk2, pat)
   end
-  if first[dk] or m.sw then
+  local fresh = first[dk] or m.sw
+  if fresh then
     if not h.lo then
       h.lo = D
       hset[#hset + 1] = 'lo'; hset[#hset + 1] = Ds
@@ -397,7 +403,7 @@ for _, dk in ipairs(dorder) do
     redis.call('ZADD', pending, fmt('%d', dend + LATE), Ds .. '\t' .. label .. '\t' .. phys)
   end
   redis.call('HSET', hk, unpack(hset))
-  if not h.wrote then
+  if fresh and not h.wrote then
     h.wrote = true
     redis.call('PEXPIREAT', hk, AT_H)
   end
@@ -410,7 +416,7 @@ for _, dk in ipairs(dorder) do
     m.ch[hour] = c
   end
   redis.call('HSET', dk, unpack(dset))
-  redis.call('PEXPIREAT', dk, fmt('%d', NOW_MS + (rest + LATE + 2 * 86400) * 1000))
+  if fresh then redis.call('PEXPIREAT', dk, fmt('%d', NOW_MS + (rest + LATE + 2 * 86400) * 1000)) end
   m.s, m.nw, m.hours = st, {}, {}
 end
 
@@ -615,7 +621,7 @@ class PrescriberVolume(Detector):
                                   float(s["min_per_day"]), float(s["own_factor"]), float(s["poisson_z"]),
                                   int(round(am["min_per_day"] * 100)), float(am["own_factor"]),
                                   int(sh["min_resale_settlements"]), float(sh["min_increase"]), req, min_measures,
-                                  lateness_s, sweep_per_batch, (baseline_days + 1) * 86400 + lateness_s,
+                                  lateness_s, sweep_per_batch, (baseline_days + 2) * 86400 + lateness_s,
                                   2 * 86400 + lateness_s, 1 if judge_in_progress else 0, PEER_BUCKETS])
 
     def params(self) -> dict[str, Any]:
