@@ -467,7 +467,8 @@ def bench_throughput(events: int = typer.Option(200_000, min=1000, help="settlem
                                                      "sustained rate, no publisher competing for the cores)"),
                      json_out: Optional[Path] = typer.Option(Path("bench-results/throughput.json"), "--json-out")) -> None:
     """Raw transport rate vs the full pipeline (all detectors), their ratio, CPU per settlement of each
-    process, latency at a fixed load, Redis memory per active card and worker RSS."""
+    process, the sustained rate (a published backlog drained), latency at a fixed load, Redis memory per
+    active card and worker RSS."""
     from rich.table import Table
 
     from replay.bench import dump, latency, throughput
