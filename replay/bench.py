@@ -146,39 +146,30 @@ def timed_replay(settings: Settings, path: Path, stats: Any, procs: list, r: Any
     return pub_s, total_s, cpu_per_event_us(cpu0, cpu_snapshot(r, pids), events)
 
 
-def timed_drain(settings: Settings, run_id: str, published: int, procs: list, r: Any, idle_timeout_s: float,
+def timed_drain(settings: Settings, stats: Any, procs: list, r: Any, idle_timeout_s: float,
                 poll_s: float = 0.02) -> dict[str, Any]:
-    """Time workers draining a backlog: run ``run_id`` was published (``published`` settlements) before they
-    started. The clock starts when the run's first processed batch is recorded (not the workers' start-up)
-    and stops when every settlement is processed; the rate and the CPU per settlement count the settlements
-    processed in between."""
-    from stream.app import eof_key, progress_key
+    """Time workers draining a backlog: run ``stats.run_id`` (``stats.published`` settlements) was published
+    before they started. The clock starts when the run's first processed batch is recorded (not the workers'
+    start-up) and stops when the run is done (:func:`~replay.runner.wait_done`); the rate and the CPU per
+    settlement count the settlements processed in between."""
+    import asyncio
+
+    from replay.runner import wait_done
 
     pids = [p.proc.pid for p in procs]
-    pk, ek = progress_key(run_id), eof_key(run_id)
-    want = settings.topic_partitions
-    t0 = n0 = cpu0 = None
-    last, last_change = -1, time.monotonic()
-    while True:
-        n = int(r.hget(pk, "processed") or 0)
-        now = time.perf_counter()
-        if t0 is None and n > 0:
-            t0, n0, cpu0 = now, n, cpu_snapshot(r, pids)
-        if n >= published and r.scard(ek) >= want:
-            break
-        if n != last:
-            last, last_change = n, time.monotonic()
-        if time.monotonic() - last_change > idle_timeout_s:
-            raise RuntimeError(f"workers made no progress for {idle_timeout_s:.0f} s ({n}/{published} processed)")
-        if not all(p.alive() for p in procs):
-            raise RuntimeError("a worker exited while draining the backlog")
-        time.sleep(poll_s)
-    cpu = cpu_snapshot(r, pids)
-    counted = n - n0
-    secs = max(now - t0, 1e-9)
-    return {"settlements": counted, "first_batch": n0, "seconds": round(secs, 2),
+    first: dict[str, Any] = {}
+
+    def on_progress(_stage: str, n: int, _total: int | None) -> None:
+        if n > 0 and not first:
+            first.update(t=time.perf_counter(), n=n, cpu=cpu_snapshot(r, pids))
+
+    asyncio.run(wait_done(settings, stats.run_id, stats, progress=on_progress, idle_timeout_s=idle_timeout_s,
+                          alive=lambda: all(p.alive() for p in procs), poll_s=poll_s))
+    secs = max(time.perf_counter() - first["t"], 1e-9)
+    counted = stats.processed - first["n"]
+    return {"settlements": counted, "first_batch": first["n"], "seconds": round(secs, 2),
             "per_s": round(counted / secs) if counted else None,
-            "cpu_us_per_settlement": cpu_per_event_us(cpu0, cpu, max(counted, 1))}
+            "cpu_us_per_settlement": cpu_per_event_us(first["cpu"], cpu_snapshot(r, pids), max(counted, 1))}
 
 
 def _wait_ready(procs, timeout_s: float = 120.0) -> None:
@@ -341,7 +332,7 @@ def throughput(settings: Settings, *, events: int, workers: int, seed: int = 1, 
                 log("backlog drain: publishing with no worker running, then starting the worker(s)…")
                 asyncio.run(publish_file(s2, path, run_id, stats, progress))
                 with runtime.workers(s2, workers) as procs:
-                    report["drain"] = timed_drain(s2, run_id, stats.published, procs, r, 300)
+                    report["drain"] = timed_drain(s2, stats, procs, r, 300)
                 asyncio.run(drop_run_state(s2.redis_url, run_id))
         report["pipeline_runs"] = runs
         report["pipeline"] = sorted(runs, key=lambda x: x["per_s"])[(len(runs) - 1) // 2]

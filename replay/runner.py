@@ -155,7 +155,8 @@ async def publish_file(settings: Settings, path: Path, run_id: str, stats: Repla
 
 
 async def wait_done(settings: Settings, run_id: str, stats: ReplayStats, *, idle_timeout_s: float = 120.0,
-                    progress: ProgressFn | None = None, alive: Callable[[], bool] | None = None) -> None:
+                    progress: ProgressFn | None = None, alive: Callable[[], bool] | None = None,
+                    poll_s: float = 0.1) -> None:
     r = aioredis.from_url(settings.redis_url)
     try:
         want = settings.topic_partitions
@@ -178,7 +179,7 @@ async def wait_done(settings: Settings, run_id: str, stats: ReplayStats, *, idle
                                   "are workers running against this broker and Redis?")
             if alive is not None and not alive():
                 raise ReplayError("the worker process(es) of this replay exited")
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(poll_s)
     finally:
         await r.aclose()
 
