@@ -20,16 +20,20 @@ def services(settings: Settings, workdir: Path | None = None) -> Iterator[Settin
     """Yield settings whose broker and Redis URLs are set, starting embedded ones as needed."""
     need_kafka = not settings.kafka_url
     need_redis = not settings.redis_url
+    # with an embedded Redis, the aux rules get their own embedded one (a second core), unless one is configured
+    need_aux = need_redis and not settings.redis_aux_url and bool(settings.redis_aux_rules)
     if not (need_kafka or need_redis):
         yield settings
         return
-    stack = EmbeddedStack(workdir=workdir, kafka=need_kafka, redis=need_redis).start()
+    stack = EmbeddedStack(workdir=workdir, kafka=need_kafka, redis=need_redis, redis_aux=need_aux).start()
     try:
         upd = {}
         if need_kafka:
             upd["kafka_url"] = stack.kafka_url
         if need_redis:
             upd["redis_url"] = stack.redis_url
+        if need_aux:
+            upd["redis_aux_url"] = stack.redis_aux_url
         yield settings.model_copy(update=upd)
     finally:
         stack.stop()

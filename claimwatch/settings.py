@@ -23,6 +23,13 @@ class Settings(BaseSettings):
 
     kafka_url: str | None = Field(None, description="e.g. kafka://kafka:9092; unset = embedded Tansu broker")
     redis_url: str | None = Field(None, description="e.g. redis://:password@redis:6379/0; unset = embedded Redis")
+    redis_aux_url: str | None = Field(
+        None, description="a second Redis for the rules in redis_aux_rules (a second Redis process works on a second "
+                          "core); unset = those rules use redis_url, or with an embedded Redis a second embedded one")
+    redis_aux_rules: str = Field(
+        "prescriber_volume,trace_code_reuse,card_ring",
+        description="comma-separated rules whose state lives on the aux Redis (rules whose state is not per card: "
+                    "its windows are one Redis process's work less); empty = every rule on redis_url")
     store_url: str | None = Field(None, description="sqlite:///path/alerts.db or postgresql://…; unset = SQLite in data_dir")
     data_dir: Path = Field(Path(".claimwatch"), description="where the default alert store and worker state live")
     rules_path: Path = Field(DEFAULT_RULES, description="rule configuration (YAML)")
@@ -51,10 +58,36 @@ class Settings(BaseSettings):
     future_tolerance_s: int = Field(86_400, ge=0, description="event_time further in the future than this is invalid")
     lang: str = Field("zh", pattern="^(zh|en)$")
 
-    @field_validator("kafka_url", "redis_url", "store_url", mode="before")
+    @field_validator("kafka_url", "redis_url", "redis_aux_url", "store_url", mode="before")
     @classmethod
     def _blank_is_unset(cls, v):
         return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("redis_aux_rules")
+    @classmethod
+    def _known_rules(cls, v: str) -> str:
+        from detectors import REGISTRY
+
+        names = [x.strip() for x in v.split(",") if x.strip()]
+        unknown = [x for x in names if x not in REGISTRY]
+        if unknown:
+            raise ValueError(f"unknown rule(s) {unknown} in CLAIMWATCH_REDIS_AUX_RULES; rules: {sorted(REGISTRY)}")
+        return ",".join(names)
+
+    @property
+    def aux_rules(self) -> frozenset[str]:
+        """The rules whose state is on the aux Redis (none when no aux Redis is configured)."""
+        if not self.redis_aux_url or self.redis_aux_url == self.redis_url:
+            return frozenset()
+        return frozenset(x for x in self.redis_aux_rules.split(",") if x)
+
+    @property
+    def redis_urls(self) -> list[str]:
+        """Every Redis holding run state: the main one, then the aux one when configured (and different)."""
+        urls = [self.redis_url] if self.redis_url else []
+        if self.aux_rules and self.redis_aux_url not in urls:
+            urls.append(self.redis_aux_url)
+        return urls
 
     @property
     def store_url_resolved(self) -> str:

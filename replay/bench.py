@@ -104,17 +104,34 @@ def _embedded_broker_pids() -> list[int]:
 
 
 def cpu_snapshot(r: Any, worker_pids: list[int]) -> dict[str, float | None]:
-    """CPU seconds used so far by the workers, Redis (``INFO cpu``: embedded or not), the embedded broker
+    """CPU seconds used so far by the workers, Redis (``INFO cpu``: embedded or not; ``r`` one client or the
+    list of :func:`redis_clients`: ``redis_aux`` is the second one's, None without one), the embedded broker
     (None when the broker is external) and this process (the replay publisher)."""
     import os
 
-    info = r.info("cpu")
+    rs = r if isinstance(r, (list, tuple)) else [r]
+    cpu = []
+    for x in rs:
+        info = x.info("cpu")
+        cpu.append(float(info["used_cpu_user"]) + float(info["used_cpu_sys"]))
     broker = _embedded_broker_pids()
     t = os.times()
     return {"workers": sum(_proc_cpu_s(p) for p in worker_pids),
-            "redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
+            "redis": cpu[0], "redis_aux": cpu[1] if len(cpu) > 1 else None,
             "broker": sum(_proc_cpu_s(p) for p in broker) if broker else None,
             "publisher": t.user + t.system}
+
+
+def redis_clients(settings: Settings) -> list[Any]:
+    """A client of each Redis holding run state: the main one, then the aux one when configured."""
+    import redis as sync_redis
+
+    return [sync_redis.Redis.from_url(u) for u in settings.redis_urls]
+
+
+def used_memory(rs: list[Any]) -> int:
+    """Bytes Redis uses, over every Redis holding run state."""
+    return sum(x.info("memory")["used_memory"] for x in rs)
 
 
 def cpu_per_event_us(before: dict[str, float | None], after: dict[str, float | None], events: int) -> dict[str, float | None]:
@@ -250,31 +267,34 @@ def _distinct_cards(lines: list[bytes]) -> int:
     return len({orjson.loads(line).get("card_id") for line in lines})
 
 
-def _memory_by_group(r: Any, run_id: str, sample: int = 2000) -> dict[str, dict[str, int]]:
-    """Keys and estimated bytes of a run's state by group (``c``/``h`` card hashes, else the rule):
-    every key is counted, ``MEMORY USAGE`` is sampled on up to ``sample`` keys a group."""
+def _memory_by_group(rs: list[Any], run_id: str, sample: int = 2000) -> dict[str, dict[str, int]]:
+    """Keys and estimated bytes of a run's state by group (``c``/``h`` card hashes, else the rule), over every
+    Redis in ``rs``: every key is counted, ``MEMORY USAGE`` is sampled on up to ``sample`` keys a group."""
     import random
 
     prefix = f"cw:{run_id}:"
-    groups: dict[str, list[bytes]] = {}
-    counts: dict[str, int] = {}
-    rng = random.Random(0)
-    for k in r.scan_iter(match=prefix + "*", count=5000):
-        g = k[len(prefix):].split(b":", 1)[0].decode("utf-8", "replace")
-        n = counts[g] = counts.get(g, 0) + 1
-        keep = groups.setdefault(g, [])
-        if len(keep) < sample:
-            keep.append(k)
-        elif rng.random() < sample / n:  # reservoir sample
-            keep[rng.randrange(sample)] = k
-    out = {}
-    for g, keys in sorted(groups.items()):
-        pipe = r.pipeline(transaction=False)
-        for k in keys:
-            pipe.memory_usage(k, samples=0)
-        sizes = [x or 0 for x in pipe.execute()]
-        out[g] = {"keys": counts[g], "bytes": round(sum(sizes) / max(1, len(sizes)) * counts[g])}
-    return out
+    out: dict[str, dict[str, int]] = {}
+    for r in rs:
+        groups: dict[str, list[bytes]] = {}
+        counts: dict[str, int] = {}
+        rng = random.Random(0)
+        for k in r.scan_iter(match=prefix + "*", count=5000):
+            g = k[len(prefix):].split(b":", 1)[0].decode("utf-8", "replace")
+            n = counts[g] = counts.get(g, 0) + 1
+            keep = groups.setdefault(g, [])
+            if len(keep) < sample:
+                keep.append(k)
+            elif rng.random() < sample / n:  # reservoir sample
+                keep[rng.randrange(sample)] = k
+        for g, keys in groups.items():
+            pipe = r.pipeline(transaction=False)
+            for k in keys:
+                pipe.memory_usage(k, samples=0)
+            sizes = [x or 0 for x in pipe.execute()]
+            tot = out.setdefault(g, {"keys": 0, "bytes": 0})
+            tot["keys"] += counts[g]
+            tot["bytes"] += round(sum(sizes) / max(1, len(sizes)) * counts[g])
+    return dict(sorted(out.items()))
 
 
 def throughput(settings: Settings, *, events: int, workers: int, seed: int = 1, progress=None,
@@ -285,8 +305,6 @@ def throughput(settings: Settings, *, events: int, workers: int, seed: int = 1, 
     worker running, and the time new workers take to work off that backlog (:func:`timed_drain`): the
     pipeline's sustained rate, without the publisher competing for the cores."""
     import asyncio
-
-    import redis as sync_redis
 
     from claimwatch import runtime
     from replay.city import generate_day_fast
@@ -307,7 +325,7 @@ def throughput(settings: Settings, *, events: int, workers: int, seed: int = 1, 
             del lines
             with runtime.workers(s2, workers) as procs:
                 _wait_ready(procs)
-                r = sync_redis.Redis.from_url(s2.redis_url)
+                r = redis_clients(s2)
                 pids = [p.proc.pid for p in procs]
                 runs = []
                 for k in range(repeat):
@@ -315,17 +333,17 @@ def throughput(settings: Settings, *, events: int, workers: int, seed: int = 1, 
                     stats = ReplayStats(run_id)
                     log(f"full pipeline with {workers} worker(s)" + (f", run {k + 1} of {repeat}…" if repeat > 1 else "…"))
                     if k == 0:   # memory and RSS: the first run, from an idle worker and empty state
-                        mem0 = r.info("memory")["used_memory"]
+                        mem0 = used_memory(r)
                         rss0 = [_rss_kb(p) for p in pids]
                     t_pub, pipe_s, cpu = timed_replay(s2, path, stats, procs, r, events, progress, 300)
                     runs.append({"seconds": round(pipe_s, 2), "publish_s": round(t_pub, 2),
                                  "per_s": round(events / pipe_s), "processed": stats.processed,
                                  "cpu_us_per_settlement": cpu})
                     if k == 0:
-                        mem1 = r.info("memory")["used_memory"]
+                        mem1 = used_memory(r)
                         rss1 = [_rss_kb(p) for p in pids]
                         report["redis_bytes_by_key_group"] = _memory_by_group(r, run_id)
-                    asyncio.run(drop_run_state(s2.redis_url, run_id))
+                    asyncio.run(drop_run_state(s2.redis_urls, run_id))
             if drain:
                 run_id = f"bench-{int(time.time())}-drain"
                 stats = ReplayStats(run_id)
@@ -333,7 +351,7 @@ def throughput(settings: Settings, *, events: int, workers: int, seed: int = 1, 
                 asyncio.run(publish_file(s2, path, run_id, stats, progress))
                 with runtime.workers(s2, workers) as procs:
                     report["drain"] = timed_drain(s2, stats, procs, r, 300)
-                asyncio.run(drop_run_state(s2.redis_url, run_id))
+                asyncio.run(drop_run_state(s2.redis_urls, run_id))
         report["pipeline_runs"] = runs
         report["pipeline"] = sorted(runs, key=lambda x: x["per_s"])[(len(runs) - 1) // 2]
         report["ratio_pipeline_to_raw"] = round(report["pipeline"]["per_s"] / report["raw"]["consume_parse_per_s"], 3)
@@ -444,8 +462,6 @@ def day(settings: Settings, *, events: int = 1_200_000, workers: int = 1, seed: 
     """Replay a generated city day (1.2 million settlements) at maximum speed; report the time."""
     import asyncio
 
-    import redis as sync_redis
-
     from claimwatch import runtime
     from replay.city import generate_day_fast
     from replay.runner import ReplayStats, drop_run_state
@@ -462,9 +478,8 @@ def day(settings: Settings, *, events: int = 1_200_000, workers: int = 1, seed: 
             run_id = f"day-{int(time.time())}"
             st = ReplayStats(run_id)
             log(f"replaying {events:,} settlements with {workers} worker(s)…")
-            r = sync_redis.Redis.from_url(s.redis_url)
-            pub_s, total_s, cpu = timed_replay(s, path, st, procs, r, events, progress, 600)
-            asyncio.run(drop_run_state(s.redis_url, run_id))
+            pub_s, total_s, cpu = timed_replay(s, path, st, procs, redis_clients(s), events, progress, 600)
+            asyncio.run(drop_run_state(s.redis_urls, run_id))
     return {"events": events, "workers": workers, "generate_s": round(gen_s, 1), "publish_s": round(pub_s, 1),
             "seconds": round(total_s, 1), "per_s": round(events / total_s), "processed": st.processed,
             "cpu_us_per_settlement": cpu, "target_s": 180, "machine": machine()}

@@ -93,11 +93,13 @@ def evaluate(alerts: Iterable[dict], labels: dict) -> dict[str, Any]:
 
 
 def run_inprocess(lines: Sequence[bytes], rules, redis_url: str, run_id: str, batch: int = 2000,
-                  partitions: int = 4) -> list[dict]:
+                  partitions: int = 4, aux_url: str | None = None,
+                  aux_rules: frozenset[str] = frozenset()) -> list[dict]:
     """Run settlements through the real Processor on a real Redis, in partition-like order; return alert dicts.
 
     Events are split by card into ``partitions`` streams (as the broker would) and batches are
-    interleaved, so cross-card rules see the same kind of order they see live.
+    interleaved, so cross-card rules see the same kind of order they see live. ``aux_url``: the
+    state of ``aux_rules`` on that second Redis (``CLAIMWATCH_REDIS_AUX_URL``).
     """
     import msgspec
     import orjson
@@ -113,7 +115,8 @@ def run_inprocess(lines: Sequence[bytes], rules, redis_url: str, run_id: str, ba
 
     async def go() -> list[dict]:
         r = aioredis.from_url(redis_url)
-        proc = Processor(rules, r, future_tolerance_s=50 * 365 * 86400)
+        aux = aioredis.from_url(aux_url) if aux_url else None
+        proc = Processor(rules, r, future_tolerance_s=50 * 365 * 86400, aux=aux, aux_rules=aux_rules)
         out: dict[str, dict] = {}
         try:
             pos = [0] * partitions
@@ -132,6 +135,8 @@ def run_inprocess(lines: Sequence[bytes], rules, redis_url: str, run_id: str, ba
                     out[a.alert_id] = d
         finally:
             await r.aclose()
+            if aux is not None:
+                await aux.aclose()
         return list(out.values())
 
     return asyncio.run(go())

@@ -39,8 +39,9 @@ async def rebuild_state(settings: Settings, since_ts: float, *, run_id: str = "l
     t0 = time.perf_counter()
     rules = load_rules(settings.rules_path, lang=settings.lang)
     r = aioredis.from_url(settings.redis_url)
+    aux = aioredis.from_url(settings.redis_aux_url) if settings.aux_rules else None
     proc = Processor(rules, r, max_event_bytes=settings.max_event_bytes,
-                     future_tolerance_s=settings.future_tolerance_s)
+                     future_tolerance_s=settings.future_tolerance_s, aux=aux, aux_rules=settings.aux_rules)
     c = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None, enable_auto_commit=False,
                          fetch_max_bytes=settings.consumer_max_fetch_bytes)
     await c.start()
@@ -90,6 +91,8 @@ async def rebuild_state(settings: Settings, since_ts: float, *, run_id: str = "l
     finally:
         await c.stop()
         await r.aclose()
+        if aux is not None:
+            await aux.aclose()
     stats.seconds = time.perf_counter() - t0
     return stats
 

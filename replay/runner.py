@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import orjson
 import redis.asyncio as aioredis
@@ -184,21 +184,23 @@ async def wait_done(settings: Settings, run_id: str, stats: ReplayStats, *, idle
         await r.aclose()
 
 
-async def drop_run_state(redis_url: str, run_id: str) -> int:
-    """Delete every Redis key of a run (``cw:{run}:*``)."""
-    r = aioredis.from_url(redis_url)
+async def drop_run_state(redis_url: str | Sequence[str], run_id: str) -> int:
+    """Delete every Redis key of a run (``cw:{run}:*``) on one Redis or on each of several
+    (:attr:`Settings.redis_urls <claimwatch.settings.Settings.redis_urls>`)."""
     n = 0
-    try:
-        batch = []
-        async for k in r.scan_iter(match=f"cw:{run_id}:*", count=1000):
-            batch.append(k)
-            if len(batch) >= 1000:
+    for url in [redis_url] if isinstance(redis_url, str) else redis_url:
+        r = aioredis.from_url(url)
+        try:
+            batch = []
+            async for k in r.scan_iter(match=f"cw:{run_id}:*", count=1000):
+                batch.append(k)
+                if len(batch) >= 1000:
+                    n += await r.unlink(*batch)
+                    batch.clear()
+            if batch:
                 n += await r.unlink(*batch)
-                batch.clear()
-        if batch:
-            n += await r.unlink(*batch)
-    finally:
-        await r.aclose()
+        finally:
+            await r.aclose()
     return n
 
 
@@ -221,7 +223,7 @@ def replay_file(settings: Settings, path: Path, run_id: str, *, workers: int = 1
         try:
             if store.count(run_id):
                 store.delete_run(run_id)  # a run id replayed again starts clean
-            asyncio.run(drop_run_state(s2.redis_url, run_id))
+            asyncio.run(drop_run_state(s2.redis_urls, run_id))
             asyncio.run(publish_file(s2, path, run_id, stats, progress))
             alive = (lambda: any(p.alive() for p in procs)) if procs else None
             try:
@@ -238,7 +240,7 @@ def replay_file(settings: Settings, path: Path, run_id: str, *, workers: int = 1
             stats.alerts = len(alerts)
             stats.extra = asyncio.run(_run_report(s2.redis_url, run_id))
             if not keep_state:
-                asyncio.run(drop_run_state(s2.redis_url, run_id))
+                asyncio.run(drop_run_state(s2.redis_urls, run_id))
         finally:
             store.close()
     return stats, alerts

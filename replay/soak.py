@@ -15,11 +15,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
 import orjson
-import redis as sync_redis
 
 from claimwatch import runtime
 from claimwatch.settings import Settings
-from replay.bench import _rss_kb, _wait_ready, machine
+from replay.bench import _rss_kb, _wait_ready, machine, redis_clients, used_memory
 from stream.topics import ensure_topics
 
 
@@ -70,15 +69,15 @@ def soak(settings: Settings, *, seconds: float, rate: float, cards: int = 50_000
         asyncio.run(ensure_topics(s.bootstrap_servers, [s.topic_settlements, s.topic_replay, s.topic_alerts,
                                                         s.topic_dlq], s.topic_partitions))
         _wait_ready(procs)
-        r = sync_redis.Redis.from_url(s.redis_url)
+        rs = redis_clients(s)   # the main Redis, then the aux one when there is one
+        r = rs[0]
         w = procs[0]
 
         def sample(sent: int) -> dict[str, Any]:
-            info = r.info("memory")
             return {"t": round(time.monotonic() - t_start, 1), "sent": sent,
                     "processed": int(r.hget("cw:live:progress", "processed") or 0),
                     "worker_rss_mb": round(_rss_kb(w.proc.pid) / 1024, 1),
-                    "redis_used_mb": round(info["used_memory"] / 2**20, 1), "redis_keys": r.dbsize(),
+                    "redis_used_mb": round(used_memory(rs) / 2**20, 1), "redis_keys": sum(x.dbsize() for x in rs),
                     "lag": _lag(w.web_port)}
 
         start = history_start(cards, seed, seconds * rate)

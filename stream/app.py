@@ -90,12 +90,14 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
     )
     settlements = app.topic(settings.topic_settlements, settings.topic_replay,
                             value_serializer="raw", key_serializer="raw")
-    redis = aioredis.from_url(settings.redis_url, socket_keepalive=True, health_check_interval=30,
-                              socket_timeout=15, socket_connect_timeout=5, retry_on_timeout=False)
+    redis_opts = dict(socket_keepalive=True, health_check_interval=30, socket_timeout=15, socket_connect_timeout=5,
+                      retry_on_timeout=False)
+    redis = aioredis.from_url(settings.redis_url, **redis_opts)
+    aux = aioredis.from_url(settings.redis_aux_url, **redis_opts) if settings.aux_rules else None
     store = AlertStore(settings.store_url_resolved)
     state: dict[str, Any] = {"rules": rules, "mtime": _mtime(settings.rules_path), "batches": 0}
     processor = Processor(rules, redis, max_event_bytes=settings.max_event_bytes,
-                          future_tolerance_s=settings.future_tolerance_s)
+                          future_tolerance_s=settings.future_tolerance_s, aux=aux, aux_rules=settings.aux_rules)
     processor.outbox = True
     app.claimwatch = {"processor": processor, "store": store, "redis": redis, "state": state}  # type: ignore[attr-defined]
     M.rules_version.labels(rules.version).set(1)
@@ -316,6 +318,13 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
         assigned = len(_settlement_assignment(app))
         checks["partitions_assigned"] = assigned
         ok = checks["redis"] and checks["broker"] and assigned > 0
+        if aux is not None:
+            try:
+                checks["redis_aux"] = bool(await asyncio.wait_for(aux.ping(), 2.0))
+            except Exception as exc:
+                checks["redis_aux"] = False
+                checks["redis_aux_error"] = str(exc)[:200]
+            ok = ok and checks["redis_aux"]
         return web.json({"status": "ready" if ok else "not ready", **checks}, status=200 if ok else 503)
 
     @app.page("/metrics")

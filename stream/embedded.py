@@ -119,6 +119,8 @@ class _Proc:
 class EmbeddedStack:
     """A Tansu broker and a Redis server on loopback, owned by this process.
 
+    ``redis_aux=True`` starts a second Redis server (``redis_aux_url``: see ``CLAIMWATCH_REDIS_AUX_URL``).
+
     >>> with EmbeddedStack() as stack:          # doctest: +SKIP
     ...     stack.kafka_url, stack.redis_url
     ('kafka://127.0.0.1:40123', 'redis://:...@127.0.0.1:40124/0')
@@ -127,8 +129,10 @@ class EmbeddedStack:
     workdir: Path | None = None
     kafka: bool = True
     redis: bool = True
+    redis_aux: bool = False
     kafka_url: str | None = None
     redis_url: str | None = None
+    redis_aux_url: str | None = None
     _procs: list[_Proc] = field(default_factory=list)
     _tmp: tempfile.TemporaryDirectory | None = None
 
@@ -143,6 +147,8 @@ class EmbeddedStack:
                 self.kafka_url = self._start_tansu()
             if self.redis:
                 self.redis_url = self._start_redis()
+            if self.redis_aux:
+                self.redis_aux_url = self._start_redis("redis-aux")
         except Exception:
             self.stop()
             raise
@@ -173,7 +179,7 @@ class EmbeddedStack:
                     raise
         raise AssertionError("unreachable")
 
-    def _start_redis(self) -> str:
+    def _start_redis(self, name: str = "redis") -> str:
         password = secrets.token_hex(16)
         for attempt in range(5):
             port = free_port()
@@ -181,7 +187,7 @@ class EmbeddedStack:
                     "--appendonly", "no", "--dir", str(self.workdir), "--requirepass", password,
                     "--protected-mode", "yes", "--maxmemory-policy", "noeviction", *redis_tuning()]
             try:
-                self._spawn("redis", argv, port)
+                self._spawn(name, argv, port)
                 return f"redis://:{password}@{LOOPBACK}:{port}/0"
             except EmbeddedServiceError:
                 if attempt == 4:

@@ -77,9 +77,9 @@ class Pending:
 
     by_run: dict[str, list[Settlement]]
     res: BatchResult
-    plan: list[tuple[Any, Namespace, list[Settlement], int, int]]
-    pipe: Any  # the queued pipeline (None: nothing to send)
-    task: "asyncio.Future | None"  # its round trip, once sent
+    plan: list[tuple[Any, Namespace, list[Settlement], int, int, int]]  # det, ns, events, pipe, first reply, replies
+    pipe: Any  # the queued pipelines, one per Redis (None: nothing to send)
+    task: "asyncio.Future | None"  # their round trips, once sent: one list of replies per pipeline
     t0: float
 
     def failed(self) -> bool:
@@ -130,6 +130,33 @@ async def send_pipeline(pipe: Any) -> "asyncio.Future[list[Any]]":
     return asyncio.ensure_future(replies())
 
 
+async def send_pipelines(pipes: Sequence[Any]) -> "asyncio.Future[list[list[Any]]]":
+    """:func:`send_pipeline` for pipelines on different Redis servers, all written now: a task reads every
+    reply (the replies of each pipeline, in order) and raises the first error once all round trips ended."""
+    futs = []
+    for p in pipes:
+        try:
+            futs.append(await send_pipeline(p))
+        except BaseException:
+            for f in futs:   # a failed write: the ones already sent are read, not left dangling
+                f.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise
+    if len(futs) == 1:
+        one = futs[0]
+
+        async def single() -> list[list[Any]]:
+            return [await one]
+        return asyncio.ensure_future(single())
+
+    async def every() -> list[list[Any]]:
+        done = await asyncio.gather(*futs, return_exceptions=True)
+        for r in done:
+            if isinstance(r, BaseException):
+                raise r
+        return list(done)
+    return asyncio.ensure_future(every())
+
+
 def headers_dict(headers: Any) -> dict[str, bytes]:
     if not headers:
         return {}
@@ -166,9 +193,13 @@ class Processor:
     """Parse, validate and run every detector over a batch (see module docstring)."""
 
     def __init__(self, rules: RuleSet, redis: Any, *, max_event_bytes: int = 256 * 1024,
-                 future_tolerance_s: float = 86_400) -> None:
+                 future_tolerance_s: float = 86_400, aux: Any = None, aux_rules: frozenset[str] = frozenset()) -> None:
         self.rules = rules
         self.redis = redis
+        #: a second Redis (``CLAIMWATCH_REDIS_AUX_URL``) holding the state of the rules in ``aux_rules``: each
+        #: batch makes one round trip to each, sent together, so the two Redis processes work in parallel
+        self.aux = aux if aux_rules else None
+        self.aux_rules = frozenset(aux_rules) if aux is not None else frozenset()
         self.max_event_bytes = max_event_bytes
         self.future_tolerance_s = future_tolerance_s
         self._loaded: set[str] = set()
@@ -181,6 +212,8 @@ class Processor:
         """Load every detector's Lua scripts (again after a Redis restart emptied the script cache)."""
         for src in (TOUCH_LUA, *(src for det in self.rules.detectors for src in det.scripts)):
             sha = await self.redis.script_load(src)
+            if self.aux is not None:
+                await self.aux.script_load(src)
             self._loaded.add(sha)
 
     def parse(self, msgs: Sequence[Message]) -> tuple[dict[str, list[Settlement]], BatchResult]:
@@ -288,7 +321,7 @@ class Processor:
         meanwhile, leaving Redis idle."""
         if pending.pipe is not None and pending.task is None:
             pending.t0 = time.perf_counter()
-            pending.task = await send_pipeline(pending.pipe)
+            pending.task = await send_pipelines(pending.pipe)
         return pending
 
     async def finish(self, pending: "Pending") -> BatchResult:
@@ -302,8 +335,8 @@ class Processor:
             replies = await pending.task if pending.task is not None else []
         res = pending.res
         res.redis_s = time.perf_counter() - pending.t0
-        for det, ns, events, start, k in pending.plan:
-            res.alerts.extend(det.collect(events, replies[start:start + k], ns))
+        for det, ns, events, pi, start, k in pending.plan:
+            res.alerts.extend(det.collect(events, replies[pi][start:start + k] if k else [], ns))
         if len(self.exemptions):
             res.alerts = [self._exempt(a) for a in res.alerts]
         if res.alerts and self.outbox:
@@ -314,36 +347,49 @@ class Processor:
         return res
 
     async def _queue(self, by_run: dict[str, list[Settlement]], res: BatchResult, gate: Any = None) -> "Pending":
-        """Queue every detector's work for a batch on one pipeline (not sent), giving the event loop a turn
-        after each detector: a batch whose round trip just ended is then followed by the next one within one
-        detector's queueing time, not a whole batch's. ``gate``: awaited before going on (the worker holds
+        """Queue every detector's work for a batch on one pipeline per Redis (not sent), giving the event loop a
+        turn after each detector: a batch whose round trip just ended is then followed by the next one within
+        one detector's queueing time, not a whole batch's. ``gate``: awaited before going on (the worker holds
         it while writing a batch to Redis)."""
-        plan: list[tuple[Any, Namespace, list[Settlement], int, int]] = []
-        card_ttls = self.card_ttls()
+        plan: list[tuple[Any, Namespace, list[Settlement], int, int, int]] = []
         t0 = time.perf_counter()
-        pipe = self.redis.pipeline(transaction=False)
-        n = 0
+        pipes = [self.redis.pipeline(transaction=False)]
+        if self.aux is not None:
+            pipes.append(self.aux.pipeline(transaction=False))
+        where = [1 if det.rule in self.aux_rules else 0 for det in self.rules.detectors]
+        card_ttls = [self.card_ttls(on) for on in range(len(pipes))]
+        counts = [0] * len(pipes)
         for run, events in by_run.items():
             ns = Namespace(run)
-            for det in self.rules.detectors:
-                k = det.queue(pipe, events, ns)
-                plan.append((det, ns, events, n, k))
-                n += k
+            for det, pi in zip(self.rules.detectors, where):
+                k = det.queue(pipes[pi], events, ns)
+                plan.append((det, ns, events, pi, counts[pi], k))
+                counts[pi] += k
                 await asyncio.sleep(0)
                 if gate is not None:
                     await gate()
-            if card_ttls and n:
-                cards_json = orjson.dumps(list(dict.fromkeys(ev.card_id for ev in events)))
-                for h, ttl in card_ttls.items():  # after the rules' scripts: new card hashes get their TTL too
-                    pipe.evalsha(_TOUCH_SHA, 0, ns.card_prefix(h), ttl, cards_json)
-                    n += 1
-        return Pending(by_run, res, plan, pipe if n else None, None, t0)
+            cards_json = None
+            for pi, ttls in enumerate(card_ttls):
+                if ttls and counts[pi]:
+                    cards_json = cards_json or orjson.dumps(list(dict.fromkeys(ev.card_id for ev in events)))
+                    for h, ttl in ttls.items():  # after the rules' scripts: new card hashes get their TTL too
+                        pipes[pi].evalsha(_TOUCH_SHA, 0, ns.card_prefix(h), ttl, cards_json)
+                        counts[pi] += 1
+        if not any(counts):
+            return Pending(by_run, res, plan, None, None, t0)
+        # (a pipeline with nothing queued is not sent; the plan's indexes count the ones sent)
+        sent = [i for i, k in enumerate(counts) if k]
+        plan = [(det, ns, evs, sent.index(pi) if counts[pi] else 0, st, k) for det, ns, evs, pi, st, k in plan]
+        return Pending(by_run, res, plan, [pipes[i] for i in sent], None, t0)
 
-    def card_ttls(self) -> dict[str, int]:
-        """TTL of each per-card hash in use: the largest ``card_ttl_s`` of the detectors keeping state there."""
+    def card_ttls(self, on: int | None = None) -> dict[str, int]:
+        """TTL of each per-card hash in use: the largest ``card_ttl_s`` of the detectors keeping state there
+        (``on``: only the detectors on the main Redis, 0, or on the aux Redis, 1)."""
         out: dict[str, int] = {}
         for det in self.rules.detectors:
             h = det.card_hash
+            if on is not None and (det.rule in self.aux_rules) != (on == 1):
+                continue
             if h:
                 if h not in CARD_HASHES:
                     raise ValueError(f"{det.rule}: card_hash must be one of {CARD_HASHES}, got {h!r}")

@@ -36,6 +36,14 @@ def stack(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def aux_redis(tmp_path_factory):
+    """A second real Redis server (the aux Redis of ``CLAIMWATCH_REDIS_AUX_URL``) for the whole session."""
+    s = EmbeddedStack(workdir=tmp_path_factory.mktemp("aux"), kafka=False).start()
+    yield s.redis_url
+    s.stop()
+
+
+@pytest.fixture(scope="session")
 def settings(stack, tmp_path_factory) -> Settings:
     data = tmp_path_factory.mktemp("data")
     return Settings(kafka_url=stack.kafka_url, redis_url=stack.redis_url, data_dir=data,

@@ -76,7 +76,7 @@ def test_sigkill_mid_replay_loses_and_duplicates_nothing(isolated, city_file, tm
     assert got == expected
     assert st.processed >= st.published  # batches after the last commit were redelivered, never skipped
     for run in ("ref-run", "crash-run"):
-        asyncio.run(drop_run_state(s.redis_url, run))
+        asyncio.run(drop_run_state(s.redis_urls, run))
     store.close()
 
 

@@ -15,9 +15,10 @@ def _embedded_env(tmp_path) -> dict[str, str]:
 
 
 def _cpu_measured(cpu: dict) -> None:
-    # every process of the embedded stack did work for these settlements (the publisher: this CLI)
-    assert set(cpu) == {"workers", "redis", "broker", "publisher"}
-    assert cpu["workers"] > 0 and cpu["redis"] > 0 and cpu["publisher"] > 0, cpu
+    # every process of the embedded stack did work for these settlements (the publisher: this CLI), the
+    # embedded aux Redis (the rules of CLAIMWATCH_REDIS_AUX_RULES) included
+    assert set(cpu) == {"workers", "redis", "redis_aux", "broker", "publisher"}
+    assert cpu["workers"] > 0 and cpu["redis"] > 0 and cpu["redis_aux"] > 0 and cpu["publisher"] > 0, cpu
     assert cpu["broker"] is not None and cpu["broker"] >= 0, cpu
 
 
@@ -41,7 +42,8 @@ def test_bench_throughput_small(tmp_path):
     assert lat["probes"] > 0 and lat["alerts_seen"] == lat["probes"], lat   # every probe's alert arrived
     assert 0 < lat["p50_ms"] <= lat["p95_ms"] <= lat["p99_ms"] <= lat["max_ms"]
     assert rep["active_cards"] > 0 and rep["redis_bytes_per_active_card"] > 0
-    assert {"c", "h"} <= set(rep["redis_bytes_by_key_group"])   # the two card hashes were measured
+    # the two card hashes (main Redis) and the aux rules' state (aux Redis) were measured
+    assert {"c", "h", "prescriber_volume", "trace_code_reuse"} <= set(rep["redis_bytes_by_key_group"])
     assert "CPU per settlement" in text and "every run" in text
     drain = rep["drain"]   # the backlog published first, then drained by freshly started workers: all of it
     assert drain["first_batch"] > 0 and drain["first_batch"] + drain["settlements"] == 3000, drain

@@ -135,3 +135,83 @@ def test_card_hash_expires_at_the_largest_card_ttl_of_its_rules(stack, redis_syn
     ttl = redis_sync.ttl(f"cw:{run_id}:c:TTLC")
     want = RULES.detectors[0].card_ttl_s  # card_hopping: largest window + lateness
     assert want == 86400 + 3600 and want - 5 <= ttl <= want
+
+
+def _keys_by_group(url: str, run_id: str) -> dict[str, int]:
+    import redis
+
+    r = redis.Redis.from_url(url)
+    try:
+        out: dict[str, int] = {}
+        for k in r.scan_iter(match=f"cw:{run_id}:*", count=1000):
+            g = k.decode().split(":")[2]
+            out[g] = out.get(g, 0) + 1
+        return out
+    finally:
+        r.close()
+
+
+def test_aux_redis_holds_its_rules_state_and_the_alerts_are_those_of_one_redis(stack, aux_redis):
+    """With an aux Redis (CLAIMWATCH_REDIS_AUX_URL), the rules named for it keep all their state there and none on
+    the main Redis, the others none there, and the alerts are exactly those of a run on one Redis."""
+    from detectors.config import load_rules
+    from replay import city
+    from replay.quality import run_inprocess
+    from tests.conftest import ROOT
+
+    events, _ = city.generate(cards=3000, days=7, seed=1)   # injects fraud for every built-in rule
+    lines = [dumps(e) for e in events]
+    aux_rules = frozenset({"prescriber_volume", "trace_code_reuse", "card_ring"})
+    one_run, two_run = "one" + uuid.uuid4().hex[:8], "two" + uuid.uuid4().hex[:8]
+    one = run_inprocess(lines, load_rules(ROOT / "configs" / "rules.yaml"), stack.redis_url, one_run, batch=400)
+    two = run_inprocess(lines, load_rules(ROOT / "configs" / "rules.yaml"), stack.redis_url, two_run, batch=400,
+                        aux_url=aux_redis, aux_rules=aux_rules)
+
+    def key(a):
+        return (a["rule"], a["subject_id"], a["window_start"], a["window_end"], a["score"], a["severity"],
+                tuple(sorted(a["evidence_event_ids"])))
+    assert sorted(map(key, two)) == sorted(map(key, one))
+    assert aux_rules <= {a["rule"] for a in two}   # every aux rule fired: the comparison covers them
+    on_main, on_aux = _keys_by_group(stack.redis_url, two_run), _keys_by_group(aux_redis, two_run)
+    assert set(on_aux) == aux_rules, on_aux                     # all three kept state there, nothing else did
+    assert not set(on_main) & aux_rules and {"c", "h"} <= set(on_main), on_main
+    assert set(_keys_by_group(stack.redis_url, one_run)) == set(on_main) | set(on_aux)  # the same state, split
+
+
+def test_a_card_rule_on_the_aux_redis_keeps_and_expires_its_card_hash_there(stack, aux_redis):
+    """A card rule moved to the aux Redis: its card hash lives (and expires) there, it fires as on one Redis, and
+    a script cache emptied on the aux Redis (a restart) is reloaded without losing the batch."""
+    import asyncio
+
+    import redis
+    import redis.asyncio as aioredis
+
+    from stream.pipeline import Message, Processor
+
+    run_id = "auxc" + uuid.uuid4().hex[:8]
+
+    async def go():
+        r, aux = aioredis.from_url(stack.redis_url), aioredis.from_url(aux_redis)
+        try:
+            proc = Processor(RULES, r, future_tolerance_s=1e9, aux=aux, aux_rules=frozenset({"card_hopping"}))
+            lines = hop("AUXC")
+            first = await proc.process([Message(v, {"cw-run-id": run_id.encode()}, "t", 0, i)
+                                        for i, v in enumerate(lines[:6])])
+            await aux.script_flush()
+            second = await proc.process([Message(v, {"cw-run-id": run_id.encode()}, "t", 0, 6 + i)
+                                         for i, v in enumerate(lines[6:])])
+            return first, second
+        finally:
+            await r.aclose()
+            await aux.aclose()
+    first, second = asyncio.run(go())
+    assert not first.alerts
+    assert [(a.rule, a.subject_id, len(a.evidence_event_ids)) for a in second.alerts] == [("card_hopping", "AUXC", 13)]
+    main, aux = redis.Redis.from_url(stack.redis_url), redis.Redis.from_url(aux_redis)
+    try:
+        assert not main.exists(f"cw:{run_id}:c:AUXC")
+        want = RULES.detectors[0].card_ttl_s
+        assert want - 5 <= aux.ttl(f"cw:{run_id}:c:AUXC") <= want
+    finally:
+        main.close()
+        aux.close()
