@@ -215,3 +215,45 @@ def test_a_card_rule_on_the_aux_redis_keeps_and_expires_its_card_hash_there(stac
     finally:
         main.close()
         aux.close()
+
+
+def test_an_unreachable_aux_redis_fails_the_batch_for_a_retry_and_the_main_round_trip_still_ends(stack):
+    """The aux Redis down: the batch raises a connection error (the worker keeps it and retries, offsets not
+    committed); the main Redis's round trip, already written, is still read to its end (no connection left
+    mid-reply)."""
+    import asyncio
+
+    import pytest
+    import redis.asyncio as aioredis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from stream.embedded import free_port
+    from stream.pipeline import Message, Processor, send_pipelines
+
+    key = "cw:test:aux-down:" + uuid.uuid4().hex[:8]
+    run_id = "auxd" + uuid.uuid4().hex[:8]
+
+    async def go():
+        r = aioredis.from_url(stack.redis_url)
+        dead = aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+        try:
+            main_pipe, dead_pipe = r.pipeline(transaction=False), dead.pipeline(transaction=False)
+            main_pipe.set(key, "1", ex=60)
+            dead_pipe.ping()
+            with pytest.raises(RedisConnectionError):
+                await send_pipelines([main_pipe, dead_pipe])
+            for _ in range(100):   # the main round trip was written and is read to its end
+                if await r.get(key) == b"1":
+                    break
+                await asyncio.sleep(0.01)
+            assert await r.get(key) == b"1"
+            proc = Processor(RULES, r, future_tolerance_s=1e9, aux=dead, aux_rules=frozenset({"card_hopping"}))
+            with pytest.raises(RedisConnectionError):
+                await proc.process([Message(v, {"cw-run-id": run_id.encode()}, "t", 0, i)
+                                    for i, v in enumerate(hop("AUXD", 3))])
+            assert await r.ping()   # the main connection pool is still usable
+        finally:
+            await r.delete(key)
+            await r.aclose()
+            await dead.aclose()
+    asyncio.run(go())
