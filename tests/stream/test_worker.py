@@ -88,3 +88,58 @@ def test_verdict_cli_reaches_the_worker_and_the_store(settings, worker, cli_env)
     bad = run_cli("alerts", "verdict", "A-nope", "--fraud", "--author", "x", env=cli_env)
     assert bad.returncode == 1 and b"no alert" in bad.stderr
     store.close()
+
+
+def test_a_worker_with_an_aux_redis_is_ready_on_both_and_keeps_the_aux_rules_state_there(settings, aux_redis,
+                                                                                          tmp_path):
+    """A worker process given CLAIMWATCH_REDIS_AUX_URL: /readyz checks both Redis servers, and a replay through it
+    fires the aux rules with their state on the aux Redis only (the card hashes stay on the main one)."""
+    import time
+    import urllib.request
+
+    import redis
+
+    from claimwatch.runtime import WorkerProcess
+    from replay import city
+    from replay.runner import drop_run_state, replay_file
+    from stream.topics import ensure_topics
+
+    tag = uuid.uuid4().hex[:8]
+    s = settings.model_copy(update={"app_id": f"cw-aux-{tag}", "topic_replay": f"settlements-replay-aux-{tag}",
+                                    "data_dir": tmp_path / "data", "store_url": f"sqlite:///{tmp_path / 'alerts.db'}",
+                                    "redis_aux_url": aux_redis})
+    assert s.aux_rules == {"prescriber_volume", "trace_code_reuse", "card_ring"}   # the default list
+    asyncio.run(ensure_topics(s.bootstrap_servers, [s.topic_replay], s.topic_partitions))
+    events, _ = city.generate(cards=3000, days=7, seed=1)   # injects fraud for every built-in rule
+    path = tmp_path / "city.jsonl"
+    city.write(events, None, path)
+    w = WorkerProcess(s, index=9, log_dir=tmp_path)
+    run_id = f"aux-{tag}"
+    try:
+        deadline, ready = time.monotonic() + 90, {}
+        while time.monotonic() < deadline:
+            assert w.alive(), w.log_tail()
+            try:
+                ready = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{w.web_port}/readyz", timeout=5).read())
+                break
+            except OSError:
+                time.sleep(0.3)
+        assert ready.get("redis") is True and ready.get("redis_aux") is True, ready
+        stats, alerts = replay_file(s, path, run_id, workers=0, keep_state=True)
+    finally:
+        w.stop()
+    assert stats.processed == len(events)
+    fired = {a.rule for a in alerts}
+    assert {"prescriber_volume", "trace_code_reuse"} <= fired, fired
+
+    def groups(url):
+        r = redis.Redis.from_url(url)
+        try:
+            return {k.decode().split(":")[2] for k in r.scan_iter(match=f"cw:{run_id}:*", count=1000)}
+        finally:
+            r.close()
+    on_main, on_aux = groups(s.redis_url), groups(aux_redis)
+    assert on_aux and on_aux <= s.aux_rules, on_aux
+    assert not on_main & s.aux_rules and {"c", "h"} <= on_main, on_main
+    asyncio.run(drop_run_state(s.redis_urls, run_id))
+    assert not groups(s.redis_url) and not groups(aux_redis)   # the run's state dropped on both
