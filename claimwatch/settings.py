@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     def redis_urls(self) -> list[str]:
         """Every Redis holding run state: the main one, then the aux one when configured (and different)."""
         urls = [self.redis_url] if self.redis_url else []
-        if self.aux_rules and self.redis_aux_url not in urls:
+        if self.aux_rules:   # (none when the aux URL is unset or the main one)
             urls.append(self.redis_aux_url)
         return urls
 

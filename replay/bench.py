@@ -103,13 +103,12 @@ def _embedded_broker_pids() -> list[int]:
     return out
 
 
-def cpu_snapshot(r: Any, worker_pids: list[int]) -> dict[str, float | None]:
-    """CPU seconds used so far by the workers, Redis (``INFO cpu``: embedded or not; ``r`` one client or the
-    list of :func:`redis_clients`: ``redis_aux`` is the second one's, None without one), the embedded broker
+def cpu_snapshot(rs: list[Any], worker_pids: list[int]) -> dict[str, float | None]:
+    """CPU seconds used so far by the workers, Redis (``INFO cpu``: embedded or not; ``rs`` from
+    :func:`redis_clients`: ``redis_aux`` is the second one's, None without one), the embedded broker
     (None when the broker is external) and this process (the replay publisher)."""
     import os
 
-    rs = r if isinstance(r, (list, tuple)) else [r]
     cpu = []
     for x in rs:
         info = x.info("cpu")

@@ -305,26 +305,21 @@ def create_app(settings: Settings, rules: RuleSet, *, web_port: int) -> faust.Ap
     @app.page("/readyz")
     async def readyz(web, request):
         checks: dict[str, Any] = {}
-        try:
-            checks["redis"] = bool(await asyncio.wait_for(redis.ping(), 2.0))
-        except Exception as exc:
-            checks["redis"] = False
-            checks["redis_error"] = str(exc)[:200]
-        try:
-            checks["broker"] = bool(await asyncio.wait_for(producer.ping(), 3.0))
-        except Exception as exc:
-            checks["broker"] = False
-            checks["broker_error"] = str(exc)[:200]
+        async def check(name: str, ping: Any, timeout_s: float) -> bool:
+            try:
+                checks[name] = bool(await asyncio.wait_for(ping(), timeout_s))
+            except Exception as exc:
+                checks[name] = False
+                checks[f"{name}_error"] = str(exc)[:200]
+            return checks[name]
+
+        ok = await check("redis", redis.ping, 2.0)
+        ok = await check("broker", producer.ping, 3.0) and ok
         assigned = len(_settlement_assignment(app))
         checks["partitions_assigned"] = assigned
-        ok = checks["redis"] and checks["broker"] and assigned > 0
+        ok = ok and assigned > 0
         if aux is not None:
-            try:
-                checks["redis_aux"] = bool(await asyncio.wait_for(aux.ping(), 2.0))
-            except Exception as exc:
-                checks["redis_aux"] = False
-                checks["redis_aux_error"] = str(exc)[:200]
-            ok = ok and checks["redis_aux"]
+            ok = await check("redis_aux", aux.ping, 2.0) and ok
         return web.json({"status": "ready" if ok else "not ready", **checks}, status=200 if ok else 503)
 
     @app.page("/metrics")

@@ -141,13 +141,6 @@ async def send_pipelines(pipes: Sequence[Any]) -> "asyncio.Future[list[list[Any]
             for f in futs:   # a failed write: the ones already sent are read, not left dangling
                 f.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise
-    if len(futs) == 1:
-        one = futs[0]
-
-        async def single() -> list[list[Any]]:
-            return [await one]
-        return asyncio.ensure_future(single())
-
     async def every() -> list[list[Any]]:
         done = await asyncio.gather(*futs, return_exceptions=True)
         for r in done:
